@@ -1,0 +1,5 @@
+"""Build script: metadata lives in setup.cfg; this refreshes the plugin cache."""
+
+from setuptools import setup
+
+setup()

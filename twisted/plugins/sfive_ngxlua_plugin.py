@@ -1,0 +1,10 @@
+"""twistd dropin: ``twistd -n sfive-ngxlua ...``; the real code is in sfive_ngxlua.service."""
+
+from twisted.application.service import ServiceMaker
+
+sfiveNgxlua = ServiceMaker(
+    "sfive-ngxlua",
+    "sfive_ngxlua.service",
+    "Import nginx-lua exporter logs into the sfive hub.",
+    "sfive-ngxlua",
+)
