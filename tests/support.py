@@ -12,7 +12,7 @@ from twisted.internet.task import deferLater
 from twisted.web import resource, server
 
 
-def line(time: str, url: str = "/live/hls/av-high/1.ts", client: str = "10.0.0.1",
+def line(time: str, url: str = "/live/hls/C1-high/1.ts", client: str = "10.0.0.1",
          ua: str = "player/1", status: int = 200, sent: int = 100,
          seq: Optional[int] = None) -> bytes:
     """One exporter line as the nginx exporter writes it."""
