@@ -11,11 +11,13 @@ import gzip
 import os
 import sys
 import time
-from typing import IO, Any, Iterator, List, Optional, Tuple
+from collections import deque
+from typing import IO, Any, Deque, Iterator, List, Optional, Tuple
 
 from twisted.python import usage
 
 from . import __version__
+from .datasets import Dataset
 from .model import IntervalModel
 from .pipeline import Pipeline
 from .report import report
@@ -190,6 +192,7 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
     from twisted.internet import task
 
     from .service import make_sink
+    from .sinks import CallableSink
 
     inputs, errors = open_inputs(files)
     if errors:
@@ -200,22 +203,33 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
     stats = Stats()
     sink = make_sink(settings, reactor, stats)
     sink.startService()
-    replay = Replay(settings, sink, stats)
+    pending: Deque[Dataset] = deque()
+    replay = Replay(settings, CallableSink(pending.append), stats)
     progress = Progress(sys.stderr, _total_size(files), not quiet)
-    high = max(1, settings.queue_limit // 2)
+
+    async def hand_over() -> bool:
+        """Move datasets into the hub's queue without overfilling it; False if the hub stalls."""
+        stalled = 0.0
+        while pending:
+            if len(sink.queue) < settings.queue_limit:
+                sink.deliver(pending.popleft())
+                stalled = 0.0
+                continue
+            await task.deferLater(reactor, 0.01, lambda: None)
+            stalled += 0.01
+            if stalled >= HUB_PATIENCE:
+                errors.append(f"the hub took no dataset for {HUB_PATIENCE:g}s; giving up")
+                return False
+        return True
+
     for done, data in chunks(inputs, errors):
         replay.feed(data)
         progress.update(done, stats)
-        stalled = 0.0
-        while len(sink.queue) >= high and stalled < HUB_PATIENCE:
-            before = len(sink.queue)
-            await task.deferLater(reactor, 0.05, lambda: None)
-            stalled = 0.0 if len(sink.queue) < before else stalled + 0.05
-        if stalled >= HUB_PATIENCE:
-            errors.append(f"the hub took no dataset for {HUB_PATIENCE:g}s; giving up")
+        if not await hand_over():
             break
     else:
         replay.finish()
+        await hand_over()
     await sink.stopService()
     progress.done()
     if stats.queued:
