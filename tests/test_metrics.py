@@ -6,7 +6,7 @@ import json
 import socket
 import sys
 from datetime import datetime, timezone
-from typing import Callable, Dict, FrozenSet, List, Tuple
+from typing import Dict, FrozenSet, Tuple
 
 import pytest
 import pytest_twisted
@@ -16,10 +16,10 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from support import DatagramHub, ExporterServer, until
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
-from twisted.web import resource, server
 
 from sfive_ngxlua.metrics import MetricsService
 from sfive_ngxlua.records import REASONS
@@ -51,55 +51,6 @@ def record(t: float, streamer: Tuple[str, str, str], client: Tuple[str, str], se
     }).encode() + b"\n"
 
 
-class Exporter(resource.Resource):
-    """A real streaming exporter endpoint: each GET stays open and gets what ``send`` writes."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: List[server.Request] = []
-
-    def render_GET(self, request: server.Request) -> object:
-        request.setHeader(b"content-type", b"application/x-ndjson")
-        self.requests.append(request)
-        request.notifyFinish().addBoth(lambda _: self.requests.remove(request))
-        request.write(b"")
-        return server.NOT_DONE_YET
-
-    def send(self, data: bytes) -> None:
-        for request in list(self.requests):
-            request.write(data)
-
-
-class DatagramHub:
-    """The sfive hub's end: a bound unix datagram socket, read without blocking."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.setblocking(False)
-        self.datasets: List[dict] = []
-
-    def read(self) -> List[dict]:
-        while True:
-            try:
-                self.datasets.append(json.loads(self.sock.recv(1 << 20)))
-            except BlockingIOError:
-                return self.datasets
-
-
-@defer.inlineCallbacks
-def until(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.01):
-    """Let the real reactor run until ``predicate()`` holds; fail after ``timeout`` seconds."""
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        yield task.deferLater(reactor, step, lambda: None)
-        waited += step
-
-
 def samples(families) -> Samples:
     return {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
 
@@ -126,23 +77,22 @@ def run_service(tmp_path):
     """Two intervals through the real service; the hub's datasets and the scrapes after each."""
     clock = task.Clock()
     clock.advance(T0)
-    exporter = Exporter()
-    http = reactor.listenTCP(0, server.Site(exporter), interface="127.0.0.1")
+    exporter = ExporterServer()
     hub = DatagramHub(str(tmp_path / "hub.sock"))
     options = Options()
     options.parseOptions([
         "-s", str(tmp_path / "hub.sock"), "-n", "edge1", "-d", str(D), "--grace", "1",
-        "-S", "foo,bar/hls/high,low", "-u", f"http://127.0.0.1:{http.getHost().port}/sfive",
+        "-S", "foo,bar/hls/high,low", "-u", exporter.url,
         "--metrics", "tcp:0:interface=127.0.0.1",
     ])
     top = build(options.settings(), reactor, clock=clock)
     stats = top.stats
     top.startService()
-    out = {"hub": hub}
+    out = {}
     try:
         metrics = top.getServiceNamed("metrics")
         port = (yield metrics.listening).getHost().port
-        yield until(lambda: exporter.requests)
+        yield until(lambda: exporter.resource.requests)
 
         first = [
             record(T0 + 1, STREAMERS[0], CLIENT_A, 1000, 1),
@@ -161,7 +111,7 @@ def run_service(tmp_path):
                         "url": "/elsewhere/x", "status": 200, "bytes-sent": 5}).encode() + b"\n",
             json.dumps({"lost": 3, "seq": 13}).encode() + b"\n",
         ]
-        exporter.send(b"".join(first))
+        exporter.resource.send(b"".join(first))
         yield until(lambda: stats.lines == len(first))
         clock.advance(D + 1)
         out["first"] = list(hub.read())
@@ -172,7 +122,7 @@ def run_service(tmp_path):
             record(T0 + D + 2, STREAMERS[3], CLIENT_C, 10, 14),
             record(T0 + 5, STREAMERS[1], CLIENT_A, 60, 15),  # late: its interval is reported
         ]
-        exporter.send(b"".join(second))
+        exporter.resource.send(b"".join(second))
         yield until(lambda: stats.lines == len(first) + len(second))
         clock.advance(D)
         out["second"] = hub.read()[len(out["first"]):]
@@ -182,10 +132,8 @@ def run_service(tmp_path):
         out["now"] = clock.seconds()
     finally:
         yield top.stopService()
-        for request in list(exporter.requests):
-            request.finish()
-        yield http.stopListening()
-        hub.sock.close()
+        yield exporter.stop()
+        hub.close()
     return out
 
 
