@@ -127,8 +127,8 @@ class MetricsResource(Resource):
         return encoder(self.registry)
 
 
-class _QuietSite(Site):
-    """No access log line per scrape."""
+class MetricsSite(Site):
+    """The metrics site: no access log line per scrape."""
 
     noisy = False
 
@@ -152,7 +152,7 @@ class MetricsService(Service):
         self.registry.register(StatsCollector(settings, stats))
         root = Resource()
         root.putChild(b"metrics", MetricsResource(self.registry))
-        self.site = _QuietSite(root)
+        self.site = MetricsSite(root)
         self.port: Optional[IListeningPort] = None
         self.listening: Optional[Deferred] = None
 
