@@ -1,9 +1,19 @@
-"""Shared fixtures: a private nginx running the shipped exporter (see nginx_harness)."""
+"""Shared pytest setup: tests import the modules next to them (support, nginx_harness);
+fixtures for a private nginx running the shipped exporter."""
 
-from __future__ import annotations
+import os
+import sys
 
 import pytest
-from nginx_harness import NginxBinary, NginxServer, NginxUnavailable, find_nginx
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from nginx_harness import (  # noqa: E402
+    NginxBinary,
+    NginxServer,
+    NginxUnavailable,
+    find_nginx,
+)
 
 
 @pytest.fixture(scope="session")
