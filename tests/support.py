@@ -67,9 +67,9 @@ class Exporter(resource.Resource):
 class ExporterServer:
     """The Exporter on a real loopback TCP port."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.resource = Exporter()
-        self.port = reactor.listenTCP(0, server.Site(self.resource), interface="127.0.0.1")
+        self.port = reactor.listenTCP(port, server.Site(self.resource), interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}/sfive"
 
     def stop(self) -> defer.Deferred:
