@@ -1,0 +1,482 @@
+"""The Debian package, built and exercised for real.
+
+Builds sfive-ngxlua with dpkg-buildpackage in a copy of the tree, lints it,
+installs it with apt-get, runs the service through its init script (there is
+no systemd here) against a unix datagram socket standing in for the sfive hub
+and a small HTTP server standing in for the nginx exporter, then stops and
+purges it. It changes the host (package, /etc/default, /dev/log while it
+runs): run it as root on a throwaway Debian machine or container, as CI does.
+
+Select it with ``pytest -m debian``; build output goes to a log file whose
+path is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = "sfive-ngxlua"
+INIT = f"/etc/init.d/{PKG}"
+DEFAULT = Path(f"/etc/default/{PKG}")
+PIDFILE = Path(f"/run/{PKG}/{PKG}.pid")
+PLUGIN = Path("/usr/lib/python3/dist-packages/twisted/plugins/sfive_ngxlua_plugin.py")
+PLUGIN_CACHE = PLUGIN.parent / "dropin.cache"
+# Debian's own tools and interpreter, not a venv's or pyenv's python3.
+CLEAN_ENV = {
+    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": os.environ.get("HOME", "/root"),
+    "LANG": "C.UTF-8",
+    "DEBIAN_FRONTEND": "noninteractive",
+}
+
+HOSTNAME = "debtest-host"
+TAG = "debian-test"
+CLIENT = "192.0.2.7"
+UA = "debtest/1.0"
+STREAM_URL = "/live/hls/test-high/seg{seq}.ts"
+STREAMER_ID = {"content-id": "test", "format": "hls", "quality": "high"}
+
+pytestmark = [
+    pytest.mark.debian,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(
+        shutil.which("dpkg-buildpackage") is None,
+        reason="dpkg-buildpackage is not available (not a Debian build host)",
+    ),
+    pytest.mark.skipif(
+        shutil.which("apt-get") is None or os.geteuid() != 0,
+        reason="installing the package needs apt-get and root",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def say(request: pytest.FixtureRequest):
+    """Print a progress line past pytest's output capture."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+
+    def say(message: str) -> None:
+        with capman.global_and_fixture_disabled():
+            print(f"[debian] {message}", flush=True)
+
+    return say
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run a command with Debian's environment, output captured as text."""
+    kwargs.setdefault("env", CLEAN_ENV)
+    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+
+
+def copy_tree(dest: Path) -> None:
+    """Copy the source tree (tracked and untracked, not ignored files)."""
+    if (ROOT / ".git").exists():
+        listing = subprocess.run(
+            ["git", "-C", str(ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
+            check=True, capture_output=True,
+        ).stdout.decode()
+        for name in filter(None, listing.split("\0")):
+            src = ROOT / name
+            if src.is_file():
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest / name)
+    else:
+        shutil.copytree(
+            ROOT, dest, dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(
+                ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                "dropin.cache", ".debhelper", "debhelper-build-stamp",
+            ),
+        )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, say) -> Path:
+    """Build the package in a copy of the tree; return the directory of the results."""
+    out = tmp_path_factory.mktemp("deb")
+    src = out / "src"
+    src.mkdir()
+    copy_tree(src)
+    log = out / "build.log"
+    say(f"building with dpkg-buildpackage -us -uc -b in {src} (log: {log})")
+    started = time.monotonic()
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(
+            ["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, env=CLEAN_ENV,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logf.write(line)
+            step = re.match(r"\s+(dh_\w+|debian/rules \S+)", line)
+            if step:
+                say(f"  {step.group(1)}")
+        rc = proc.wait()
+    tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+    assert rc == 0, f"dpkg-buildpackage failed ({rc}); end of {log}:\n{tail}"
+    say(f"built in {time.monotonic() - started:.1f}s: "
+        + ", ".join(sorted(p.name for p in out.iterdir() if p.is_file())))
+    return out
+
+
+def the(directory: Path, pattern: str) -> Path:
+    (found,) = directory.glob(pattern)
+    return found
+
+
+def test_lintian_clean(built: Path, say) -> None:
+    if shutil.which("lintian") is None:
+        pytest.skip("lintian is not installed")
+    changes = the(built, f"{PKG}_*.changes")
+    say(f"lintian {changes.name}")
+    default = run(["lintian", str(changes)])
+    assert default.returncode == 0, default.stdout + default.stderr
+    assert not re.findall(r"^[EW]: .*$", default.stdout, re.M), default.stdout
+    # Also clean at every level; the two overridden tags carry a reason in
+    # debian/sfive-ngxlua.lintian-overrides.
+    strict = run(["lintian", "--pedantic", "-I", "-E", str(changes)])
+    assert not re.findall(r"^[EWIPX]: .*$", strict.stdout, re.M), strict.stdout
+
+
+def test_deb_contents(built: Path) -> None:
+    listing = run(["dpkg-deb", "-c", str(the(built, f"{PKG}_*_all.deb"))]).stdout
+    for path in (
+        "./etc/init.d/sfive-ngxlua",
+        "./etc/default/sfive-ngxlua",
+        "./lib/systemd/system/sfive-ngxlua.service",
+        "./usr/bin/sfive-ngxlua-replay",
+        "./usr/lib/python3/dist-packages/twisted/plugins/sfive_ngxlua_plugin.py",
+        "./usr/lib/python3/dist-packages/sfive_ngxlua/service.py",
+        "./usr/share/man/man8/sfive-ngxlua.8.gz",
+        "./usr/share/man/man1/sfive-ngxlua-replay.1.gz",
+        "./usr/share/sfive-ngxlua/nginx/sfive.lua",
+        "./usr/share/sfive-ngxlua/nginx/sfive.conf",
+        "./usr/share/sfive-ngxlua/nginx/sfive-location.conf",
+        "./usr/share/doc/sfive-ngxlua/README.Debian",
+    ):
+        assert f" {path}\n" in listing, f"{path} missing from the package"
+    assert "dropin.cache" not in listing
+    assert "twisted/plugins/__init__.py" not in listing
+    assert "/tests/" not in listing
+
+
+class Exporter(ThreadingHTTPServer):
+    """A stand-in for the nginx exporter: GET /sfive streams a record every 50 ms."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ExporterHandler)
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.seq = 0
+        self.sent: list[tuple[datetime, dict]] = []
+        self.connections = 0
+
+    def next_record(self) -> dict:
+        with self.lock:
+            self.seq += 1
+            seq = self.seq
+        now = datetime.now().astimezone()
+        record = {
+            "seq": seq,
+            "time": now.isoformat(timespec="milliseconds"),
+            "client": CLIENT,
+            "ua": UA,
+            "url": STREAM_URL.format(seq=seq),
+            "status": 200,
+            "bytes-sent": 1000 + seq,
+        }
+        # Every fifth record must not count: another URL, or a 404.
+        if seq % 5 == 0:
+            record["url"] = "/favicon.ico"
+        elif seq % 5 == 1:
+            record["status"] = 404
+        return record
+
+
+class ExporterHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Exporter
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.split("?")[0] != "/sfive":
+            self.send_error(404)
+            return
+        self.server.connections += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            while not self.server.stopping.wait(0.05):
+                record = self.server.next_record()
+                data = (json.dumps(record) + "\n").encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                with self.server.lock:
+                    self.server.sent.append((datetime.fromisoformat(record["time"]), record))
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def exporter() -> Iterator[Exporter]:
+    server = Exporter()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.stopping.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def hub() -> Iterator[socket.socket]:
+    """The hub's datagram socket, in a directory the service user can reach."""
+    directory = Path(tempfile.mkdtemp(prefix="sfive-hub-"))
+    directory.chmod(0o755)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = directory / "pipegram"
+    sock.bind(str(path))
+    path.chmod(0o666)
+    yield sock
+    sock.close()
+    shutil.rmtree(directory)
+
+
+class SyslogCapture:
+    """Bind /dev/log when no syslog daemon has, and keep what twistd logs."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.sock: socket.socket | None = None
+        self.stopping = threading.Event()
+        if os.path.exists("/dev/log"):
+            return
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("/dev/log")
+        os.chmod("/dev/log", 0o666)
+        self.sock.settimeout(0.1)
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        assert self.sock is not None
+        while not self.stopping.is_set():
+            try:
+                self.lines.append(self.sock.recv(65536).decode(errors="replace"))
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def text(self) -> str:
+        if self.sock is None:
+            return "(/dev/log belongs to this host's syslog daemon: see its logs)"
+        return "\n".join(self.lines[-40:]) or "(nothing logged)"
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.stopping.set()
+            self.thread.join(2)
+            self.sock.close()
+            os.unlink("/dev/log")
+
+
+@pytest.fixture
+def syslog() -> Iterator[SyslogCapture]:
+    capture = SyslogCapture()
+    yield capture
+    capture.close()
+
+
+def installed() -> bool:
+    status = run(["dpkg-query", "-W", "-f=${Status}", PKG])
+    return status.returncode == 0 and status.stdout.endswith(" installed")
+
+
+def init(action: str) -> subprocess.CompletedProcess:
+    return run([INIT, action], timeout=60)
+
+
+def wait_for(predicate, deadline: float, what: str, detail=lambda: "") -> None:
+    """Poll predicate every 50 ms until it holds or deadline (a monotonic time) passes."""
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}\n{detail()}")
+        time.sleep(0.05)
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def proc_uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid in /proc/{pid}/status")
+
+
+def receive_datasets(sock: socket.socket, into: list[dict], until: float) -> None:
+    sock.settimeout(0.1)
+    while time.monotonic() < until:
+        try:
+            datagram = sock.recv(1 << 20)
+        except socket.timeout:
+            return
+        assert datagram.endswith(b"\n"), f"dataset without its newline: {datagram[:200]!r}"
+        into.append(json.loads(datagram))
+
+
+def expected_bytes(exporter: Exporter, start: datetime, duration: timedelta) -> int:
+    with exporter.lock:
+        return sum(
+            record["bytes-sent"]
+            for when, record in exporter.sent
+            if start <= when < start + duration
+            and record["status"] in (200, 206)
+            and record["url"].startswith("/live/hls/test-high/")
+        )
+
+
+def test_install_run_purge(built: Path, exporter: Exporter, hub: socket.socket,
+                           syslog: SyslogCapture, say) -> None:
+    deb = the(built, f"{PKG}_*_all.deb")
+    if installed():
+        say("purging an earlier installation")
+        assert run(["apt-get", "purge", "-y", PKG]).returncode == 0
+    say(f"apt-get install -y ./{deb.name}")
+    result = run(["apt-get", "install", "-y", f"./{deb.name}"], cwd=built, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        exercise(exporter, hub, syslog, say)
+    finally:
+        if installed():
+            init("stop")
+            say(f"apt-get purge -y {PKG}")
+            purge = run(["apt-get", "purge", "-y", PKG], timeout=120)
+            assert purge.returncode == 0, purge.stdout + purge.stderr
+    check_purged()
+
+
+def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say) -> None:
+    user = pwd.getpwnam(PKG)
+    assert user.pw_dir == "/nonexistent" and user.pw_uid < 1000
+    log_dir = Path(f"/var/log/{PKG}")
+    assert log_dir.is_dir() and log_dir.stat().st_uid == user.pw_uid
+    # python3-twisted's trigger rebuilt the plugin cache, which the
+    # unprivileged service cannot write itself.
+    assert b"sfive_ngxlua_plugin" in PLUGIN_CACHE.read_bytes()
+
+    if shutil.which("systemd-analyze"):
+        verify = run(["systemd-analyze", "verify", f"/lib/systemd/system/{PKG}.service"])
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        say("systemd-analyze verify: unit ok")
+
+    # A start on install (where policy-rc.d allows it) used the example
+    # settings; begin from a stopped service.
+    init("stop")
+    sock_path = hub.getsockname()
+    url = f"http://127.0.0.1:{exporter.server_address[1]}/sfive"
+    options = (f"-s {sock_path} -u {url} -S test/hls/high -n {HOSTNAME} -t {TAG} -d 1")
+    text = DEFAULT.read_text()
+    text, count = re.subn(r"^DAEMON_OPTS=.*$", f'DAEMON_OPTS="{options}"', text, flags=re.M)
+    assert count == 1, "no DAEMON_OPTS= line in the shipped default file"
+    DEFAULT.write_text(text)
+
+    say(f"{INIT} start (DAEMON_OPTS={options})")
+    started = init("start")
+    assert started.returncode == 0, started.stdout + started.stderr + syslog.text()
+    wait_for(PIDFILE.exists, time.monotonic() + 10, "the pidfile", syslog.text)
+    pid = int(PIDFILE.read_text())
+    assert pid_running(pid)
+    assert proc_uid(pid) == user.pw_uid, "the service does not run as its user"
+    assert PIDFILE.stat().st_uid == user.pw_uid
+    status = init("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    again = init("start")
+    assert again.returncode == 0 and int(PIDFILE.read_text()) == pid
+
+    say("waiting for datasets on the hub socket")
+    datasets: list[dict] = []
+    deadline = time.monotonic() + 30
+    ours = []
+    while True:
+        receive_datasets(hub, datasets, deadline)
+        ours = [d for d in datasets if d.get("streamer-id") == STREAMER_ID]
+        if len([d for d in ours if d["data"]["bytes-sent"] > 0]) >= 2:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"no datasets with data within 30 s; got {datasets!r}\n"
+                        f"exporter connections: {exporter.connections}\n{syslog.text()}")
+    say(f"{len(datasets)} datasets received")
+    assert len(ours) == len(datasets), "datasets for an unconfigured stream"
+    for dataset in ours:
+        assert dataset["version"] == 1
+        assert dataset["hostname"] == HOSTNAME
+        assert dataset["tags"] == [TAG]
+        assert dataset["duration-ms"] == 1000
+        assert {"start-time", "data"} <= dataset.keys()
+        assert {"clients", "client-count", "bytes-sent"} <= dataset["data"].keys()
+    # The latest interval with data began after the first one: the exporter
+    # had been streaming to the service all through it.
+    last = [d for d in ours if d["data"]["bytes-sent"] > 0][-1]
+    start = datetime.fromisoformat(last["start-time"].replace("Z", "+00:00"))
+    want = expected_bytes(exporter, start, timedelta(seconds=1))
+    assert last["data"]["bytes-sent"] == want
+    assert last["data"]["client-count"] == 1
+    assert last["data"]["clients"] == [{"ip": CLIENT, "user-agent": UA, "bytes-sent": want}]
+    if syslog.sock is not None:
+        assert any("sfive-ngxlua" in line for line in syslog.lines), syslog.text()
+
+    say(f"{INIT} restart")
+    restarted = init("restart")
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr + syslog.text()
+    wait_for(PIDFILE.exists, time.monotonic() + 10, "the pidfile after restart", syslog.text)
+    new_pid = int(PIDFILE.read_text())
+    assert new_pid != pid and not pid_running(pid) and pid_running(new_pid)
+
+    say(f"{INIT} stop")
+    stopped = init("stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not PIDFILE.exists()
+    wait_for(lambda: not pid_running(new_pid), time.monotonic() + 5, "the process to end")
+    assert init("status").returncode == 3
+
+
+def check_purged() -> None:
+    assert not installed()
+    for path in (
+        DEFAULT, Path(INIT), Path(f"/var/log/{PKG}"), Path(f"/run/{PKG}"), PLUGIN,
+        Path("/usr/lib/python3/dist-packages/sfive_ngxlua"), Path("/usr/bin/sfive-ngxlua-replay"),
+        Path(f"/usr/share/{PKG}"),
+    ):
+        assert not path.exists(), f"{path} survived the purge"
+    assert not list(Path("/etc").glob(f"rc?.d/*{PKG}")), "rc links survived the purge"
+    # The system user is kept on purge, as README.Debian explains.
+    assert pwd.getpwnam(PKG).pw_dir == "/nonexistent"
