@@ -17,7 +17,9 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -392,6 +394,7 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
     # python3-twisted's trigger rebuilt the plugin cache, which the
     # unprivileged service cannot write itself.
     assert b"sfive_ngxlua_plugin" in PLUGIN_CACHE.read_bytes()
+    assert Path(f"/etc/systemd/system/multi-user.target.wants/{PKG}.service").is_symlink()
 
     if shutil.which("systemd-analyze"):
         verify = run(["systemd-analyze", "verify", f"/lib/systemd/system/{PKG}.service"])
@@ -467,6 +470,65 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
     assert not PIDFILE.exists()
     wait_for(lambda: not pid_running(new_pid), time.monotonic() + 5, "the process to end")
     assert init("status").returncode == 3
+    if syslog.sock is not None:
+        assert not [line for line in syslog.lines if "Traceback" in line or "Unhandled" in line], (
+            syslog.text()
+        )
+
+    run_unit_command(hub, user, say)
+
+
+def unit_command() -> list[str]:
+    """The unit's ExecStart, expanded the way systemd does from its Environment settings."""
+    unit = Path(f"/lib/systemd/system/{PKG}.service").read_text()
+    env: dict[str, str] = {}
+    for value in re.findall(r"^Environment=(.*)$", unit, re.M):
+        for assignment in shlex.split(value):
+            key, _, val = assignment.partition("=")
+            env[key] = val
+    (env_file,) = re.findall(r"^EnvironmentFile=-?(.*)$", unit, re.M)
+    for line in Path(env_file).read_text().splitlines():
+        if re.match(r"^[A-Z_]+=", line):
+            key, _, val = line.partition("=")
+            env[key] = " ".join(shlex.split(val))
+    (exec_start,) = re.findall(r"^ExecStart=(.*)$", unit, re.M)
+    words: list[str] = []
+    for word in exec_start.split():
+        words.extend(env.get(word[1:], "").split() if word.startswith("$") else [word])
+    return words
+
+
+def run_unit_command(hub: socket.socket, user: pwd.struct_passwd, say) -> None:
+    """Run the unit's command as its User= in the foreground (no systemd here)."""
+    unit = Path(f"/lib/systemd/system/{PKG}.service").read_text()
+    assert f"User={PKG}" in unit and "/var/run" not in unit
+    command = unit_command()
+    assert command[:3] == ["/usr/bin/twistd3", "--nodaemon", "--pidfile="]
+    say("the unit's command in the foreground: " + " ".join(command))
+    while True:  # drop what the init script's service sent
+        try:
+            hub.recv(1 << 20)
+        except OSError:
+            break
+    proc = subprocess.Popen(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
+         *command],
+        cwd="/", env={"PATH": CLEAN_ENV["PATH"], "HOME": user.pw_dir, "LANG": "C.UTF-8"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        datasets: list[dict] = []
+        deadline = time.monotonic() + 15
+        while not datasets and proc.poll() is None and time.monotonic() < deadline:
+            receive_datasets(hub, datasets, deadline)
+        assert proc.poll() is None, f"the unit's command exited: {proc.communicate()[0]}"
+        assert datasets and datasets[0]["hostname"] == HOSTNAME
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=10)[0]
+    # twistd ends itself with the signal that stopped it; systemd counts SIGTERM as clean.
+    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert not Path("/twistd.pid").exists()
 
 
 def check_purged() -> None:
@@ -478,5 +540,6 @@ def check_purged() -> None:
     ):
         assert not path.exists(), f"{path} survived the purge"
     assert not list(Path("/etc").glob(f"rc?.d/*{PKG}")), "rc links survived the purge"
+    assert not list(Path("/etc/systemd/system").rglob(f"{PKG}.service")), "unit still enabled"
     # The system user is kept on purge, as README.Debian explains.
     assert pwd.getpwnam(PKG).pw_dir == "/nonexistent"
