@@ -8,6 +8,7 @@ open one (counted as late), so no accepted byte is lost.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -85,7 +86,7 @@ class IntervalModel:
         self.first: Optional[int] = None
         self.reported: Optional[int] = None
         if start is not None:
-            self.first = -(-int(start) // self.duration)
+            self.first = math.ceil(start / self.duration)
             self.reported = self.first - 1
 
     def add(self, record: Record) -> None:

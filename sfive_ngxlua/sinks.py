@@ -191,6 +191,7 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
 
     def doWrite(self) -> None:
         self.flush()
+        self.protocol.sink._check_drained()
 
 
 class HubDatagramSink(Service):

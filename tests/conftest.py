@@ -1,0 +1,6 @@
+"""Shared pytest setup: tests import the support module next to them."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
