@@ -1,14 +1,16 @@
 """The Debian package, built and exercised for real.
 
-Builds sfive-ngxlua with dpkg-buildpackage in a copy of the tree, lints it,
-installs it with apt-get, runs the service through its init script (there is
-no systemd here) against a unix datagram socket standing in for the sfive hub
-and a small HTTP server standing in for the nginx exporter, then stops and
-purges it. It changes the host (package, /etc/default, /dev/log while it
-runs): run it as root on a throwaway Debian machine or container, as CI does.
+Builds sfive-ngxlua with dpkg-buildpackage in a copy of the tree and lints
+it; installs it with apt-get; runs the service through its init script (no
+systemd here) with this test as the hub (a real unix datagram socket) and a
+small HTTP server as the exporter; runs the systemd unit's command as its
+user against a private nginx that includes the installed exporter files;
+then purges the package. It changes the host (the package, /etc/default,
+/dev/log while it runs): run it as root on a throwaway Debian machine or
+container, as CI does.
 
-Select it with ``pytest -m debian``; build output goes to a log file whose
-path is printed.
+Select it with ``pytest -m debian``; the build's output goes to a log file
+whose path is printed, with a line per build step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -396,6 +400,12 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
     assert b"sfive_ngxlua_plugin" in PLUGIN_CACHE.read_bytes()
     assert Path(f"/etc/systemd/system/multi-user.target.wants/{PKG}.service").is_symlink()
 
+    if (ROOT / "sfive_ngxlua" / "replay.py").exists():
+        replay = run(["sfive-ngxlua-replay", "--help"])
+        assert replay.returncode == 0 and "--streamer-id" in replay.stdout, (
+            replay.stdout + replay.stderr
+        )
+
     if shutil.which("systemd-analyze"):
         verify = run(["systemd-analyze", "verify", f"/lib/systemd/system/{PKG}.service"])
         assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -407,10 +417,7 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
     sock_path = hub.getsockname()
     url = f"http://127.0.0.1:{exporter.server_address[1]}/sfive"
     options = (f"-s {sock_path} -u {url} -S test/hls/high -n {HOSTNAME} -t {TAG} -d 1")
-    text = DEFAULT.read_text()
-    text, count = re.subn(r"^DAEMON_OPTS=.*$", f'DAEMON_OPTS="{options}"', text, flags=re.M)
-    assert count == 1, "no DAEMON_OPTS= line in the shipped default file"
-    DEFAULT.write_text(text)
+    set_daemon_opts(options)
 
     say(f"{INIT} start (DAEMON_OPTS={options})")
     started = init("start")
@@ -449,8 +456,7 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
     # The latest interval with data began after the first one: the exporter
     # had been streaming to the service all through it.
     last = [d for d in ours if d["data"]["bytes-sent"] > 0][-1]
-    start = datetime.fromisoformat(last["start-time"].replace("Z", "+00:00"))
-    want = expected_bytes(exporter, start, timedelta(seconds=1))
+    want = expected_bytes(exporter, start_of(last), timedelta(seconds=1))
     assert last["data"]["bytes-sent"] == want
     assert last["data"]["client-count"] == 1
     assert last["data"]["clients"] == [{"ip": CLIENT, "user-agent": UA, "bytes-sent": want}]
@@ -498,37 +504,173 @@ def unit_command() -> list[str]:
     return words
 
 
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log info;
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+events {{ worker_connections 64; }}
+http {{
+    log_format bytes '$status $bytes_sent $uri';
+    access_log {prefix}/access.log bytes;
+    include /usr/share/sfive-ngxlua/nginx/sfive.conf;
+    server {{
+        listen 127.0.0.1:{port};
+        root {prefix}/www;
+        include /usr/share/sfive-ngxlua/nginx/sfive-location.conf;
+    }}
+}}
+"""
+
+
+class Nginx:
+    """A private nginx on a loopback port that includes the installed exporter files."""
+
+    def __init__(self) -> None:
+        self.prefix = Path(tempfile.mkdtemp(prefix="sfive-nginx-"))
+        self.prefix.chmod(0o755)
+        media = self.prefix / "www/live/hls/test-high"
+        media.mkdir(parents=True)
+        (media / "seg1.ts").write_bytes(bytes(range(256)) * 40)
+        for directory in (self.prefix, self.prefix / "www", media.parent, media.parent.parent):
+            directory.chmod(0o755)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        conf = self.prefix / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(prefix=self.prefix, port=self.port))
+        error_log = self.prefix / "error.log"
+        self.proc = subprocess.Popen(
+            ["nginx", "-p", str(self.prefix), "-c", str(conf), "-e", str(error_log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        wait_for(self._up, time.monotonic() + 10, "nginx to listen", self.error_log)
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, f"nginx exited: {self.error_log()}"
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def get(self, path: str) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
+                                         headers={"User-Agent": UA})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                response.read()
+                return response.status
+        except urllib.error.HTTPError as error:
+            error.read()
+            return error.code
+
+    def bytes_sent(self, prefix: str) -> int:
+        total = 0
+        for line in (self.prefix / "access.log").read_text().splitlines():
+            status, sent, uri = line.split(" ", 2)
+            if status == "200" and uri.startswith(prefix):
+                total += int(sent)
+        return total
+
+    def error_log(self) -> str:
+        path = self.prefix / "error.log"
+        return path.read_text()[-3000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.prefix)
+
+
+def nginx_with_lua() -> bool:
+    return shutil.which("nginx") is not None and all(
+        Path("/usr/lib/nginx/modules", name).exists()
+        for name in ("ndk_http_module.so", "ngx_http_lua_module.so")
+    )
+
+
+def set_daemon_opts(options: str) -> None:
+    text, count = re.subn(r"^DAEMON_OPTS=.*$", f'DAEMON_OPTS="{options}"', DEFAULT.read_text(),
+                          flags=re.M)
+    assert count == 1, "no DAEMON_OPTS= line in the shipped default file"
+    DEFAULT.write_text(text)
+
+
 def run_unit_command(hub: socket.socket, user: pwd.struct_passwd, say) -> None:
-    """Run the unit's command as its User= in the foreground (no systemd here)."""
+    """Run the unit's command as its User= in the foreground (no systemd here).
+
+    Its exporter is a real nginx running the installed exporter files, so the datasets must
+    add up to what nginx's access log says it sent.
+    """
     unit = Path(f"/lib/systemd/system/{PKG}.service").read_text()
     assert f"User={PKG}" in unit and "/var/run" not in unit
-    command = unit_command()
-    assert command[:3] == ["/usr/bin/twistd3", "--nodaemon", "--pidfile="]
-    say("the unit's command in the foreground: " + " ".join(command))
-    while True:  # drop what the init script's service sent
-        try:
-            hub.recv(1 << 20)
-        except OSError:
-            break
-    proc = subprocess.Popen(
-        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
-         *command],
-        cwd="/", env={"PATH": CLEAN_ENV["PATH"], "HOME": user.pw_dir, "LANG": "C.UTF-8"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    if not nginx_with_lua():
+        pytest.fail("nginx with its Lua module is not installed "
+                    "(apt-get install nginx libnginx-mod-http-lua lua-cjson)")
+    nginx = Nginx()
     try:
-        datasets: list[dict] = []
-        deadline = time.monotonic() + 15
-        while not datasets and proc.poll() is None and time.monotonic() < deadline:
-            receive_datasets(hub, datasets, deadline)
-        assert proc.poll() is None, f"the unit's command exited: {proc.communicate()[0]}"
-        assert datasets and datasets[0]["hostname"] == HOSTNAME
+        url = f"http://127.0.0.1:{nginx.port}/sfive"
+        set_daemon_opts(f"-s {hub.getsockname()} -u {url} -S test/hls/high -n {HOSTNAME} -d 1")
+        command = unit_command()
+        assert command[:3] == ["/usr/bin/twistd3", "--nodaemon", "--pidfile="]
+        say("the unit's command in the foreground, fed by nginx with the installed exporter: "
+            + " ".join(command))
+        while True:  # drop what the init script's service sent
+            try:
+                hub.recv(1 << 20)
+            except OSError:
+                break
+        proc = subprocess.Popen(
+            ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
+             *command],
+            cwd="/", env={"PATH": CLEAN_ENV["PATH"], "HOME": user.pw_dir, "LANG": "C.UTF-8"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            exercise_unit_command(proc, hub, nginx)
+        finally:
+            proc.terminate()
+            output = proc.communicate(timeout=10)[0]
+        # twistd ends itself with the signal that stopped it; systemd counts SIGTERM as clean.
+        assert proc.returncode in (0, -signal.SIGTERM), output
+        assert not Path("/twistd.pid").exists()
     finally:
-        proc.terminate()
-        output = proc.communicate(timeout=10)[0]
-    # twistd ends itself with the signal that stopped it; systemd counts SIGTERM as clean.
-    assert proc.returncode in (0, -signal.SIGTERM), output
-    assert not Path("/twistd.pid").exists()
+        nginx.stop()
+
+
+def exercise_unit_command(proc: subprocess.Popen, hub: socket.socket, nginx: Nginx) -> None:
+    datasets: list[dict] = []
+    deadline = time.monotonic() + 15
+    # The first dataset shows the service is up (and long since subscribed to the stream).
+    while not datasets and proc.poll() is None and time.monotonic() < deadline:
+        receive_datasets(hub, datasets, deadline)
+    assert proc.poll() is None, f"the unit's command exited: {proc.communicate()[0]}"
+    assert datasets, f"no dataset within 15 s\n{nginx.error_log()}"
+    began = datetime.now().astimezone()
+    for _ in range(10):
+        assert nginx.get("/live/hls/test-high/seg1.ts") == 200
+        assert nginx.get("/live/hls/test-high/missing.ts") == 404  # must not count
+    ended = datetime.now().astimezone()
+
+    def reported_past_end() -> bool:
+        return any(start_of(d) > ended for d in datasets)
+
+    while not reported_past_end() and time.monotonic() < deadline:
+        receive_datasets(hub, datasets, deadline)
+    assert reported_past_end(), f"datasets stopped: {datasets!r}\n{nginx.error_log()}"
+    counted = [d for d in datasets
+               if start_of(d) + timedelta(milliseconds=d["duration-ms"]) > began]
+    total = sum(d["data"]["bytes-sent"] for d in counted)
+    assert total == nginx.bytes_sent("/live/hls/test-high/") > 10 * 10240
+    clients = {(c["ip"], c["user-agent"]) for d in counted for c in d["data"]["clients"]}
+    assert clients == {("127.0.0.1", UA)}
+
+
+def start_of(dataset: dict) -> datetime:
+    return datetime.fromisoformat(dataset["start-time"].replace("Z", "+00:00"))
 
 
 def check_purged() -> None:
