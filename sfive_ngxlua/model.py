@@ -117,6 +117,13 @@ class IntervalModel:
             self.stats.folded += 1
         self.stats.accepted += 1
 
+    @property
+    def due_at(self) -> float:
+        """When the next interval becomes due (infinity before the first record of a replay)."""
+        if self.reported is None:
+            return math.inf
+        return (self.reported + 2) * self.duration + self.grace
+
     def due(self, now: float) -> int:
         """How many intervals are due at ``now``."""
         if self.reported is None:

@@ -60,6 +60,8 @@ def test_streamer_ids_combine_and_deduplicate():
     (["-S", "a/b/c", "--queue-limit", "0"], "--queue-limit must be a positive integer"),
     (["-S", "a/b/c", "-s", "/x", "--hub", "unix:path=/y"], "either --socket or --hub"),
     (["-S", "a/b/c", "--hub", "/y"], "not a client endpoint"),
+    (["-S", "a/b/c", "--metrics", "tcp:abc"], "not a server endpoint"),
+    (["-S", "a/b/c", "--metrics", "bogus:1"], "not a server endpoint"),
 ])
 def test_invalid_options_are_refused_with_a_clear_message(argv, message):
     with pytest.raises(usage.UsageError) as e:
