@@ -400,11 +400,7 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
     assert b"sfive_ngxlua_plugin" in PLUGIN_CACHE.read_bytes()
     assert Path(f"/etc/systemd/system/multi-user.target.wants/{PKG}.service").is_symlink()
 
-    if (ROOT / "sfive_ngxlua" / "replay.py").exists():
-        replay = run(["sfive-ngxlua-replay", "--help"])
-        assert replay.returncode == 0 and "--streamer-id" in replay.stdout, (
-            replay.stdout + replay.stderr
-        )
+    check_replay()
 
     if shutil.which("systemd-analyze"):
         verify = run(["systemd-analyze", "verify", f"/lib/systemd/system/{PKG}.service"])
@@ -482,6 +478,27 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
         )
 
     run_unit_command(hub, user, say)
+
+
+def check_replay() -> None:
+    """The installed console script, on Debian's interpreter, replays lines from stdin."""
+    lines = [
+        {"seq": 1, "time": "2026-11-28T10:00:01.250+01:00", "client": CLIENT, "ua": UA,
+         "url": "/live/hls/test-high/seg1.ts", "status": 200, "bytes-sent": 1500},
+        {"seq": 2, "time": "2026-11-28T10:00:07.000+01:00", "client": CLIENT, "ua": UA,
+         "url": "/live/hls/test-high/seg2.ts", "status": 206, "bytes-sent": 2500},
+        {"seq": 3, "time": "2026-11-28T10:00:08.000+01:00", "client": CLIENT, "ua": UA,
+         "url": "/live/hls/test-high/seg3.ts", "status": 404, "bytes-sent": 99},
+    ]
+    stdin = "".join(json.dumps(line) + "\n" for line in lines) + "not json\n"
+    replay = run(["sfive-ngxlua-replay", "-S", "test/hls/high", "-n", HOSTNAME, "-d", "10", "-"],
+                 input=stdin, timeout=30)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    (dataset,) = map(json.loads, replay.stdout.splitlines())
+    assert dataset["start-time"] == "2026-11-28T09:00:00Z"
+    assert dataset["hostname"] == HOSTNAME and dataset["streamer-id"] == STREAMER_ID
+    assert dataset["data"]["bytes-sent"] == 4000
+    assert replay.stderr.strip(), "no summary on standard error"
 
 
 def unit_command() -> list[str]:
