@@ -542,6 +542,12 @@ http {{
 """
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class Nginx:
     """A private nginx on a loopback port that includes the installed exporter files."""
 
@@ -553,9 +559,7 @@ class Nginx:
         (media / "seg1.ts").write_bytes(bytes(range(256)) * 40)
         for directory in (self.prefix, self.prefix / "www", media.parent, media.parent.parent):
             directory.chmod(0o755)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         conf = self.prefix / "nginx.conf"
         conf.write_text(NGINX_CONF.format(prefix=self.prefix, port=self.port))
         error_log = self.prefix / "error.log"
@@ -630,7 +634,9 @@ def run_unit_command(hub: socket.socket, user: pwd.struct_passwd, say) -> None:
     nginx = Nginx()
     try:
         url = f"http://127.0.0.1:{nginx.port}/sfive"
-        set_daemon_opts(f"-s {hub.getsockname()} -u {url} -S test/hls/high -n {HOSTNAME} -d 1")
+        metrics = free_port()  # python3-prometheus-client comes in as a Recommends
+        set_daemon_opts(f"-s {hub.getsockname()} -u {url} -S test/hls/high -n {HOSTNAME} -d 1"
+                        f" --metrics tcp:{metrics}:interface=127.0.0.1")
         command = unit_command()
         assert command[:3] == ["/usr/bin/twistd3", "--nodaemon", "--pidfile="]
         say("the unit's command in the foreground, fed by nginx with the installed exporter: "
@@ -648,6 +654,10 @@ def run_unit_command(hub: socket.socket, user: pwd.struct_passwd, say) -> None:
         )
         try:
             exercise_unit_command(proc, hub, nginx)
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+                exposition = r.read().decode()
+            sent = re.search(r"^sfive_ngxlua_datasets_sent_total (\S+)$", exposition, re.M)
+            assert sent and float(sent.group(1)) >= 1, exposition[:2000]
         finally:
             proc.terminate()
             output = proc.communicate(timeout=10)[0]
