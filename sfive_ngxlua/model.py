@@ -113,7 +113,11 @@ class IntervalModel:
         ua = record.ua
         if len(ua) > self._ua_max:
             ua = ua[: self._ua_max]
-        if not clients.add((record.client, ua), record.bytes_sent):
+        key = (record.client, ua)
+        known = clients.bytes
+        if key in known:
+            known[key] += record.bytes_sent
+        elif not clients.add(key, record.bytes_sent):
             self.stats.folded += 1
         self.stats.accepted += 1
 
