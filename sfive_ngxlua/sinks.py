@@ -30,7 +30,13 @@ from twisted.internet import protocol, unix
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 
 from .datasets import Dataset, encode, shrink
@@ -106,6 +112,8 @@ class StdoutSink(Service):
 
 
 class _HubProtocol(protocol.ConnectedDatagramProtocol):
+    noisy = False
+
     def __init__(self, sink: HubDatagramSink) -> None:
         self.sink = sink
 
@@ -137,6 +145,21 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
         self.queue = queue
         self._limit: Optional[int] = None
         self._stopping = False
+
+    def startListening(self) -> None:
+        """Connect without the stock port's log lines: a hub that stays away for hours is
+        retried every few seconds, and each outage is logged once, by the sink."""
+        skt = self.createInternetSocket()
+        try:
+            skt.connect(self.remoteaddr)
+        except OSError as e:
+            skt.close()
+            self.protocol.connectionFailed(Failure(e))
+            return
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.connected = 1
+        self._connectToProtocol()
 
     def stopListening(self) -> Optional[Deferred]:
         """Idempotent: a failed connect and the sink may both ask."""
@@ -199,10 +222,11 @@ class HubDatagramSink(Service):
     log = Logger()
 
     def __init__(self, path: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
-                 retry: float = RETRY_SECONDS, drain: float = DRAIN_SECONDS) -> None:
+                 retry: float = RETRY_SECONDS, drain: float = DRAIN_SECONDS,
+                 clock: Optional[IReactorTime] = None) -> None:
         self.path = path
         self.reactor = reactor
-        self.clock: IReactorTime = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
         self.stats = stats
         self.queue = DatasetQueue(queue_limit, stats)
         self.retry = retry
@@ -318,6 +342,14 @@ class _HubStream(protocol.Protocol):
         self.sink._lost(self, reason.getErrorMessage())
 
 
+class _QuietClientService(ClientService):
+    """ClientService without its info line per connection attempt: the sink logs each outage
+    once, however many attempts it takes."""
+
+    _log = Logger(observer=FilteringLogObserver(
+        globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]))
+
+
 class HubStreamSink(Service):
     """The hub over a stream endpoint (``unix:path=...``, ``tcp:host=...:port=...``): one dataset
     per line, no size limit, reconnected by a ClientService with backoff."""
@@ -325,9 +357,9 @@ class HubStreamSink(Service):
     log = Logger()
 
     def __init__(self, description: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
-                 drain: float = DRAIN_SECONDS) -> None:
+                 drain: float = DRAIN_SECONDS, clock: Optional[IReactorTime] = None) -> None:
         self.description = description
-        self.clock: IReactorTime = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
         self.stats = stats
         self.queue = DatasetQueue(queue_limit, stats)
         self.drain = drain
@@ -335,10 +367,11 @@ class HubStreamSink(Service):
         self._drained: Optional[Deferred] = None
         self._outage = False
         factory = protocol.Factory.forProtocol(lambda: _HubStream(self))
-        self.client = ClientService(
+        factory.noisy = False
+        self.client = _QuietClientService(
             clientFromString(reactor, description), factory,
             retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=RETRY_SECONDS * 10),
-            clock=reactor,
+            clock=self.clock,
         )
 
     def startService(self) -> None:
