@@ -29,7 +29,7 @@ from twisted.application.service import Service
 from twisted.internet import protocol, unix
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -38,6 +38,7 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .datasets import Dataset, encode, shrink
 from .stats import Stats
@@ -342,6 +343,23 @@ class _HubStream(protocol.Protocol):
         self.sink._lost(self, reason.getErrorMessage())
 
 
+@implementer(IStreamClientEndpoint)
+class _Attempts:
+    """The hub's endpoint, reporting each failed connection attempt to the sink."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint,
+                 failed: Callable[[Failure], None]) -> None:
+        self.endpoint = endpoint
+        self.failed = failed
+
+    def connect(self, factory: protocol.Factory) -> Deferred:
+        def failed(failure: Failure) -> Failure:
+            self.failed(failure)
+            return failure
+
+        return self.endpoint.connect(factory).addErrback(failed)
+
+
 class _QuietClientService(ClientService):
     """ClientService without its info line per connection attempt: the sink logs each outage
     once, however many attempts it takes."""
@@ -369,7 +387,7 @@ class HubStreamSink(Service):
         factory = protocol.Factory.forProtocol(lambda: _HubStream(self))
         factory.noisy = False
         self.client = _QuietClientService(
-            clientFromString(reactor, description), factory,
+            _Attempts(clientFromString(reactor, description), self._failed), factory,
             retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=RETRY_SECONDS * 10),
             clock=self.clock,
         )
@@ -395,11 +413,26 @@ class HubStreamSink(Service):
         if self.current is stream:
             self.current = None
         self.stats.hub_connected = False
-        if self.running and not self._outage:
+        if not self.running:
+            return
+        self.stats.hub_reconnects += 1
+        if not self._outage:
             self._outage = True
-            self.stats.hub_reconnects += 1
             self.log.warn("lost the sfive hub at {hub} ({why}); reconnecting with backoff",
                           hub=self.description, why=why)
+
+    def _failed(self, failure: Failure) -> None:
+        """A connection attempt failed: counted each time, logged once per outage."""
+        if not self.running:
+            return
+        self.stats.hub_reconnects += 1
+        if not self._outage:
+            self._outage = True
+            self.log.warn(
+                "sfive hub at {hub} unavailable ({why}); reconnecting with backoff, "
+                "queueing up to {limit} datasets", hub=self.description,
+                why=failure.getErrorMessage(), limit=self.queue.limit,
+            )
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self.queue:

@@ -16,14 +16,12 @@ import time
 from collections import deque
 from typing import Callable, Deque, List, Optional
 
-import pytest
-import pytest_twisted
 import simplejson
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -118,14 +116,6 @@ class LogCapture:
     def everything(self) -> str:
         """All events' formatted text plus the repr of their keyword data, for secret scans."""
         return "\n".join(f"{formatEvent(e)} {e!r}" for e in self.events)
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture()
-    globalLogPublisher.addObserver(capture)
-    yield capture
-    globalLogPublisher.removeObserver(capture)
 
 
 # -- the exporter ---------------------------------------------------------------------------
@@ -337,29 +327,9 @@ class Running:
         return self
 
     def stop(self) -> Deferred:
+        """Stop; the clock is moved past any drain timeout so that a stalled hub cannot hang it."""
         if not self.top.running:
             return succeed(None)
-        return self.top.stopService()
-
-
-@pytest_twisted.async_yield_fixture
-async def service():
-    """``service(settings, sink=..., clock=...)`` builds and starts; all are stopped after."""
-    started: List[Running] = []
-
-    def start(settings: Settings, **kw: object) -> Running:
-        run = Running(settings, **kw)
-        started.append(run)
-        return run.start()
-
-    yield start
-    for run in reversed(started):
-        await run.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def exporter():
-    """A listening exporter, stopped after the test."""
-    exp = Exporter().listen()
-    yield exp
-    await exp.stop()
+        d = self.top.stopService()
+        self.clock.advance(60)
+        return d

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from support import T0, Exporter, line, settings, wait_for
 from twisted.internet import ssl
 
-pytest_plugins = ("support",)
+pytest_plugins = ("support_fixtures",)
 
 
 def reconnect_events(logs):
