@@ -214,7 +214,9 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
         )
 
     def doWrite(self) -> None:
+        """The hub read: go on sending; a stop waiting for the queue to drain may finish."""
         self.flush()
+        self.protocol.sink._check_drained()
 
 
 class HubDatagramSink(Service):

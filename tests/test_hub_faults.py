@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.logger import LogLevel
 
 from sfive_ngxlua.datasets import start_time
-from sfive_ngxlua.sinks import RETRY_SECONDS, HubDatagramSink, HubStreamSink
+from sfive_ngxlua.sinks import DRAIN_SECONDS, RETRY_SECONDS, HubDatagramSink, HubStreamSink
 from sfive_ngxlua.stats import Stats
 
 pytest_plugins = ("support_fixtures",)
@@ -276,3 +276,32 @@ async def test_stream_hub_absent_gone_and_back_keeps_order(
         assert not errors(logs)
     finally:
         await hub.stop()
+
+
+@pytest.mark.parametrize("hub_reads", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_stop_gives_queued_datasets_a_bounded_chance(
+        hub_reads, service, exporter, dgram_hub, logs):
+    dgram_hub.open()
+    run = with_sink(service, exporter, datagram_sink(dgram_hub.path), duration=1, grace=0.5)
+    await wait_for(lambda: exporter.current is not None)
+    for k in range(8):
+        await stream_interval(run, exporter, k, 1, n=1)
+        report_due(run, k, 1, grace=0.5)
+    await stream_interval(run, exporter, 8, 1, n=1)
+    queued = len(run.sink.queue)
+    assert queued > 0
+
+    stopping = run.top.stopService()
+    assert not stopping.called, "the stop waits for the stalled hub"
+    assert len(run.sink.queue) == queued + 3, "the partial interval is reported at the stop"
+    if hub_reads:
+        await wait_for(dgram_hub.has(27))
+        await wait_for(lambda: stopping.called)
+        assert [key(d) for d in dgram_hub.datasets()] == expected_keys(T0, 9, 1)
+        assert not logs.matching("not delivered")
+    else:
+        run.clock.advance(DRAIN_SECONDS)
+        assert stopping.called
+        assert logs.matching(f"stopping with {queued + 3} datasets not delivered to the hub")
+    await stopping
