@@ -16,10 +16,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from support import T0, Exporter, line, settings, wait_for
+from helpers.faults import T0, Exporter, line, settings, wait_for
 from twisted.internet import ssl
 
-pytest_plugins = ("support_fixtures",)
+pytest_plugins = ("helpers.fixtures",)
 
 
 def reconnect_events(logs):

@@ -11,13 +11,13 @@ from collections import Counter
 import pytest
 import pytest_twisted
 import simplejson
-from support import T0, URL, iso, line, record, settings, wait_for
+from helpers.faults import T0, URL, iso, line, record, settings, wait_for
 from twisted.logger import LogLevel
 
 from sfive_ngxlua.model import OVERFLOW_CLIENT
 from sfive_ngxlua.records import RecordParser
 
-pytest_plugins = ("support_fixtures",)
+pytest_plugins = ("helpers.fixtures",)
 
 MAX_LINE = 4096
 
@@ -163,18 +163,16 @@ async def test_client_cap_folds_into_one_overflow_entry_with_exact_totals(servic
     run = service(settings(url=exporter.url(), max_clients=cap, max_ua_length=40))
     await wait_for(lambda: exporter.current is not None)
     rng = random.Random(7)
-    sent = {}
-    lines = []
+    long_ua = "L" * 40
+    lines = [line(T0 + 1, client="198.51.100.1", ua=long_ua + tail, sent=b)
+             for tail, b in (("one", 10), ("two", 20))]
+    sent = {("198.51.100.1", long_ua): 30}
     for i in range(600):
         who = rng.randrange(300)
         b = rng.randrange(1, 5000)
         client = (f"192.0.2.{who % 250}", f"agent-{who // 250}")
         sent[client] = sent.get(client, 0) + b
         lines.append(line(T0 + i % 10, client=client[0], ua=client[1], sent=b))
-    long_ua = "L" * 40
-    for tail, b in (("one", 10), ("two", 20)):
-        lines.append(line(T0 + 9, client="198.51.100.1", ua=long_ua + tail, sent=b))
-    sent[("198.51.100.1", long_ua)] = 30
     exporter.send(*lines)
     await wait_for(lambda: run.stats.accepted == len(lines))
     run.clock.advance(T0 + 11 - run.clock.seconds())
@@ -190,6 +188,7 @@ async def test_client_cap_folds_into_one_overflow_entry_with_exact_totals(servic
         assert sent[client] == b, "clients within the cap are exact"
     assert overflow == sum(sent.values()) - sum(clients.values())
     assert run.stats.folded > 0
+    assert clients[("198.51.100.1", long_ua)] == 30, "user agents cut to 40 characters"
     assert all(len(ua) <= 40 for _, ua in clients)
 
 

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 import pytest_twisted
-from support import STREAMERS, T0, StreamHub, clock_at, line, settings, turn, wait_for
+from helpers.faults import STREAMERS, T0, StreamHub, clock_at, line, settings, turn, wait_for
 from twisted.internet import reactor
 from twisted.logger import LogLevel
 
@@ -20,7 +20,7 @@ from sfive_ngxlua.datasets import start_time
 from sfive_ngxlua.sinks import DRAIN_SECONDS, RETRY_SECONDS, HubDatagramSink, HubStreamSink
 from sfive_ngxlua.stats import Stats
 
-pytest_plugins = ("support_fixtures",)
+pytest_plugins = ("helpers.fixtures",)
 
 HIGH = STREAMERS[0]
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections import Counter
 
 import simplejson
+from helpers.faults import T0, clock_at, iso
+from helpers.faults import settings as make_settings
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from support import T0, clock_at, iso
-from support import settings as make_settings
 from twisted.internet import reactor
 
 from sfive_ngxlua.datasets import start_time

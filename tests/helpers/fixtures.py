@@ -1,6 +1,6 @@
-"""The reliability suite's fixtures (a pytest plugin: ``pytest_plugins = ("support_fixtures",)``).
+"""The reliability suite's fixtures (a pytest plugin: ``pytest_plugins = ("helpers.fixtures",)``).
 
-Kept apart from ``support`` so that test modules can import the helpers there while pytest
+Kept apart from ``helpers.faults`` so that test modules can import the helpers there while pytest
 loads this module itself.
 """
 
@@ -10,9 +10,9 @@ from typing import List
 
 import pytest
 import pytest_twisted
-from support import DatagramHub, Exporter, LogCapture, Running
 from twisted.logger import globalLogPublisher
 
+from helpers.faults import DatagramHub, Exporter, LogCapture, Running
 from sfive_ngxlua.settings import Settings
 
 
