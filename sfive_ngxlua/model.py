@@ -8,6 +8,7 @@ open one (counted as late), so no accepted byte is lost.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -99,7 +100,7 @@ class IntervalModel:
         self.first: Optional[int] = None
         self.reported: Optional[int] = None
         if start is not None:
-            self.first = -(-int(start) // self.duration)
+            self.first = math.ceil(start / self.duration)
             self.reported = self.first - 1
 
     def add(self, record: Record) -> None:
@@ -126,9 +127,20 @@ class IntervalModel:
         ua = record.ua
         if len(ua) > self._ua_max:
             ua = ua[: self._ua_max]
-        if not clients.add((record.client, ua), record.bytes_sent):
+        key = (record.client, ua)
+        known = clients.bytes
+        if key in known:
+            known[key] += record.bytes_sent
+        elif not clients.add(key, record.bytes_sent):
             self.stats.folded += 1
         self.stats.accepted += 1
+
+    @property
+    def due_at(self) -> float:
+        """When the next interval becomes due (infinity before the first record of a replay)."""
+        if self.reported is None:
+            return math.inf
+        return (self.reported + 2) * self.duration + self.grace
 
     def due(self, now: float) -> int:
         """How many intervals are due at ``now``."""

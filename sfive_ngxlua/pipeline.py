@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Callable, Optional
+
 from .lines import LineSplitter
 from .model import IntervalModel
 from .records import Gap, Record, RecordParser
@@ -12,7 +15,11 @@ from .stats import Stats
 class Pipeline:
     """Feeds exporter output into the interval model and counts every line's fate in ``stats``."""
 
-    def __init__(self, settings: Settings, stats: Stats, model: IntervalModel) -> None:
+    def __init__(self, settings: Settings, stats: Stats, model: IntervalModel,
+                 on_time: Optional[Callable[[int], None]] = None) -> None:
+        """``on_time``: for replay, where time comes from the records: called with a record's
+        time whenever it makes the next interval due."""
+        self.on_time = on_time
         self.stats = stats
         self.model = model
         self.parser = RecordParser(settings)
@@ -28,11 +35,16 @@ class Pipeline:
         stats = self.stats
         parse = self.parser.parse
         add = self.model.add
+        on_time = self.on_time
+        due = math.inf if on_time is None else -math.inf
         stats.lines += len(lines)
         for line in lines:
             result = parse(line)
             if type(result) is Record:
                 add(result)
+                if result.time >= due:
+                    on_time(result.time)
+                    due = self.model.due_at
             elif type(result) is str:
                 stats.rejected[result] += 1
             elif type(result) is Gap:

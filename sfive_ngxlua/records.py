@@ -13,6 +13,7 @@ from typing import Dict, NamedTuple, Optional, Union
 
 import simplejson
 from dateutil.parser import isoparse
+from simplejson.scanner import make_scanner
 
 from .settings import Settings, StreamerKey, compile_nameformat
 
@@ -25,7 +26,8 @@ MAX_BYTES = 2**53
 _DATE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\Z")
 _TAIL = re.compile(r"(?:[.,]\d{1,9})?(?:(Z)|([+-])(\d\d):?(\d\d))\Z")
 
-_decode = simplejson.JSONDecoder().decode
+_decoder = simplejson.JSONDecoder()
+_scan = make_scanner(_decoder)
 
 
 class Record(NamedTuple):
@@ -79,20 +81,30 @@ class RecordParser:
     def parse(self, line: bytes) -> Parsed:
         """Classify one line (without its newline)."""
         try:
-            obj = _decode(line.decode("utf-8"))
+            text = line.decode("utf-8")
         except UnicodeDecodeError:
             return "invalid-utf8"
+        try:
+            obj, end = _scan(text, 0)
+            if end != len(text) and not text[end:].isspace():
+                return "invalid-json"
+        except StopIteration:
+            try:
+                obj = _decoder.decode(text)
+            except (ValueError, RecursionError):
+                return "invalid-json"
         except (ValueError, RecursionError):
             return "invalid-json"
         if type(obj) is not dict:
             return "not-an-object"
         seq = obj.get("seq")
         if type(seq) is int:
-            self.last_seq = seq
             if "url" not in obj:
                 lost = obj.get("lost")
                 if type(lost) is int and lost > 0:
+                    self.last_seq = seq - 1
                     return Gap(lost, seq)
+            self.last_seq = seq
         try:
             url = obj["url"]
             client = obj["client"]

@@ -67,13 +67,16 @@ class ReportService(Service):
         self._emit(self.model.close_due(self.clock.seconds()))
 
     def _emit(self, intervals: List[Interval]) -> None:
-        if not intervals:
-            return
-        report(intervals, self.settings, self.deliver)
-        self.stats.last_report = self.clock.seconds()
+        """Report each interval, record its per-streamer figures in Stats, and log them."""
         for interval in intervals:
+            report([interval], self.settings, self.deliver)
+            for streamer in self.settings.streamers:
+                clients = interval.streams[streamer]
+                self.stats.reported(streamer, clients.count, clients.total)
+            self.stats.last_report = self.clock.seconds()
             self.log.info(
-                "interval {start} ({duration_ms} ms) reported: lines={lines} accepted={accepted}"
+                "interval {start} ({duration_ms} ms) reported: clients={clients} bytes={bytes}"
+                " lines={lines} accepted={accepted}"
                 " rejected={rejected_total} {rejected} late={late} before_start={before_start}"
                 " lost={lost} datasets sent={sent} queued={queued} dropped={dropped}"
                 " trimmed={trimmed} exporter reconnects={reconnects}",

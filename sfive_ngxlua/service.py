@@ -57,7 +57,9 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
     if settings.metrics:
         from .metrics import MetricsService
 
-        MetricsService(settings, reactor, stats, model).setServiceParent(top)
+        metrics = MetricsService(settings, reactor, stats)
+        metrics.setName("metrics")
+        metrics.setServiceParent(top)
     return top
 
 

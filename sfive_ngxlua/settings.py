@@ -210,6 +210,15 @@ class Options(ModelOptions):
                     "--metrics needs the prometheus_client library: pip install "
                     "'sfive-ngxlua[metrics]' or apt-get install python3-prometheus-client"
                 ) from None
+            from twisted.internet.endpoints import serverFromString
+
+            try:
+                serverFromString(None, self["metrics"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(
+                    f"--metrics {self['metrics']!r}: not a server endpoint ({e}); "
+                    "e.g. tcp:9166:interface=127.0.0.1"
+                ) from None
         self.settings_kwargs.update(
             url=self["url"], idle_timeout=idle, connect_timeout=connect, metrics=self["metrics"]
         )

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
+
+from .settings import StreamerKey
+
+
+@dataclass
+class StreamFigures:
+    """One configured streamer's last reported interval and its bytes since start."""
+
+    clients: int = 0
+    bytes: int = 0
+    bytes_total: int = 0
 
 
 @dataclass
@@ -27,9 +38,19 @@ class Stats:
     hub_connected: bool = False
     hub_reconnects: int = 0
     last_report: Optional[float] = None
+    streams: Dict[StreamerKey, StreamFigures] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
+
+    def reported(self, streamer: StreamerKey, clients: int, sent: int) -> None:
+        """Remember a streamer's figures from the interval just reported."""
+        figures = self.streams.get(streamer)
+        if figures is None:
+            figures = self.streams[streamer] = StreamFigures()
+        figures.clients = clients
+        figures.bytes = sent
+        figures.bytes_total += sent
 
     def summary(self) -> dict:
         """The figures as keyword data for one structured log event."""
@@ -47,4 +68,6 @@ class Stats:
             "trimmed": self.datasets_trimmed,
             "reconnects": self.exporter_reconnects,
             "hub_reconnects": self.hub_reconnects,
+            "clients": sum(f.clients for f in self.streams.values()),
+            "bytes": sum(f.bytes for f in self.streams.values()),
         }
