@@ -17,6 +17,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,6 +45,24 @@ def split_credentials(url: str) -> Tuple[str, Optional[Tuple[str, str]], str]:
     safe = urlunsplit((parts.scheme, f"{unquote(parts.username)}:***@{netloc}", parts.path,
                        parts.query, parts.fragment))
     return bare, auth, safe
+
+
+def describe(failure: Failure) -> str:
+    """A failure as a phrase for the log; the HTTP client's wrapper exceptions (ResponseFailed,
+    ResponseNeverReceived) are replaced by the reasons they wrap."""
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(describe(r) for r in reasons)
+    if type(failure.value).__module__.startswith("OpenSSL"):
+        return f"TLS error {failure.getErrorMessage()}"
+    return failure.getErrorMessage()
+
+
+def _cancelled(failure: Failure) -> bool:
+    """Whether the request was cancelled (the connect timeout), however wrapped."""
+    if failure.check(CancelledError, ConnectingCancelledError):
+        return True
+    return any(_cancelled(r) for r in getattr(failure.value, "reasons", None) or ())
 
 
 class _Body(protocol.Protocol):
@@ -124,8 +143,8 @@ class LogFetchService(Service):
             return
         self.failures = 0
         self.stats.exporter_connected = True
-        if self._had_connection:
-            self.log.info("reconnected to {url}", url=self.safe_url)
+        self.log.info("{what} to {url}", url=self.safe_url,
+                      what="reconnected" if self._had_connection else "connected")
         self._had_connection = True
         self.body = _Body(self)
         self._last_data = self.clock.seconds()
@@ -136,10 +155,10 @@ class LogFetchService(Service):
         self._request = None
         if not self.running:
             return
-        if failure.check(CancelledError):
+        if _cancelled(failure):
             self._retry_later(f"no answer within {self.connect_timeout:g}s")
         else:
-            self._retry_later(failure.getErrorMessage())
+            self._retry_later(describe(failure))
 
     def _data(self, data: bytes) -> None:
         self._last_data = self.clock.seconds()
@@ -166,7 +185,7 @@ class LogFetchService(Service):
         dropped = self.pipeline.cut()
         if not self.running:
             return
-        why = "stream ended" if reason.check(ResponseDone) else reason.getErrorMessage()
+        why = "stream ended" if reason.check(ResponseDone) else describe(reason)
         if dropped:
             why += f"; discarded a partial line of {dropped} bytes"
         self._retry_later(why)

@@ -32,7 +32,7 @@ class LineSplitter:
             self._pending = b""
         last = lines.pop()
         limit = self.max_length
-        if len(last) > limit:
+        if len(last) > limit and not (len(last) == limit + 1 and last.endswith(b"\r")):
             self._skipping = True
             self.too_long += 1
         else:
@@ -58,5 +58,6 @@ class LineSplitter:
 
     @property
     def pending(self) -> int:
-        """Bytes of an unfinished line held back."""
+        """Bytes of an unfinished line held back: at most ``max_length``, plus the CR of a CRLF
+        that a chunk boundary split."""
         return len(self._pending)

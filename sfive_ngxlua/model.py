@@ -50,6 +50,20 @@ class Clients:
         clients[OVERFLOW_CLIENT] = clients.get(OVERFLOW_CLIENT, 0) + sent
         return False
 
+    def merge(self, other: Clients) -> None:
+        """Take in another interval's clients; each distinct client is still counted once,
+        those the other one had folded into its overflow entry included."""
+        for key, sent in other.bytes.items():
+            if key != OVERFLOW_CLIENT:
+                self.add(key, sent)
+        if other.folded is not None:
+            clients = self.bytes
+            clients[OVERFLOW_CLIENT] = clients.get(OVERFLOW_CLIENT, 0) + other.bytes[
+                OVERFLOW_CLIENT]
+            if self.folded is None:
+                self.folded = set()
+            self.folded |= other.folded - {hash(key) for key in clients}
+
     @property
     def count(self) -> int:
         """Distinct clients, those folded into the overflow entry included."""
@@ -176,8 +190,7 @@ class IntervalModel:
             if target is None:
                 dst[streamer] = clients
                 continue
-            for key, sent in clients.bytes.items():
-                target.add(key, sent)
+            target.merge(clients)
 
     @property
     def pending(self) -> int:

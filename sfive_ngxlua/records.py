@@ -18,6 +18,9 @@ from simplejson.scanner import make_scanner
 from .settings import Settings, StreamerKey, compile_nameformat
 
 _CACHE_LIMIT = 100_000
+_CACHED_URL_MAX = 256
+"""Longer URLs are matched every time instead of cached: clients choose URLs, and 100,000
+cached URLs of 8 KiB each would hold 800 MB."""
 MAX_BYTES = 2**53
 
 _DATE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\Z")
@@ -140,9 +143,10 @@ class RecordParser:
         else:
             key = (m.group("content"), m.group("format"), m.group("quality"))
             result = key if key in self._streamers else "unknown-streamer"
-        if len(self._urls) >= _CACHE_LIMIT:
-            self._urls.clear()
-        self._urls[url] = result
+        if len(url) <= _CACHED_URL_MAX:
+            if len(self._urls) >= _CACHE_LIMIT:
+                self._urls.clear()
+            self._urls[url] = result
         return result
 
     def seconds(self, when: str) -> Optional[int]:

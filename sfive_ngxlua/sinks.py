@@ -29,9 +29,16 @@ from twisted.application.service import Service
 from twisted.internet import protocol, unix
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .datasets import Dataset, encode, shrink
 from .stats import Stats
@@ -106,6 +113,8 @@ class StdoutSink(Service):
 
 
 class _HubProtocol(protocol.ConnectedDatagramProtocol):
+    noisy = False
+
     def __init__(self, sink: HubDatagramSink) -> None:
         self.sink = sink
 
@@ -137,6 +146,21 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
         self.queue = queue
         self._limit: Optional[int] = None
         self._stopping = False
+
+    def startListening(self) -> None:
+        """Connect without the stock port's log lines: a hub that stays away for hours is
+        retried every few seconds, and each outage is logged once, by the sink."""
+        skt = self.createInternetSocket()
+        try:
+            skt.connect(self.remoteaddr)
+        except OSError as e:
+            skt.close()
+            self.protocol.connectionFailed(Failure(e))
+            return
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.connected = 1
+        self._connectToProtocol()
 
     def stopListening(self) -> Optional[Deferred]:
         """Idempotent: a failed connect and the sink may both ask."""
@@ -190,6 +214,7 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
         )
 
     def doWrite(self) -> None:
+        """The hub read: go on sending; a stop waiting for the queue to drain may finish."""
         self.flush()
         self.protocol.sink._check_drained()
 
@@ -200,10 +225,11 @@ class HubDatagramSink(Service):
     log = Logger()
 
     def __init__(self, path: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
-                 retry: float = RETRY_SECONDS, drain: float = DRAIN_SECONDS) -> None:
+                 retry: float = RETRY_SECONDS, drain: float = DRAIN_SECONDS,
+                 clock: Optional[IReactorTime] = None) -> None:
         self.path = path
         self.reactor = reactor
-        self.clock: IReactorTime = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
         self.stats = stats
         self.queue = DatasetQueue(queue_limit, stats)
         self.retry = retry
@@ -319,6 +345,31 @@ class _HubStream(protocol.Protocol):
         self.sink._lost(self, reason.getErrorMessage())
 
 
+@implementer(IStreamClientEndpoint)
+class _Attempts:
+    """The hub's endpoint, reporting each failed connection attempt to the sink."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint,
+                 failed: Callable[[Failure], None]) -> None:
+        self.endpoint = endpoint
+        self.failed = failed
+
+    def connect(self, factory: protocol.Factory) -> Deferred:
+        def failed(failure: Failure) -> Failure:
+            self.failed(failure)
+            return failure
+
+        return self.endpoint.connect(factory).addErrback(failed)
+
+
+class _QuietClientService(ClientService):
+    """ClientService without its info line per connection attempt: the sink logs each outage
+    once, however many attempts it takes."""
+
+    _log = Logger(observer=FilteringLogObserver(
+        globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]))
+
+
 class HubStreamSink(Service):
     """The hub over a stream endpoint (``unix:path=...``, ``tcp:host=...:port=...``): one dataset
     per line, no size limit, reconnected by a ClientService with backoff."""
@@ -326,9 +377,9 @@ class HubStreamSink(Service):
     log = Logger()
 
     def __init__(self, description: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
-                 drain: float = DRAIN_SECONDS) -> None:
+                 drain: float = DRAIN_SECONDS, clock: Optional[IReactorTime] = None) -> None:
         self.description = description
-        self.clock: IReactorTime = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
         self.stats = stats
         self.queue = DatasetQueue(queue_limit, stats)
         self.drain = drain
@@ -336,10 +387,11 @@ class HubStreamSink(Service):
         self._drained: Optional[Deferred] = None
         self._outage = False
         factory = protocol.Factory.forProtocol(lambda: _HubStream(self))
-        self.client = ClientService(
-            clientFromString(reactor, description), factory,
+        factory.noisy = False
+        self.client = _QuietClientService(
+            _Attempts(clientFromString(reactor, description), self._failed), factory,
             retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=RETRY_SECONDS * 10),
-            clock=reactor,
+            clock=self.clock,
         )
 
     def startService(self) -> None:
@@ -363,11 +415,26 @@ class HubStreamSink(Service):
         if self.current is stream:
             self.current = None
         self.stats.hub_connected = False
-        if self.running and not self._outage:
+        if not self.running:
+            return
+        self.stats.hub_reconnects += 1
+        if not self._outage:
             self._outage = True
-            self.stats.hub_reconnects += 1
             self.log.warn("lost the sfive hub at {hub} ({why}); reconnecting with backoff",
                           hub=self.description, why=why)
+
+    def _failed(self, failure: Failure) -> None:
+        """A connection attempt failed: counted each time, logged once per outage."""
+        if not self.running:
+            return
+        self.stats.hub_reconnects += 1
+        if not self._outage:
+            self._outage = True
+            self.log.warn(
+                "sfive hub at {hub} unavailable ({why}); reconnecting with backoff, "
+                "queueing up to {limit} datasets", hub=self.description,
+                why=failure.getErrorMessage(), limit=self.queue.limit,
+            )
 
     def _check_drained(self) -> None:
         if self._drained is not None and not self.queue:
