@@ -21,7 +21,7 @@ from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 
 from . import __version__
 from .pipeline import Pipeline
@@ -65,6 +65,12 @@ def _cancelled(failure: Failure) -> bool:
     return any(_cancelled(r) for r in getattr(failure.value, "reasons", None) or ())
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    """No "Starting factory" / "Stopping factory" lines for every reconnect."""
+
+    noisy = False
+
+
 class _Body(protocol.Protocol):
     def __init__(self, fetcher: LogFetchService) -> None:
         self.fetcher = fetcher
@@ -95,8 +101,12 @@ class LogFetchService(Service):
         self.idle_timeout = settings.idle_timeout
         self.connect_timeout = settings.connect_timeout
         self.url, self.auth, self.safe_url = split_credentials(settings.url)
-        self.client = client if client is not None else treq.client.HTTPClient(
-            Agent(reactor, connectTimeout=settings.connect_timeout))
+        if client is None:
+            pool = HTTPConnectionPool(reactor, persistent=False)
+            pool._factory = _QuietFactory
+            client = treq.client.HTTPClient(
+                Agent(reactor, connectTimeout=settings.connect_timeout, pool=pool))
+        self.client = client
         self.retry_policy = retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=30.0)
         self.failures = 0
         self.body: Optional[_Body] = None

@@ -79,7 +79,7 @@ class ReportService(Service):
                 " lines={lines} accepted={accepted}"
                 " rejected={rejected_total} {rejected} late={late} before_start={before_start}"
                 " lost={lost} datasets sent={sent} queued={queued} dropped={dropped}"
-                " trimmed={trimmed} exporter reconnects={reconnects}",
+                " trimmed={trimmed} reconnects: exporter={reconnects} hub={hub_reconnects}",
                 start=start_time(interval.start), duration_ms=interval.duration_ms,
                 **self.stats.summary(),
             )

@@ -18,12 +18,13 @@ from .stats import Stats
 __all__ = ["Options", "makeService", "build", "make_sink"]
 
 
-def make_sink(settings: Settings, reactor: Any, stats: Stats) -> Service:
+def make_sink(settings: Settings, reactor: Any, stats: Stats,
+              clock: Optional[IReactorTime] = None) -> Service:
     """The sink the settings ask for: hub datagram socket, hub stream, or standard output."""
     if settings.socket:
-        return HubDatagramSink(settings.socket, reactor, stats, settings.queue_limit)
+        return HubDatagramSink(settings.socket, reactor, stats, settings.queue_limit, clock=clock)
     if settings.hub:
-        return HubStreamSink(settings.hub, reactor, stats, settings.queue_limit)
+        return HubStreamSink(settings.hub, reactor, stats, settings.queue_limit, clock=clock)
     return StdoutSink(stats)
 
 
@@ -39,7 +40,7 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
     clock = clock if clock is not None else reactor
     stats = stats if stats is not None else Stats()
     if sink is None:
-        sink = make_sink(settings, reactor, stats)
+        sink = make_sink(settings, reactor, stats, clock)
     model = IntervalModel(settings, stats, start=clock.seconds())
     pipeline = Pipeline(settings, stats, model)
     top = MultiService()

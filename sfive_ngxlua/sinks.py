@@ -12,14 +12,9 @@ import sys
 from collections import deque
 from errno import (
     EAGAIN,
-    ECONNREFUSED,
-    ECONNRESET,
     EINTR,
     EMSGSIZE,
     ENOBUFS,
-    ENOENT,
-    ENOTCONN,
-    EPIPE,
     EWOULDBLOCK,
 )
 from typing import IO, Any, Callable, Deque, Optional
@@ -45,7 +40,6 @@ from .stats import Stats
 
 RETRY_SECONDS = 3.0
 DRAIN_SECONDS = 5.0
-_GONE = (ECONNREFUSED, ENOTCONN, ECONNRESET, EPIPE, ENOENT)
 
 
 class DatasetQueue:
