@@ -1,0 +1,212 @@
+"""The exporter stream: one long GET, fed to the pipeline chunk by chunk, reconnected with backoff.
+
+The fetcher never stops the reactor: an answer other than 200, a refused or failed connection,
+headers that do not come within the connect timeout, a body that goes idle for longer than the
+idle timeout, or the stream's end all lead to a new attempt after an exponential backoff with
+jitter (reset after every good connection). It resumes after the last exporter sequence number
+it read (``?after=N``), so records still in the exporter's ring are not lost to a reconnect.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import treq
+from twisted.application.internet import backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import protocol
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+
+from . import __version__
+from .pipeline import Pipeline
+from .settings import Settings
+from .stats import Stats
+
+USER_AGENT = f"sfive-ngxlua/{__version__}".encode("ascii")
+
+
+def split_credentials(url: str) -> Tuple[str, Optional[Tuple[str, str]], str]:
+    """(URL without credentials, (user, password) or None, URL safe to log)."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None, url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    auth = (unquote(parts.username), unquote(parts.password or ""))
+    safe = urlunsplit((parts.scheme, f"{unquote(parts.username)}:***@{netloc}", parts.path,
+                       parts.query, parts.fragment))
+    return bare, auth, safe
+
+
+def describe(failure: Failure) -> str:
+    """A failure as a phrase for the log; the HTTP client's wrapper exceptions (ResponseFailed,
+    ResponseNeverReceived) are replaced by the reasons they wrap."""
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(describe(r) for r in reasons)
+    if type(failure.value).__module__.startswith("OpenSSL"):
+        return f"TLS error {failure.getErrorMessage()}"
+    return failure.getErrorMessage()
+
+
+def _cancelled(failure: Failure) -> bool:
+    """Whether the request was cancelled (the connect timeout), however wrapped."""
+    if failure.check(CancelledError, ConnectingCancelledError):
+        return True
+    return any(_cancelled(r) for r in getattr(failure.value, "reasons", None) or ())
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    """No "Starting factory" / "Stopping factory" lines for every reconnect."""
+
+    noisy = False
+
+
+class _Body(protocol.Protocol):
+    def __init__(self, fetcher: LogFetchService) -> None:
+        self.fetcher = fetcher
+
+    def dataReceived(self, data: bytes) -> None:
+        self.fetcher._data(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.fetcher._ended(self, reason)
+
+
+class _Discard(protocol.Protocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+class LogFetchService(Service):
+    """Streams the exporter's lines into a Pipeline for as long as the service runs."""
+
+    log = Logger()
+
+    def __init__(self, settings: Settings, reactor: Any, pipeline: Pipeline, stats: Stats,
+                 clock: Optional[IReactorTime] = None, client: Any = None,
+                 retry_policy: Optional[Callable[[int], float]] = None) -> None:
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.pipeline = pipeline
+        self.stats = stats
+        self.idle_timeout = settings.idle_timeout
+        self.connect_timeout = settings.connect_timeout
+        self.url, self.auth, self.safe_url = split_credentials(settings.url)
+        if client is None:
+            pool = HTTPConnectionPool(reactor, persistent=False)
+            pool._factory = _QuietFactory
+            client = treq.client.HTTPClient(
+                Agent(reactor, connectTimeout=settings.connect_timeout, pool=pool))
+        self.client = client
+        self.retry_policy = retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=30.0)
+        self.failures = 0
+        self.body: Optional[_Body] = None
+        self._request: Optional[Deferred] = None
+        self._retry: Optional[IDelayedCall] = None
+        self._watchdog: Optional[IDelayedCall] = None
+        self._last_data = 0.0
+        self._had_connection = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._connect()
+
+    def stopService(self) -> None:
+        super().stopService()
+        for call in (self._retry, self._watchdog):
+            if call is not None and call.active():
+                call.cancel()
+        self._retry = self._watchdog = None
+        if self._request is not None:
+            self._request.cancel()
+        if self.body is not None and self.body.transport is not None:
+            self.body.transport.stopProducing()
+
+    def _connect(self) -> None:
+        self._retry = None
+        params = {}
+        if self.pipeline.last_seq is not None:
+            params["after"] = str(self.pipeline.last_seq)
+        self.log.info("fetching {url}{resume}", url=self.safe_url,
+                      resume=f" after sequence {params['after']}" if params else "")
+        d = self._request = self.client.get(
+            self.url, params=params, headers={b"User-Agent": [USER_AGENT]}, auth=self.auth,
+            unbuffered=True, timeout=self.connect_timeout, reactor=self.clock,
+        )
+        d.addCallbacks(self._response, self._failed)
+        d.addErrback(lambda f: self.log.failure("unexpected error in the exporter fetch", f))
+
+    def _response(self, response: Any) -> None:
+        self._request = None
+        if response.code != 200:
+            response.deliverBody(_Discard())
+            self._retry_later(f"HTTP {response.code} {response.phrase.decode('latin-1')}")
+            return
+        self.failures = 0
+        self.stats.exporter_connected = True
+        self.log.info("{what} to {url}", url=self.safe_url,
+                      what="reconnected" if self._had_connection else "connected")
+        self._had_connection = True
+        self.body = _Body(self)
+        self._last_data = self.clock.seconds()
+        self._watchdog = self.clock.callLater(self.idle_timeout, self._check_idle)
+        response.deliverBody(self.body)
+
+    def _failed(self, failure: Failure) -> None:
+        self._request = None
+        if not self.running:
+            return
+        if _cancelled(failure):
+            self._retry_later(f"no answer within {self.connect_timeout:g}s")
+        else:
+            self._retry_later(describe(failure))
+
+    def _data(self, data: bytes) -> None:
+        self._last_data = self.clock.seconds()
+        self.pipeline.feed(data)
+
+    def _check_idle(self) -> None:
+        idle = self.clock.seconds() - self._last_data
+        if idle < self.idle_timeout:
+            self._watchdog = self.clock.callLater(self.idle_timeout - idle, self._check_idle)
+            return
+        self._watchdog = None
+        self.log.warn("exporter sent nothing for {idle:.0f}s; reconnecting", idle=idle)
+        if self.body is not None and self.body.transport is not None:
+            self.body.transport.stopProducing()
+
+    def _ended(self, body: _Body, reason: Failure) -> None:
+        if body is not self.body:
+            return
+        self.body = None
+        self.stats.exporter_connected = False
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+        dropped = self.pipeline.cut()
+        if not self.running:
+            return
+        why = "stream ended" if reason.check(ResponseDone) else describe(reason)
+        if dropped:
+            why += f"; discarded a partial line of {dropped} bytes"
+        self._retry_later(why)
+
+    def _retry_later(self, why: str) -> None:
+        self.stats.exporter_connected = False
+        if not self.running:
+            return
+        delay = self.retry_policy(self.failures)
+        self.failures += 1
+        self.stats.exporter_reconnects += 1
+        self.log.warn("exporter {url}: {why}; reconnecting in {delay:.1f}s",
+                      url=self.safe_url, why=why, delay=delay)
+        self._retry = self.clock.callLater(delay, self._connect)

@@ -1,0 +1,63 @@
+"""Incremental splitting of a byte stream into lines, with a bound on a line's length."""
+
+from __future__ import annotations
+
+from typing import List
+
+
+class LineSplitter:
+    """Feed chunks, get complete lines back; over-long lines are skipped without being buffered.
+
+    Each chunk is split once (no re-splitting of what was buffered before), so the cost is linear
+    in the input whatever the chunking.
+    """
+
+    def __init__(self, max_length: int = 65536) -> None:
+        self.max_length = max_length
+        self.too_long = 0
+        self._pending = b""
+        self._skipping = False
+
+    def feed(self, data: bytes) -> List[bytes]:
+        """Return the lines completed by ``data`` (without their line ends; empty ones dropped)."""
+        start = 0
+        if self._skipping:
+            start = data.find(b"\n") + 1
+            if start == 0:
+                return []
+            self._skipping = False
+        lines = data[start:].split(b"\n") if start else data.split(b"\n")
+        if self._pending:
+            lines[0] = self._pending + lines[0]
+            self._pending = b""
+        last = lines.pop()
+        limit = self.max_length
+        if len(last) > limit and not (len(last) == limit + 1 and last.endswith(b"\r")):
+            self._skipping = True
+            self.too_long += 1
+        else:
+            self._pending = last
+        out = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                continue
+            if len(line) > limit:
+                self.too_long += 1
+                continue
+            out.append(line)
+        return out
+
+    def reset(self) -> int:
+        """Forget a partial line (the stream was cut); return how many bytes were discarded."""
+        dropped = len(self._pending)
+        self._pending = b""
+        self._skipping = False
+        return dropped
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished line held back: at most ``max_length``, plus the CR of a CRLF
+        that a chunk boundary split."""
+        return len(self._pending)

@@ -1,0 +1,236 @@
+"""One exporter line to a record, a gap notice, or the reason it was rejected.
+
+This is the per-line hot path of both the live service and replay. Live traffic repeats
+timestamps (to the second), time zone suffixes and URLs heavily, so each of those is parsed once
+and then looked up.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from typing import Dict, NamedTuple, Optional, Union
+
+import simplejson
+from dateutil.parser import isoparse
+from simplejson.scanner import make_scanner
+
+from .settings import Settings, StreamerKey, compile_nameformat
+
+_CACHE_LIMIT = 100_000
+_CACHED_URL_MAX = 256
+"""Longer URLs are matched every time instead of cached: clients choose URLs, and 100,000
+cached URLs of 8 KiB each would hold 800 MB."""
+MAX_BYTES = 2**53
+
+_DATE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\Z")
+_TAIL = re.compile(r"(?:[.,]\d{1,9})?(?:(Z)|([+-])(\d\d):?(\d\d))\Z")
+
+_decoder = simplejson.JSONDecoder()
+_scan = make_scanner(_decoder)
+
+
+class Record(NamedTuple):
+    """An accepted request: its UTC second, streamer, client and bytes."""
+
+    time: int
+    streamer: StreamerKey
+    client: str
+    ua: str
+    bytes_sent: int
+
+
+class Gap(NamedTuple):
+    """The exporter says ``lost`` records before ``seq`` are gone (its ring overran)."""
+
+    lost: int
+    seq: int
+
+
+Parsed = Union[Record, Gap, str]
+"""A Record, a Gap, or a rejection reason."""
+
+REASONS = (
+    "invalid-utf8",
+    "invalid-json",
+    "not-an-object",
+    "missing-field",
+    "wrong-type",
+    "bad-time",
+    "status",
+    "url-mismatch",
+    "unknown-streamer",
+    "too-long",
+    "future",
+)
+"""Every rejection reason, so that counters and metrics can list them all from the start."""
+
+
+class RecordParser:
+    """Turns lines into records under one Settings; remembers the last exporter sequence number."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._statuses = settings.statuses
+        self._match = compile_nameformat(settings.nameformat).match
+        self._streamers = frozenset(settings.streamers)
+        self._urls: Dict[str, Union[StreamerKey, str]] = {}
+        self._seconds: Dict[str, int] = {}
+        self._tails: Dict[str, int] = {}
+        self.last_seq: Optional[int] = None
+
+    def parse(self, line: bytes) -> Parsed:
+        """Classify one line (without its newline)."""
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return "invalid-utf8"
+        try:
+            obj, end = _scan(text, 0)
+            if end != len(text) and not text[end:].isspace():
+                return "invalid-json"
+        except StopIteration:
+            try:
+                obj = _decoder.decode(text)
+            except (ValueError, RecursionError):
+                return "invalid-json"
+        except (ValueError, RecursionError):
+            return "invalid-json"
+        if type(obj) is not dict:
+            return "not-an-object"
+        seq = obj.get("seq")
+        if type(seq) is int:
+            if "url" not in obj:
+                lost = obj.get("lost")
+                if type(lost) is int and lost > 0:
+                    self.last_seq = seq - 1
+                    return Gap(lost, seq)
+            self.last_seq = seq
+        try:
+            url = obj["url"]
+            client = obj["client"]
+            ua = obj["ua"]
+            when = obj["time"]
+            status = obj["status"]
+            sent = obj["bytes-sent"]
+        except KeyError:
+            return "missing-field"
+        if (
+            type(url) is not str
+            or type(client) is not str
+            or type(ua) is not str
+            or type(when) is not str
+            or type(status) is not int
+            or type(sent) is not int
+            or not 0 <= sent < MAX_BYTES
+        ):
+            return "wrong-type"
+        seconds = self.seconds(when)
+        if seconds is None:
+            return "bad-time"
+        if status not in self._statuses:
+            return "status"
+        streamer = self._urls.get(url)
+        if streamer is None:
+            streamer = self._streamer(url)
+        if type(streamer) is str:
+            return streamer
+        return Record(seconds, streamer, client, ua, sent)
+
+    def _streamer(self, url: str) -> Union[StreamerKey, str]:
+        m = self._match(url)
+        if m is None:
+            result: Union[StreamerKey, str] = "url-mismatch"
+        else:
+            key = (m.group("content"), m.group("format"), m.group("quality"))
+            result = key if key in self._streamers else "unknown-streamer"
+        if len(url) <= _CACHED_URL_MAX:
+            if len(self._urls) >= _CACHE_LIMIT:
+                self._urls.clear()
+            self._urls[url] = result
+        return result
+
+    def seconds(self, when: str) -> Optional[int]:
+        """UTC epoch second of an ISO 8601 time with offset; None if it is not one."""
+        head = self._seconds.get(when[:19])
+        if head is None:
+            head = _head_seconds(when[:19])
+            if head is None:
+                return _slow_seconds(when)
+            if len(self._seconds) >= _CACHE_LIMIT:
+                self._seconds.clear()
+            self._seconds[when[:19]] = head
+        tail = when[19:]
+        offset = self._tails.get(tail)
+        if offset is None:
+            offset = _tail_offset(tail)
+            if offset is None:
+                return _slow_seconds(when)
+            if len(self._tails) >= _CACHE_LIMIT:
+                self._tails.clear()
+            self._tails[tail] = offset
+        return head - offset
+
+
+def _head_seconds(head: str) -> Optional[int]:
+    if not _DATE.match(head):
+        return None
+    try:
+        return calendar.timegm(
+            (int(head[0:4]), int(head[5:7]), int(head[8:10]),
+             int(head[11:13]), int(head[14:16]), int(head[17:19]), 0, 0, 0)
+        ) if _valid_fields(head) else None
+    except (ValueError, OverflowError):
+        return None
+
+
+def _valid_fields(head: str) -> bool:
+    month, day = int(head[5:7]), int(head[8:10])
+    hour, minute, second = int(head[11:13]), int(head[14:16]), int(head[17:19])
+    if not (1 <= month <= 12 and hour < 24 and minute < 60 and second < 60):
+        return False
+    return 1 <= day <= calendar.monthrange(int(head[0:4]), month)[1]
+
+
+def _tail_offset(tail: str) -> Optional[int]:
+    m = _TAIL.match(tail)
+    if m is None:
+        return None
+    if m.group(1):
+        return 0
+    hours, minutes = int(m.group(3)), int(m.group(4))
+    if hours > 23 or minutes > 59:
+        return None
+    offset = hours * 3600 + minutes * 60
+    return -offset if m.group(2) == "-" else offset
+
+
+def _slow_seconds(when: str) -> Optional[int]:
+    """Other ISO 8601 spellings (basic format, week dates); a time without offset is refused."""
+    try:
+        parsed = isoparse(when)
+    except (ValueError, OverflowError, TypeError):
+        return None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        return None
+    return calendar.timegm(parsed.utctimetuple())
+
+
+def describe(reason: str) -> str:
+    """A sentence for an operator about one rejection reason."""
+    return _DESCRIPTIONS.get(reason, reason)
+
+
+_DESCRIPTIONS: Dict[str, str] = {
+    "invalid-utf8": "line is not valid UTF-8",
+    "invalid-json": "line is not valid JSON",
+    "not-an-object": "line is JSON but not an object",
+    "missing-field": "record lacks one of url, client, ua, time, status, bytes-sent",
+    "wrong-type": "a field has the wrong type (status and bytes-sent must be integers >= 0)",
+    "bad-time": "time is not ISO 8601 with a UTC offset",
+    "status": "status code is not one of --status",
+    "url-mismatch": "URL does not match --nameformat",
+    "unknown-streamer": "URL names a streamer that no --streamer-id configures",
+    "too-long": "line is longer than --max-line-length",
+    "future": "time is more than an hour ahead of the reported intervals",
+}
+

@@ -1,0 +1,224 @@
+"""Command-line options, validated once and turned into one frozen Settings object."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import FrozenSet, Optional, Tuple
+from urllib.parse import urlsplit
+
+from twisted.python import usage
+
+DEFAULT_NAMEFORMAT = r"/[^/]+/(?P<format>hls|dash)/(?P<content>.+)-(?P<quality>[^-]+)/.*"
+DEFAULT_URL = "http://localhost/sfive"
+
+StreamerKey = Tuple[str, str, str]
+"""(content-id, format, quality)"""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the model, the sinks and the services need; built once from the options."""
+
+    streamers: Tuple[StreamerKey, ...]
+    hostname: str = field(default_factory=socket.gethostname)
+    duration: int = 15
+    tags: Tuple[str, ...] = ()
+    nameformat: str = DEFAULT_NAMEFORMAT
+    statuses: FrozenSet[int] = frozenset({200, 206})
+    grace: float = 1.0
+    max_clients: int = 50000
+    max_ua_length: int = 512
+    max_line_length: int = 65536
+    url: str = DEFAULT_URL
+    socket: Optional[str] = None
+    hub: Optional[str] = None
+    queue_limit: int = 1000
+    idle_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    metrics: Optional[str] = None
+
+
+def parse_streamer_ids(specs: list[str]) -> Tuple[StreamerKey, ...]:
+    """Expand ``C1[,C2]/F1[,F2]/Q1[,Q2]`` specs into their combinations, in order, once each."""
+    out: dict[StreamerKey, None] = {}
+    for spec in specs:
+        parts = spec.split("/")
+        if len(parts) != 3:
+            raise usage.UsageError(
+                f"streamer id {spec!r}: must be three parts CONTENT/FORMAT/QUALITY separated by '/'"
+            )
+        lists = [[p for p in part.split(",")] for part in parts]
+        for name, values in zip(("content", "format", "quality"), lists):
+            if not all(v.strip() for v in values):
+                raise usage.UsageError(f"streamer id {spec!r}: empty {name} part")
+        for c in lists[0]:
+            for f in lists[1]:
+                for q in lists[2]:
+                    out[(c.strip(), f.strip(), q.strip())] = None
+    return tuple(out)
+
+
+def compile_nameformat(pattern: str) -> re.Pattern[str]:
+    """Compile the URL regex and check it names the groups content, format and quality."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise usage.UsageError(
+            f"name format {pattern!r} is not a valid regular expression: {e}"
+        ) from None
+    missing = {"content", "format", "quality"} - set(compiled.groupindex)
+    if missing:
+        raise usage.UsageError(
+            f"name format {pattern!r} lacks the named group(s) {', '.join(sorted(missing))}"
+        )
+    return compiled
+
+
+def _positive_int(what: str, value: object) -> int:
+    try:
+        n = int(str(value), 10)
+    except ValueError:
+        raise usage.UsageError(f"{what} must be a positive integer, not {value!r}") from None
+    if n <= 0:
+        raise usage.UsageError(f"{what} must be a positive integer, not {value!r}")
+    return n
+
+
+def _non_negative_float(what: str, value: object) -> float:
+    try:
+        x = float(str(value))
+    except ValueError:
+        raise usage.UsageError(f"{what} must be a number of seconds, not {value!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise usage.UsageError(f"{what} must be a non-negative number of seconds, not {value!r}")
+    return x
+
+
+def _statuses(value: str) -> FrozenSet[int]:
+    codes = set()
+    for part in value.split(","):
+        part = part.strip()
+        if not (part.isdigit() and 100 <= int(part) <= 599):
+            raise usage.UsageError(f"--status: {part!r} is not an HTTP status code (100-599)")
+        codes.add(int(part))
+    return frozenset(codes)
+
+
+class ModelOptions(usage.Options):
+    """The options that decide what is counted and how it is reported (service and replay)."""
+
+    optParameters = [
+        ["hostname", "n", None, "hostname reported in the datasets [default: this machine's name]"],
+        ["duration", "d", "15", "interval length in seconds"],
+        ["nameformat", "F", DEFAULT_NAMEFORMAT,
+         "regex over the URL with named groups content, format, quality"],
+        ["status", None, "200,206", "HTTP status codes that count, comma separated"],
+        ["grace", None, "1", "seconds to wait after an interval's end before reporting it"],
+        ["max-clients", None, "50000",
+         "distinct clients kept per interval and streamer; more are folded into one entry"],
+        ["max-ua-length", None, "512", "user agents are truncated to this many characters"],
+        ["max-line-length", None, "65536", "longer exporter lines are skipped and counted"],
+        ["socket", "s", None, "the sfive hub's unix datagram socket [default: stdout]"],
+        ["hub", None, None,
+         "the sfive hub as a stream client endpoint, e.g. unix:path=/run/sfive/pipe"],
+        ["queue-limit", None, "1000", "datasets kept while the hub is away or slow"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["tags"] = []
+        self["streamer-ids"] = []
+
+    def opt_tag(self, tag: str) -> None:
+        """tag added to every dataset (repeatable)"""
+        self["tags"].append(tag)
+
+    opt_t = opt_tag
+
+    def opt_streamer_id(self, spec: str) -> None:
+        """C1[,C2]/F1[,F2]/Q1[,Q2]: the streamers to report (repeatable, at least one)"""
+        self["streamer-ids"].append(spec)
+
+    opt_S = opt_streamer_id
+
+    def postOptions(self) -> None:
+        if not self["streamer-ids"]:
+            raise usage.UsageError("at least one --streamer-id/-S is required")
+        if self["socket"] and self["hub"]:
+            raise usage.UsageError("give either --socket or --hub, not both")
+        if self["hub"] is not None:
+            kind = self["hub"].split(":", 1)[0]
+            if kind not in ("unix", "tcp", "tls", "ssl", "tcp6"):
+                raise usage.UsageError(
+                    f"--hub {self['hub']!r}: not a client endpoint "
+                    "(unix:path=... or tcp:host=...:port=...)"
+                )
+        compile_nameformat(self["nameformat"])
+        self.settings_kwargs = dict(
+            streamers=parse_streamer_ids(self["streamer-ids"]),
+            hostname=self["hostname"] or socket.gethostname(),
+            duration=_positive_int("--duration", self["duration"]),
+            tags=tuple(self["tags"]),
+            nameformat=self["nameformat"],
+            statuses=_statuses(self["status"]),
+            grace=_non_negative_float("--grace", self["grace"]),
+            max_clients=_positive_int("--max-clients", self["max-clients"]),
+            max_ua_length=_positive_int("--max-ua-length", self["max-ua-length"]),
+            max_line_length=_positive_int("--max-line-length", self["max-line-length"]),
+            socket=self["socket"],
+            hub=self["hub"],
+            queue_limit=_positive_int("--queue-limit", self["queue-limit"]),
+        )
+
+    def settings(self) -> Settings:
+        """The validated options as one frozen object."""
+        return Settings(**self.settings_kwargs)
+
+
+class Options(ModelOptions):
+    """``twistd sfive-ngxlua`` options: the model's plus the exporter and the metrics endpoint."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Reads the nginx-lua exporter's stream of finished requests and sends one sfive "
+        "version-1 dataset per streamer and interval to the sfive hub."
+    )
+    optParameters = [
+        ["url", "u", DEFAULT_URL, "URL of the nginx sfive exporter (http or https)"],
+        ["idle-timeout", None, "60", "reconnect when the exporter sends nothing for this long"],
+        ["connect-timeout", None, "10", "give up on a connection attempt after this long"],
+        ["metrics", None, None,
+         "serve Prometheus metrics on this server endpoint, e.g. tcp:9166:interface=127.0.0.1"],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        parts = urlsplit(self["url"])
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise usage.UsageError(f"--url {self['url']!r}: must be an http:// or https:// URL")
+        idle = _non_negative_float("--idle-timeout", self["idle-timeout"])
+        connect = _non_negative_float("--connect-timeout", self["connect-timeout"])
+        if idle <= 0 or connect <= 0:
+            raise usage.UsageError("--idle-timeout and --connect-timeout must be positive")
+        if self["metrics"]:
+            try:
+                import prometheus_client  # noqa: F401
+            except ImportError:
+                raise usage.UsageError(
+                    "--metrics needs the prometheus_client library: pip install "
+                    "'sfive-ngxlua[metrics]' or apt-get install python3-prometheus-client"
+                ) from None
+            from twisted.internet.endpoints import serverFromString
+
+            try:
+                serverFromString(None, self["metrics"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(
+                    f"--metrics {self['metrics']!r}: not a server endpoint ({e}); "
+                    "e.g. tcp:9166:interface=127.0.0.1"
+                ) from None
+        self.settings_kwargs.update(
+            url=self["url"], idle_timeout=idle, connect_timeout=connect, metrics=self["metrics"]
+        )

@@ -1,0 +1,446 @@
+"""Where datasets go: the hub's datagram socket, a hub stream, standard output, or a callable.
+
+Every sink is a service with ``deliver(dataset)``. The hub sinks keep an ordered, bounded queue
+that outlives connections: datasets wait there while the hub is away or slow and go out in order
+when it can take them; past ``--queue-limit`` the oldest are dropped, counted and warned about.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections import deque
+from errno import (
+    EAGAIN,
+    EINTR,
+    EMSGSIZE,
+    ENOBUFS,
+    EWOULDBLOCK,
+)
+from typing import IO, Any, Callable, Deque, Optional
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import protocol, unix
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .datasets import Dataset, encode, shrink
+from .stats import Stats
+
+RETRY_SECONDS = 3.0
+DRAIN_SECONDS = 5.0
+
+
+class DatasetQueue:
+    """Encoded datasets waiting for the hub, oldest first, at most ``limit`` of them."""
+
+    log = Logger()
+
+    def __init__(self, limit: int, stats: Stats) -> None:
+        self.items: Deque[bytes] = deque()
+        self.limit = limit
+        self.stats = stats
+
+    def push(self, data: bytes) -> None:
+        if len(self.items) >= self.limit:
+            self.items.popleft()
+            self.stats.datasets_dropped += 1
+            self.log.warn(
+                "hub queue full ({limit} datasets): dropped the oldest dataset "
+                "({dropped} dropped so far)",
+                limit=self.limit, dropped=self.stats.datasets_dropped,
+            )
+        self.items.append(data)
+        self.stats.queued = len(self.items)
+
+    def sent(self) -> None:
+        """The head went out."""
+        self.items.popleft()
+        self.stats.datasets_sent += 1
+        self.stats.queued = len(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class CallableSink(Service):
+    """Hands each dataset (a dict) to a Python callable: for embedding applications."""
+
+    log = Logger()
+
+    def __init__(self, deliver: Callable[[Dataset], Any], stats: Optional[Stats] = None) -> None:
+        self._deliver = deliver
+        self.stats = stats or Stats()
+
+    def deliver(self, dataset: Dataset) -> None:
+        try:
+            self._deliver(dataset)
+        except Exception:
+            self.stats.datasets_dropped += 1
+            self.log.failure("dataset callable failed; dataset dropped")
+        else:
+            self.stats.datasets_sent += 1
+
+
+class StdoutSink(Service):
+    """Writes datasets as JSON lines to a binary stream (standard output by default)."""
+
+    def __init__(self, stats: Stats, stream: Optional[IO[bytes]] = None) -> None:
+        self.stats = stats
+        self.stream = stream if stream is not None else sys.__stdout__.buffer
+
+    def deliver(self, dataset: Dataset) -> None:
+        self.stream.write(encode(dataset))
+        self.stream.flush()
+        self.stats.datasets_sent += 1
+
+
+class _HubProtocol(protocol.ConnectedDatagramProtocol):
+    noisy = False
+
+    def __init__(self, sink: HubDatagramSink) -> None:
+        self.sink = sink
+
+    def startProtocol(self) -> None:
+        self.sink._connected(self.transport)
+
+    def datagramReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionFailed(self, failure: Failure) -> None:
+        self.sink._lost(failure.getErrorMessage())
+
+    def connectionRefused(self) -> None:
+        self.sink._lost("connection refused")
+
+
+class HubDatagramPort(unix.ConnectedDatagramPort):
+    """A connected unix datagram port that never drops on EAGAIN and never sleeps.
+
+    It sends from the sink's queue in order; when the socket is full (EAGAIN, ENOBUFS) it waits
+    for writability and goes on from ``doWrite``; a datagram too large for the socket (EMSGSIZE)
+    has its client list trimmed until it fits.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, proto: _HubProtocol, queue: DatasetQueue, reactor: Any) -> None:
+        super().__init__(path, proto, maxPacketSize=65536, reactor=reactor)
+        self.queue = queue
+        self._limit: Optional[int] = None
+        self._stopping = False
+
+    def startListening(self) -> None:
+        """Connect without the stock port's log lines: a hub that stays away for hours is
+        retried every few seconds, and each outage is logged once, by the sink."""
+        skt = self.createInternetSocket()
+        try:
+            skt.connect(self.remoteaddr)
+        except OSError as e:
+            skt.close()
+            self.protocol.connectionFailed(Failure(e))
+            return
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.connected = 1
+        self._connectToProtocol()
+
+    def stopListening(self) -> Optional[Deferred]:
+        """Idempotent: a failed connect and the sink may both ask."""
+        if self._stopping:
+            return None
+        self._stopping = True
+        return super().stopListening()
+
+    def flush(self) -> None:
+        """Send queued datasets until the queue is empty or the socket is full."""
+        items = self.queue.items
+        while items and self.connected and not self._stopping:
+            data = items[0]
+            try:
+                self.socket.send(data)
+            except OSError as e:
+                if e.errno == EINTR:
+                    continue
+                if e.errno in (EAGAIN, EWOULDBLOCK, ENOBUFS):
+                    self.startWriting()
+                    return
+                if e.errno == EMSGSIZE:
+                    self._trim(data)
+                    continue
+                self.stopWriting()
+                self.protocol.connectionFailed(Failure(e))
+                return
+            self.queue.sent()
+        if self.connected and not self._stopping:
+            self.stopWriting()
+
+    def _trim(self, data: bytes) -> None:
+        if self._limit is None:
+            self._limit = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 4096
+        limit = min(self._limit, len(data) - 1)
+        smaller = shrink(data, limit)
+        if len(smaller) >= len(data):
+            self.queue.items.popleft()
+            self.queue.stats.datasets_dropped += 1
+            self.queue.stats.queued = len(self.queue.items)
+            self.log.error("dataset of {size} bytes cannot be sent even without clients; dropped",
+                           size=len(data))
+            return
+        self._limit = limit if len(smaller) <= limit else limit // 2
+        self.queue.items[0] = smaller
+        self.queue.stats.datasets_trimmed += 1
+        self.log.warn(
+            "dataset of {size} bytes exceeds the datagram limit: client list trimmed to "
+            "{newsize} bytes (largest clients kept; totals unchanged)",
+            size=len(data), newsize=len(smaller),
+        )
+
+    def doWrite(self) -> None:
+        """The hub read: go on sending; a stop waiting for the queue to drain may finish."""
+        self.flush()
+        self.protocol.sink._check_drained()
+
+
+class HubDatagramSink(Service):
+    """The sfive hub's unix datagram socket, reconnected every few seconds while it is away."""
+
+    log = Logger()
+
+    def __init__(self, path: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
+                 retry: float = RETRY_SECONDS, drain: float = DRAIN_SECONDS,
+                 clock: Optional[IReactorTime] = None) -> None:
+        self.path = path
+        self.reactor = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.stats = stats
+        self.queue = DatasetQueue(queue_limit, stats)
+        self.retry = retry
+        self.drain = drain
+        self.port: Optional[HubDatagramPort] = None
+        self._retrying: Any = None
+        self._outage = False
+        self._drained: Optional[Deferred] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._connect()
+
+    def deliver(self, dataset: Dataset) -> None:
+        self.queue.push(encode(dataset))
+        if self.port is not None:
+            self.port.flush()
+            self._check_drained()
+
+    def _connect(self) -> None:
+        self._retrying = None
+        port = HubDatagramPort(self.path, _HubProtocol(self), self.queue, self.reactor)
+        self.port = port
+        port.startListening()
+
+    def _connected(self, port: HubDatagramPort) -> None:
+        self.stats.hub_connected = True
+        if self._outage:
+            self.log.info("sfive hub at {path} is back; sending {n} queued datasets",
+                          path=self.path, n=len(self.queue))
+        else:
+            self.log.info("connected to the sfive hub at {path}", path=self.path)
+        self._outage = False
+        port.flush()
+        self._check_drained()
+
+    def _lost(self, why: str) -> None:
+        port, self.port = self.port, None
+        if port is not None:
+            port.stopListening()
+        self.stats.hub_connected = False
+        if not self._outage:
+            self._outage = True
+            self.log.warn(
+                "sfive hub at {path} unavailable ({why}); retrying every {retry:g}s, "
+                "queueing up to {limit} datasets", path=self.path, why=why, retry=self.retry,
+                limit=self.queue.limit,
+            )
+        if self.running and self._retrying is None:
+            self.stats.hub_reconnects += 1
+            self._retrying = self.clock.callLater(self.retry, self._connect)
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self.queue:
+            d, self._drained = self._drained, None
+            d.callback(None)
+
+    def stopService(self) -> Deferred:
+        """Give queued datasets up to ``drain`` seconds to reach the hub, then close."""
+        super().stopService()
+        if self._retrying is not None:
+            self._retrying.cancel()
+            self._retrying = None
+        if not self.queue or self.port is None:
+            return succeed(self._close())
+        d = self._drained = Deferred()
+        d.addTimeout(self.drain, self.clock, onTimeoutCancel=lambda *a: None)
+        d.addBoth(lambda _: self._close())
+        return d
+
+    def _close(self) -> None:
+        if self.queue:
+            self.log.warn("stopping with {n} datasets not delivered to the hub",
+                          n=len(self.queue))
+        port, self.port = self.port, None
+        if port is not None:
+            port.stopListening()
+        self.stats.hub_connected = False
+
+
+class _HubStream(protocol.Protocol):
+    """One connection to the hub's stream socket; a push producer-aware writer of the queue."""
+
+    def __init__(self, sink: HubStreamSink) -> None:
+        self.sink = sink
+        self.paused = False
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        self.sink._connected(self)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.flush()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def flush(self) -> None:
+        queue = self.sink.queue
+        while queue.items and not self.paused:
+            self.transport.write(queue.items[0])
+            queue.sent()
+        self.sink._check_drained()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.sink._lost(self, reason.getErrorMessage())
+
+
+@implementer(IStreamClientEndpoint)
+class _Attempts:
+    """The hub's endpoint, reporting each failed connection attempt to the sink."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint,
+                 failed: Callable[[Failure], None]) -> None:
+        self.endpoint = endpoint
+        self.failed = failed
+
+    def connect(self, factory: protocol.Factory) -> Deferred:
+        def failed(failure: Failure) -> Failure:
+            self.failed(failure)
+            return failure
+
+        return self.endpoint.connect(factory).addErrback(failed)
+
+
+class _QuietClientService(ClientService):
+    """ClientService without its info line per connection attempt: the sink logs each outage
+    once, however many attempts it takes."""
+
+    _log = Logger(observer=FilteringLogObserver(
+        globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]))
+
+
+class HubStreamSink(Service):
+    """The hub over a stream endpoint (``unix:path=...``, ``tcp:host=...:port=...``): one dataset
+    per line, no size limit, reconnected by a ClientService with backoff."""
+
+    log = Logger()
+
+    def __init__(self, description: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
+                 drain: float = DRAIN_SECONDS, clock: Optional[IReactorTime] = None) -> None:
+        self.description = description
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.stats = stats
+        self.queue = DatasetQueue(queue_limit, stats)
+        self.drain = drain
+        self.current: Optional[_HubStream] = None
+        self._drained: Optional[Deferred] = None
+        self._outage = False
+        factory = protocol.Factory.forProtocol(lambda: _HubStream(self))
+        factory.noisy = False
+        self.client = _QuietClientService(
+            _Attempts(clientFromString(reactor, description), self._failed), factory,
+            retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=RETRY_SECONDS * 10),
+            clock=self.clock,
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        self.client.startService()
+
+    def deliver(self, dataset: Dataset) -> None:
+        self.queue.push(encode(dataset))
+        if self.current is not None:
+            self.current.flush()
+
+    def _connected(self, stream: _HubStream) -> None:
+        self.current = stream
+        self.stats.hub_connected = True
+        self.log.info("connected to the sfive hub at {hub}; {n} datasets queued",
+                      hub=self.description, n=len(self.queue))
+        self._outage = False
+        stream.flush()
+
+    def _lost(self, stream: _HubStream, why: str) -> None:
+        if self.current is stream:
+            self.current = None
+        self.stats.hub_connected = False
+        if not self.running:
+            return
+        self.stats.hub_reconnects += 1
+        if not self._outage:
+            self._outage = True
+            self.log.warn("lost the sfive hub at {hub} ({why}); reconnecting with backoff",
+                          hub=self.description, why=why)
+
+    def _failed(self, failure: Failure) -> None:
+        """A connection attempt failed: counted each time, logged once per outage."""
+        if not self.running:
+            return
+        self.stats.hub_reconnects += 1
+        if not self._outage:
+            self._outage = True
+            self.log.warn(
+                "sfive hub at {hub} unavailable ({why}); reconnecting with backoff, "
+                "queueing up to {limit} datasets", hub=self.description,
+                why=failure.getErrorMessage(), limit=self.queue.limit,
+            )
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self.queue:
+            d, self._drained = self._drained, None
+            d.callback(None)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self.queue and self.current is not None:
+            d = self._drained = Deferred()
+            d.addTimeout(self.drain, self.clock, onTimeoutCancel=lambda *a: None)
+        else:
+            d = succeed(None)
+        d.addBoth(lambda _: self.client.stopService())
+        return d

@@ -1,0 +1,73 @@
+"""The service's own figures: one set of counters that the log line and the metrics both read."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from .settings import StreamerKey
+
+
+@dataclass
+class StreamFigures:
+    """One configured streamer's last reported interval and its bytes since start."""
+
+    clients: int = 0
+    bytes: int = 0
+    bytes_total: int = 0
+
+
+@dataclass
+class Stats:
+    """Cumulative counters since start; plain data, updated in place by the components."""
+
+    lines: int = 0
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    late: int = 0
+    before_start: int = 0
+    lost: int = 0
+    folded: int = 0
+    datasets_sent: int = 0
+    datasets_dropped: int = 0
+    datasets_trimmed: int = 0
+    queued: int = 0
+    exporter_reconnects: int = 0
+    exporter_connected: bool = False
+    hub_connected: bool = False
+    hub_reconnects: int = 0
+    last_report: Optional[float] = None
+    streams: Dict[StreamerKey, StreamFigures] = field(default_factory=dict)
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+    def reported(self, streamer: StreamerKey, clients: int, sent: int) -> None:
+        """Remember a streamer's figures from the interval just reported."""
+        figures = self.streams.get(streamer)
+        if figures is None:
+            figures = self.streams[streamer] = StreamFigures()
+        figures.clients = clients
+        figures.bytes = sent
+        figures.bytes_total += sent
+
+    def summary(self) -> dict:
+        """The figures as keyword data for one structured log event."""
+        return {
+            "lines": self.lines,
+            "accepted": self.accepted,
+            "rejected": dict(self.rejected),
+            "rejected_total": sum(self.rejected.values()),
+            "late": self.late,
+            "before_start": self.before_start,
+            "lost": self.lost,
+            "sent": self.datasets_sent,
+            "queued": self.queued,
+            "dropped": self.datasets_dropped,
+            "trimmed": self.datasets_trimmed,
+            "reconnects": self.exporter_reconnects,
+            "hub_reconnects": self.hub_reconnects,
+            "clients": sum(f.clients for f in self.streams.values()),
+            "bytes": sum(f.bytes for f in self.streams.values()),
+        }

@@ -1,0 +1,113 @@
+"""Real test peers: an HTTP exporter served by twisted.web, and a hub on a unix datagram socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Callable, List, Optional
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.web import resource, server
+
+
+def line(time: str, url: str = "/live/hls/C1-high/1.ts", client: str = "10.0.0.1",
+         ua: str = "player/1", status: int = 200, sent: int = 100,
+         seq: Optional[int] = None) -> bytes:
+    """One exporter line as the nginx exporter writes it."""
+    obj = {"time": time, "client": client, "ua": ua, "url": url, "status": status,
+           "bytes-sent": sent}
+    if seq is not None:
+        obj["seq"] = seq
+    return json.dumps(obj).encode() + b"\n"
+
+
+class Exporter(resource.Resource):
+    """A streaming exporter endpoint: each GET stays open; ``send`` writes to every open one."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: List[server.Request] = []
+        self.seen_args: List[dict] = []
+        self.seen_headers: List[dict] = []
+        self.code = 200
+        self.on_request: Optional[Callable[[server.Request], None]] = None
+
+    def render_GET(self, request: server.Request):
+        self.seen_args.append(dict(request.args))
+        self.seen_headers.append(dict(request.requestHeaders.getAllRawHeaders()))
+        if self.code != 200:
+            request.setResponseCode(self.code)
+            return b"nope\n"
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        self.requests.append(request)
+        request.notifyFinish().addBoth(lambda _: self._gone(request))
+        request.write(b"")
+        if self.on_request is not None:
+            self.on_request(request)
+        return server.NOT_DONE_YET
+
+    def _gone(self, request: server.Request) -> None:
+        if request in self.requests:
+            self.requests.remove(request)
+
+    def send(self, data: bytes) -> None:
+        for request in list(self.requests):
+            request.write(data)
+
+    def cut(self) -> None:
+        """Drop every open connection abruptly."""
+        for request in list(self.requests):
+            request.transport.abortConnection()
+
+
+class ExporterServer:
+    """The Exporter on a real loopback TCP port."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.resource = Exporter()
+        self.port = reactor.listenTCP(port, server.Site(self.resource), interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}/sfive"
+
+    def stop(self) -> defer.Deferred:
+        self.resource.cut()
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+class DatagramHub:
+    """The sfive hub's end: a bound unix datagram socket, read on demand (so it can stall)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.setblocking(False)
+        self.datagrams: List[bytes] = []
+
+    def read(self) -> List[dict]:
+        """Everything received so far, as datasets."""
+        while True:
+            try:
+                self.datagrams.append(self.sock.recv(1 << 20))
+            except BlockingIOError:
+                break
+        return [json.loads(d) for d in self.datagrams]
+
+    def close(self) -> None:
+        self.sock.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+@defer.inlineCallbacks
+def until(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.01):
+    """Let the real reactor run until ``predicate()`` holds; fail after ``timeout`` seconds."""
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        yield deferLater(reactor, step, lambda: None)
+        waited += step

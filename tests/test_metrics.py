@@ -1,0 +1,268 @@
+"""The Prometheus endpoint: the real service scraped over real HTTP, checked against the hub."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from datetime import datetime, timezone
+from typing import Dict, FrozenSet, Tuple
+
+import pytest
+import pytest_twisted
+import treq
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from support import DatagramHub, ExporterServer, until
+from twisted.internet import defer, reactor, task
+from twisted.internet.error import CannotListenError
+from twisted.python import usage
+
+from sfive_ngxlua.metrics import MetricsService
+from sfive_ngxlua.records import REASONS
+from sfive_ngxlua.service import build
+from sfive_ngxlua.settings import Options, Settings
+from sfive_ngxlua.stats import Stats
+
+T0 = 1_800_000_000  # a multiple of the interval length: the service starts on a boundary
+D = 10
+STREAMERS = [("foo", "hls", "high"), ("foo", "hls", "low"), ("bar", "hls", "high"),
+             ("bar", "hls", "low")]
+CLIENT_A = ("198.51.100.7", "LeakCheckPlayer/1.0")
+CLIENT_B = ("198.51.100.8", "OtherPlayer/2.0")
+CLIENT_C = ("203.0.113.9", "ThirdPlayer/3.0")
+Samples = Dict[Tuple[str, FrozenSet[Tuple[str, str]]], float]
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def record(t: float, streamer: Tuple[str, str, str], client: Tuple[str, str], sent: int,
+           seq: int, status: int = 200) -> bytes:
+    content, fmt, quality = streamer
+    return json.dumps({
+        "seq": seq, "time": iso(t), "client": client[0], "ua": client[1],
+        "url": f"/live/{fmt}/{content}-{quality}/seg{seq}.ts", "status": status,
+        "bytes-sent": sent,
+    }).encode() + b"\n"
+
+
+def samples(families) -> Samples:
+    return {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
+
+
+def stream_labels(streamer: Tuple[str, str, str]) -> FrozenSet[Tuple[str, str]]:
+    return frozenset(zip(("content", "format", "quality"), streamer))
+
+
+def key(dataset: dict) -> Tuple[str, str, str]:
+    sid = dataset["streamer-id"]
+    return (sid["content-id"], sid["format"], sid["quality"])
+
+
+@defer.inlineCallbacks
+def scrape(port: int, accept: str = "text/plain"):
+    response = yield treq.get(f"http://127.0.0.1:{port}/metrics", persistent=False,
+                              headers={"Accept": accept})
+    body = yield treq.text_content(response)
+    return response, body
+
+
+@defer.inlineCallbacks
+def run_service(tmp_path):
+    """Two intervals through the real service; the hub's datasets and the scrapes after each."""
+    clock = task.Clock()
+    clock.advance(T0)
+    exporter = ExporterServer()
+    hub = DatagramHub(str(tmp_path / "hub.sock"))
+    options = Options()
+    options.parseOptions([
+        "-s", str(tmp_path / "hub.sock"), "-n", "edge1", "-d", str(D), "--grace", "1",
+        "-S", "foo,bar/hls/high,low", "-u", exporter.url,
+        "--metrics", "tcp:0:interface=127.0.0.1",
+    ])
+    top = build(options.settings(), reactor, clock=clock)
+    stats = top.stats
+    top.startService()
+    out = {}
+    try:
+        metrics = top.getServiceNamed("metrics")
+        port = (yield metrics.listening).getHost().port
+        yield until(lambda: exporter.resource.requests)
+
+        first = [
+            record(T0 + 1, STREAMERS[0], CLIENT_A, 1000, 1),
+            record(T0 + 2, STREAMERS[0], CLIENT_A, 500, 2),
+            record(T0 + 3, STREAMERS[0], CLIENT_B, 300, 3),
+            record(T0 + 4, STREAMERS[1], CLIENT_A, 700, 4),
+            record(T0 + 5, STREAMERS[2], CLIENT_C, 250, 5),
+            record(T0 + 6, STREAMERS[0], CLIENT_B, 999, 6, status=404),
+            b"this is not json\n",
+            b"[1, 2]\n",
+            json.dumps({"seq": 7, "time": "yesterday", "client": "1.2.3.4", "ua": "x",
+                        "url": "/live/hls/foo-high/a.ts", "status": 200,
+                        "bytes-sent": 5}).encode() + b"\n",
+            record(T0 + 7, ("foo", "dash", "high"), CLIENT_A, 11, 8),
+            json.dumps({"seq": 9, "time": iso(T0 + 7), "client": "1.2.3.4", "ua": "x",
+                        "url": "/elsewhere/x", "status": 200, "bytes-sent": 5}).encode() + b"\n",
+            json.dumps({"lost": 3, "seq": 13}).encode() + b"\n",
+        ]
+        exporter.resource.send(b"".join(first))
+        yield until(lambda: stats.lines == len(first))
+        clock.advance(D + 1)
+        out["first"] = list(hub.read())
+        out["first_scrape"] = yield scrape(port)
+
+        second = [
+            record(T0 + D + 1, STREAMERS[0], CLIENT_A, 4000, 13),
+            record(T0 + D + 2, STREAMERS[3], CLIENT_C, 10, 14),
+            record(T0 + 5, STREAMERS[1], CLIENT_A, 60, 15),  # late: its interval is reported
+        ]
+        exporter.resource.send(b"".join(second))
+        yield until(lambda: stats.lines == len(first) + len(second))
+        clock.advance(D)
+        out["second"] = hub.read()[len(out["first"]):]
+        out["scrape"] = yield scrape(port)
+        out["openmetrics"] = yield scrape(port, "application/openmetrics-text; version=1.0.0")
+        out["lines"] = len(first) + len(second)
+        out["now"] = clock.seconds()
+    finally:
+        yield top.stopService()
+        yield exporter.stop()
+        hub.close()
+    return out
+
+
+@pytest_twisted.inlineCallbacks
+def test_scrape_matches_the_datasets_the_hub_received(tmp_path):
+    run = yield run_service(tmp_path)
+    first, second = run["first"], run["second"]
+    assert [key(d) for d in first] == STREAMERS and [key(d) for d in second] == STREAMERS
+    assert [(d["data"]["client-count"], d["data"]["bytes-sent"]) for d in first] == \
+        [(2, 1800), (1, 700), (1, 250), (0, 0)]
+    assert [(d["data"]["client-count"], d["data"]["bytes-sent"]) for d in second] == \
+        [(1, 4000), (1, 60), (0, 0), (1, 10)]
+
+    response, body = run["first_scrape"]
+    assert response.code == 200
+    after_first = samples(text_string_to_metric_families(body))
+    for d in first:
+        labels = stream_labels(key(d))
+        assert after_first[("sfive_ngxlua_stream_clients", labels)] == d["data"]["client-count"]
+        assert after_first[("sfive_ngxlua_stream_interval_bytes", labels)] == \
+            d["data"]["bytes-sent"]
+
+    response, body = run["scrape"]
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    got = samples(text_string_to_metric_families(body))
+    for d in second:
+        labels = stream_labels(key(d))
+        assert got[("sfive_ngxlua_stream_clients", labels)] == d["data"]["client-count"]
+        assert got[("sfive_ngxlua_stream_interval_bytes", labels)] == d["data"]["bytes-sent"]
+        assert got[("sfive_ngxlua_stream_bytes_total", labels)] == sum(
+            e["data"]["bytes-sent"] for e in first + second if key(e) == key(d))
+    stream_series = [k for k in got if k[0].startswith("sfive_ngxlua_stream_")]
+    assert len(stream_series) == 3 * len(STREAMERS)
+
+    def value(name: str, **labels: str) -> float:
+        return got[(name, frozenset(labels.items()))]
+
+    assert value("sfive_ngxlua_datasets_sent_total") == len(first) + len(second) == 8
+    assert value("sfive_ngxlua_lines_total") == run["lines"]
+    assert value("sfive_ngxlua_records_accepted_total") == 8
+    assert value("sfive_ngxlua_records_late_total") == 1
+    assert value("sfive_ngxlua_records_lost_total") == 3
+    expected = {"status": 1, "invalid-json": 1, "not-an-object": 1, "bad-time": 1,
+                "unknown-streamer": 1, "url-mismatch": 1}
+    for reason in REASONS:
+        assert value("sfive_ngxlua_records_rejected_total", reason=reason) == \
+            expected.get(reason, 0), reason
+    assert value("sfive_ngxlua_exporter_connected") == 1
+    assert value("sfive_ngxlua_hub_connected") == 1
+    assert value("sfive_ngxlua_hub_queue_length") == 0
+    assert value("sfive_ngxlua_datasets_dropped_total") == 0
+    assert value("sfive_ngxlua_last_report_timestamp_seconds") == run["now"] == T0 + 2 * D + 1
+
+    response, body = run["openmetrics"]
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(
+        b"application/openmetrics-text")
+    om = samples(openmetrics_families(body))
+    assert om[("sfive_ngxlua_datasets_sent_total", frozenset())] == 8
+
+
+@pytest_twisted.inlineCallbacks
+def test_scrape_does_not_reveal_clients(tmp_path):
+    run = yield run_service(tmp_path)
+    sent = json.dumps(run["first"] + run["second"])
+    for ip, ua in (CLIENT_A, CLIENT_B, CLIENT_C):
+        assert ip in sent and ua in sent  # the hub does get them ...
+        for _, body in (run["first_scrape"], run["scrape"], run["openmetrics"]):
+            assert ip not in body and ua not in body  # ... the metrics never do
+    labels = {name for f in text_string_to_metric_families(run["scrape"][1])
+              for s in f.samples for name in s.labels}
+    assert labels == {"reason", "content", "format", "quality"}
+
+
+def scrape_registry(service: MetricsService) -> Samples:
+    return samples(text_string_to_metric_families(generate_latest(service.registry).decode()))
+
+
+def test_every_series_is_there_before_the_first_report():
+    settings = Settings(streamers=tuple(STREAMERS), metrics="tcp:0:interface=127.0.0.1")
+    got = scrape_registry(MetricsService(settings, reactor, Stats()))
+    for reason in REASONS:
+        assert got[("sfive_ngxlua_records_rejected_total", frozenset({("reason", reason)}))] == 0
+    for streamer in STREAMERS:
+        for name in ("stream_clients", "stream_interval_bytes", "stream_bytes_total"):
+            assert got[(f"sfive_ngxlua_{name}", stream_labels(streamer))] == 0
+    names = {name for name, _ in got}
+    assert "sfive_ngxlua_last_report_timestamp_seconds" not in names
+    # datasets go to standard output here: no hub whose state could alarm anyone
+    assert "sfive_ngxlua_hub_connected" not in names
+    assert "sfive_ngxlua_exporter_connected" in names
+
+
+def test_each_service_has_its_own_registry():
+    settings = Settings(streamers=tuple(STREAMERS[:1]), socket="/nonexistent",
+                        metrics="tcp:0:interface=127.0.0.1")
+    one, two = Stats(), Stats()
+    one.lines, two.lines = 5, 7
+    two.hub_connected = True
+    a = scrape_registry(MetricsService(settings, reactor, one))
+    b = scrape_registry(MetricsService(settings, reactor, two))
+    assert a[("sfive_ngxlua_lines_total", frozenset())] == 5
+    assert b[("sfive_ngxlua_lines_total", frozenset())] == 7
+    assert (a[("sfive_ngxlua_hub_connected", frozenset())],
+            b[("sfive_ngxlua_hub_connected", frozenset())]) == (0, 1)
+
+
+def test_metrics_refused_without_prometheus_client(monkeypatch):
+    # Simulated absence: prometheus_client is installed here, so hide it from imports.
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    options = Options()
+    with pytest.raises(usage.UsageError) as info:
+        options.parseOptions(["-S", "foo/hls/high", "--metrics", "tcp:9166"])
+    message = str(info.value)
+    assert "--metrics" in message and "prometheus_client" in message
+    assert "python3-prometheus-client" in message
+    Options().parseOptions(["-S", "foo/hls/high"])  # without --metrics it is not needed
+
+
+def test_endpoint_in_use_refuses_to_start():
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        settings = Settings(streamers=tuple(STREAMERS[:1]),
+                            metrics=f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1")
+        service = MetricsService(settings, reactor, Stats())
+        with pytest.raises(CannotListenError):
+            service.privilegedStartService()
+        assert service.port is None
+    finally:
+        taken.close()
