@@ -28,7 +28,7 @@ class ClientList:
         self._clients: dict[str, dict] = {}
 
     def update(self, logdata: dict) -> None:
-        key = "%(client)s/%(ua)s" % logdata
+        key = "%(client)s/%(ua)s" % logdata  # noqa: UP031 (the original's own key)
         if key in self._clients.keys():
             self._clients[key]["bytes-sent"] += logdata["bytes-sent"]
         else:
@@ -48,7 +48,7 @@ def streamers(streamer_ids: Iterable[str]) -> dict[str, dict[str, dict[str, Clie
     for s in streamer_ids:
         parts = s.split("/")
         if len(parts) != 3:
-            raise ValueError("invalid streamer id %r: must be C/F/Q" % s)
+            raise ValueError(f"invalid streamer id {s!r}: must be C/F/Q")
         for c in parts[0].split(","):
             for f in parts[1].split(","):
                 for q in parts[2].split(","):

@@ -62,11 +62,12 @@ def _ips(rng: random.Random) -> list[str]:
     ips = set()
     while len(ips) < IPS:
         if rng.random() < 0.15:
-            ips.add("2001:db8:%x:%x::%x" % (rng.randrange(65536), rng.randrange(65536),
-                                            rng.randrange(1, 65536)))
+            a, b, c = rng.randrange(65536), rng.randrange(65536), rng.randrange(1, 65536)
+            ips.add(f"2001:db8:{a:x}:{b:x}::{c:x}")
         else:
-            ips.add("%d.%d.%d.%d" % (rng.choice((10, 81, 93, 178, 192, 213)), rng.randrange(256),
-                                     rng.randrange(256), rng.randrange(1, 255)))
+            a, b = rng.choice((10, 81, 93, 178, 192, 213)), rng.randrange(256)
+            c, d = rng.randrange(256), rng.randrange(1, 255)
+            ips.add(f"{a}.{b}.{c}.{d}")
     return sorted(ips)
 
 
@@ -100,8 +101,8 @@ class _Clock:
             self._utc = t.strftime("%Y-%m-%dT%H:%M:%S")
             self._local = t.astimezone(LOCAL).strftime("%Y-%m-%dT%H:%M:%S")
         if utc:
-            return "%s.%03dZ" % (self._utc, ms)
-        return "%s.%03d+01:00" % (self._local, ms)
+            return f"{self._utc}.{ms:03d}Z"
+        return f"{self._local}.{ms:03d}+01:00"
 
 
 def _malformed(rng: random.Random, good: dict) -> bytes:
@@ -137,7 +138,7 @@ def generate(n: int, seed: int = 1) -> Iterator[bytes]:
         ip = rng.choice(ips)
         ua = rng.choice(uas)
         content, fmt, quality = rng.choices(streams, sweights)[0]
-        prefix = "/live/%s/%s-%s/" % (fmt, content, quality)
+        prefix = f"/live/{fmt}/{content}-{quality}/"
         viewers.append((ip, ua, json.dumps(ip), json.dumps(ua), fmt, prefix,
                         _segment_bytes(quality)))
     heavy = viewers[: VIEWERS // 10]
@@ -161,13 +162,13 @@ def generate(n: int, seed: int = 1) -> Iterator[bytes]:
             if r < 0.18:
                 url, size = prefix + "index.m3u8", 420
             else:
-                url, size = "%s%d.ts" % (prefix, seg), segsize
+                url, size = f"{prefix}{seg}.ts", segsize
         elif r < 0.13:
             url, size = prefix + "index.mpd", 1800
         elif r < 0.16:
             url, size = prefix + "init.mp4", 900
         else:
-            url, size = "%sseg-%d.m4s" % (prefix, seg), segsize
+            url, size = f"{prefix}seg-{seg}.m4s", segsize
         status = statuses[int(rand() * len(statuses))]
         if status == 200:
             sent = size + 250 + int(rand() * size * 0.05)
@@ -180,8 +181,8 @@ def generate(n: int, seed: int = 1) -> Iterator[bytes]:
             yield _malformed(rng, {"seq": seq, "time": t, "client": ip, "ua": ua, "url": url,
                                    "status": status, "bytes-sent": sent})
             continue
-        yield ('{"seq": %d, "time": "%s", "client": %s, "ua": %s, "url": "%s", "status": %d, '
-               '"bytes-sent": %d}\n' % (seq, t, ipj, uaj, url, status, sent)).encode()
+        yield (f'{{"seq": {seq}, "time": "{t}", "client": {ipj}, "ua": {uaj}, "url": "{url}", '
+               f'"status": {status}, "bytes-sent": {sent}}}\n').encode()
 
 
 def write(path: str, n: int, seed: int = 1) -> None:

@@ -84,7 +84,7 @@ def run(log: str, gomaxprocs: int | None = 1) -> MtailResult:
             proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             tail = Path(tmp, "err").read_text(errors="replace")[-2000:]
-            raise RuntimeError("mtail exited with %d:\n%s" % (proc.returncode, tail))
+            raise RuntimeError(f"mtail exited with {proc.returncode}:\n{tail}")
         doc = json.loads(Path(tmp, "out.json").read_text())
     per = _counters(doc, "sfive_bytes_sent")
     records = sum(_counters(doc, "sfive_records").values())
