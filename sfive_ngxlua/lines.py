@@ -37,6 +37,9 @@ class LineSplitter:
             self.too_long += 1
         else:
             self._pending = last
+        if (b"\r" not in data and not (lines and lines[0].endswith(b"\r"))
+                and (not lines or max(map(len, lines)) <= limit)):
+            return list(filter(None, lines))
         out = []
         for line in lines:
             if line.endswith(b"\r"):

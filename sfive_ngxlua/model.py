@@ -97,6 +97,8 @@ class IntervalModel:
         self._cap = settings.max_clients
         self._ua_max = settings.max_ua_length
         self._open: Dict[int, Dict[StreamerKey, Clients]] = {}
+        self._cur_k: Optional[int] = None
+        self._cur_streams: Dict[StreamerKey, Clients] = {}
         self.first: Optional[int] = None
         self.reported: Optional[int] = None
         if start is not None:
@@ -105,6 +107,24 @@ class IntervalModel:
 
     def add(self, record: Record) -> None:
         """Count one accepted record."""
+        time, streamer, client, ua, sent = record
+        k = time // self.duration
+        if k == self._cur_k:
+            clients = self._cur_streams.get(streamer)
+            if clients is not None:
+                if len(ua) > self._ua_max:
+                    ua = ua[: self._ua_max]
+                key = (client, ua)
+                known = clients.bytes
+                if key in known:
+                    known[key] += sent
+                elif not clients.add(key, sent):
+                    self.stats.folded += 1
+                self.stats.accepted += 1
+                return
+        self._add(record)
+
+    def _add(self, record: Record) -> None:
         k = record.time // self.duration
         if self.reported is None:
             self.first = k
@@ -121,6 +141,7 @@ class IntervalModel:
         streams = self._open.get(k)
         if streams is None:
             streams = self._open[k] = {}
+        self._cur_k, self._cur_streams = k, streams
         clients = streams.get(record.streamer)
         if clients is None:
             clients = streams[record.streamer] = Clients(self._cap)
@@ -178,6 +199,7 @@ class IntervalModel:
         return out
 
     def _close(self, k: int, duration_ms: int) -> Interval:
+        self._cur_k = None
         found = self._open.pop(k, {})
         streams = {s: found.get(s) or Clients(self._cap) for s in self.streamers}
         self.reported = k

@@ -17,7 +17,10 @@ from simplejson.scanner import make_scanner
 
 from .settings import Settings, StreamerKey, compile_nameformat
 
-_CACHE_LIMIT = 100_000
+_URL_CACHE_LIMIT = 10_000
+_TIME_CACHE_LIMIT = 4_096
+"""Live traffic needs few entries at a time (the current segments and playlists, the current
+seconds); a full cache is cleared. Small caches keep memory flat however long the input."""
 _CACHED_URL_MAX = 256
 """Longer URLs are matched every time instead of cached: clients choose URLs, and 100,000
 cached URLs of 8 KiB each would hold 800 MB."""
@@ -47,6 +50,7 @@ class Gap(NamedTuple):
     seq: int
 
 
+_new_record = tuple.__new__
 Parsed = Union[Record, Gap, str]
 """A Record, a Gap, or a rejection reason."""
 
@@ -72,7 +76,7 @@ class RecordParser:
     def __init__(self, settings: Settings) -> None:
         self._statuses = settings.statuses
         self._match = compile_nameformat(settings.nameformat).match
-        self._streamers = frozenset(settings.streamers)
+        self._streamers = {key: key for key in settings.streamers}
         self._urls: Dict[str, Union[StreamerKey, str]] = {}
         self._seconds: Dict[str, int] = {}
         self._tails: Dict[str, int] = {}
@@ -124,9 +128,14 @@ class RecordParser:
             or not 0 <= sent < MAX_BYTES
         ):
             return "wrong-type"
-        seconds = self.seconds(when)
-        if seconds is None:
-            return "bad-time"
+        head = self._seconds.get(when[:19])
+        offset = self._tails.get(when[19:])
+        if head is None or offset is None:
+            seconds = self.seconds(when)
+            if seconds is None:
+                return "bad-time"
+        else:
+            seconds = head - offset
         if status not in self._statuses:
             return "status"
         streamer = self._urls.get(url)
@@ -134,7 +143,7 @@ class RecordParser:
             streamer = self._streamer(url)
         if type(streamer) is str:
             return streamer
-        return Record(seconds, streamer, client, ua, sent)
+        return _new_record(Record, (seconds, streamer, client, ua, sent))
 
     def _streamer(self, url: str) -> Union[StreamerKey, str]:
         m = self._match(url)
@@ -142,9 +151,9 @@ class RecordParser:
             result: Union[StreamerKey, str] = "url-mismatch"
         else:
             key = (m.group("content"), m.group("format"), m.group("quality"))
-            result = key if key in self._streamers else "unknown-streamer"
+            result = self._streamers.get(key, "unknown-streamer")
         if len(url) <= _CACHED_URL_MAX:
-            if len(self._urls) >= _CACHE_LIMIT:
+            if len(self._urls) >= _URL_CACHE_LIMIT:
                 self._urls.clear()
             self._urls[url] = result
         return result
@@ -156,7 +165,7 @@ class RecordParser:
             head = _head_seconds(when[:19])
             if head is None:
                 return _slow_seconds(when)
-            if len(self._seconds) >= _CACHE_LIMIT:
+            if len(self._seconds) >= _TIME_CACHE_LIMIT:
                 self._seconds.clear()
             self._seconds[when[:19]] = head
         tail = when[19:]
@@ -165,7 +174,7 @@ class RecordParser:
             offset = _tail_offset(tail)
             if offset is None:
                 return _slow_seconds(when)
-            if len(self._tails) >= _CACHE_LIMIT:
+            if len(self._tails) >= _TIME_CACHE_LIMIT:
                 self._tails.clear()
             self._tails[tail] = offset
         return head - offset
