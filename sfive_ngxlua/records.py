@@ -128,6 +128,13 @@ class RecordParser:
             or not 0 <= sent < MAX_BYTES
         ):
             return "wrong-type"
+        if status not in self._statuses:
+            return "status"
+        streamer = self._urls.get(url)
+        if streamer is None:
+            streamer = self._streamer(url)
+        if type(streamer) is str:
+            return streamer
         head = self._seconds.get(when[:19])
         offset = self._tails.get(when[19:])
         if head is None or offset is None:
@@ -136,13 +143,6 @@ class RecordParser:
                 return "bad-time"
         else:
             seconds = head - offset
-        if status not in self._statuses:
-            return "status"
-        streamer = self._urls.get(url)
-        if streamer is None:
-            streamer = self._streamer(url)
-        if type(streamer) is str:
-            return streamer
         return _new_record(Record, (seconds, streamer, client, ua, sent))
 
     def _streamer(self, url: str) -> Union[StreamerKey, str]:

@@ -56,8 +56,8 @@ invalid = st.one_of(
         (b'{"url": "/live/hls/foo-high/a.ts"}', "missing-field"),
         (b'{"time":"2027-01-15T08:00:00Z","client":"c","ua":"u","url":"/x","status":"200",'
          b'"bytes-sent":1}', "wrong-type"),
-        (b'{"time":"2027-01-15T08:00:00","client":"c","ua":"u","url":"/x","status":200,'
-         b'"bytes-sent":1}', "bad-time"),
+        (b'{"time":"2027-01-15T08:00:00","client":"c","ua":"u",'
+         b'"url":"/live/hls/foo-high/a.ts","status":200,"bytes-sent":1}', "bad-time"),
         (b'{"time":"2027-01-15T08:00:00Z","client":"c","ua":"u","url":"/nope","status":200,'
          b'"bytes-sent":1}', "url-mismatch"),
         (b'\xff\xfe{}', "invalid-utf8"),
