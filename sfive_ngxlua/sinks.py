@@ -17,7 +17,7 @@ from errno import (
     ENOBUFS,
     EWOULDBLOCK,
 )
-from typing import IO, Any, Callable, Deque, Optional
+from typing import IO, Any, Callable, Deque, List, Optional
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -51,6 +51,7 @@ class DatasetQueue:
         self.items: Deque[bytes] = deque()
         self.limit = limit
         self.stats = stats
+        self._waiting: List[Deferred] = []
 
     def push(self, data: bytes) -> None:
         if len(self.items) >= self.limit:
@@ -68,7 +69,30 @@ class DatasetQueue:
         """The head went out."""
         self.items.popleft()
         self.stats.datasets_sent += 1
+        self._taken()
+
+    def drop_head(self) -> None:
+        """The head can never go out."""
+        self.items.popleft()
+        self.stats.datasets_dropped += 1
+        self._taken()
+
+    def _taken(self) -> None:
         self.stats.queued = len(self.items)
+        if not self.items and self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
+
+    def empty(self, timeout: float, clock: IReactorTime) -> Deferred:
+        """Fires (with None) once the queue is empty, or after ``timeout`` seconds."""
+        if not self.items:
+            return succeed(None)
+        d = Deferred()
+        d.addTimeout(timeout, clock, onTimeoutCancel=lambda *a: None)
+        self._waiting.append(d)
+        return d
 
     def __len__(self) -> int:
         return len(self.items)
@@ -192,9 +216,7 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
         limit = min(self._limit, len(data) - 1)
         smaller = shrink(data, limit)
         if len(smaller) >= len(data):
-            self.queue.items.popleft()
-            self.queue.stats.datasets_dropped += 1
-            self.queue.stats.queued = len(self.queue.items)
+            self.queue.drop_head()
             self.log.error("dataset of {size} bytes cannot be sent even without clients; dropped",
                            size=len(data))
             return
@@ -208,9 +230,8 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
         )
 
     def doWrite(self) -> None:
-        """The hub read: go on sending; a stop waiting for the queue to drain may finish."""
+        """The hub read: go on sending."""
         self.flush()
-        self.protocol.sink._check_drained()
 
 
 class HubDatagramSink(Service):
@@ -231,7 +252,6 @@ class HubDatagramSink(Service):
         self.port: Optional[HubDatagramPort] = None
         self._retrying: Any = None
         self._outage = False
-        self._drained: Optional[Deferred] = None
 
     def startService(self) -> None:
         super().startService()
@@ -241,7 +261,6 @@ class HubDatagramSink(Service):
         self.queue.push(encode(dataset))
         if self.port is not None:
             self.port.flush()
-            self._check_drained()
 
     def _connect(self) -> None:
         self._retrying = None
@@ -258,7 +277,6 @@ class HubDatagramSink(Service):
             self.log.info("connected to the sfive hub at {path}", path=self.path)
         self._outage = False
         port.flush()
-        self._check_drained()
 
     def _lost(self, why: str) -> None:
         port, self.port = self.port, None
@@ -276,23 +294,15 @@ class HubDatagramSink(Service):
             self.stats.hub_reconnects += 1
             self._retrying = self.clock.callLater(self.retry, self._connect)
 
-    def _check_drained(self) -> None:
-        if self._drained is not None and not self.queue:
-            d, self._drained = self._drained, None
-            d.callback(None)
-
     def stopService(self) -> Deferred:
         """Give queued datasets up to ``drain`` seconds to reach the hub, then close."""
         super().stopService()
         if self._retrying is not None:
             self._retrying.cancel()
             self._retrying = None
-        if not self.queue or self.port is None:
+        if self.port is None:
             return succeed(self._close())
-        d = self._drained = Deferred()
-        d.addTimeout(self.drain, self.clock, onTimeoutCancel=lambda *a: None)
-        d.addBoth(lambda _: self._close())
-        return d
+        return self.queue.empty(self.drain, self.clock).addBoth(lambda _: self._close())
 
     def _close(self) -> None:
         if self.queue:
@@ -330,7 +340,6 @@ class _HubStream(protocol.Protocol):
         while queue.items and not self.paused:
             self.transport.write(queue.items[0])
             queue.sent()
-        self.sink._check_drained()
 
     def dataReceived(self, data: bytes) -> None:
         pass
@@ -378,7 +387,6 @@ class HubStreamSink(Service):
         self.queue = DatasetQueue(queue_limit, stats)
         self.drain = drain
         self.current: Optional[_HubStream] = None
-        self._drained: Optional[Deferred] = None
         self._outage = False
         factory = protocol.Factory.forProtocol(lambda: _HubStream(self))
         factory.noisy = False
@@ -430,16 +438,10 @@ class HubStreamSink(Service):
                 why=failure.getErrorMessage(), limit=self.queue.limit,
             )
 
-    def _check_drained(self) -> None:
-        if self._drained is not None and not self.queue:
-            d, self._drained = self._drained, None
-            d.callback(None)
-
     def stopService(self) -> Deferred:
         super().stopService()
-        if self.queue and self.current is not None:
-            d = self._drained = Deferred()
-            d.addTimeout(self.drain, self.clock, onTimeoutCancel=lambda *a: None)
+        if self.current is not None:
+            d = self.queue.empty(self.drain, self.clock)
         else:
             d = succeed(None)
         d.addBoth(lambda _: self.client.stopService())
