@@ -101,60 +101,59 @@ class IntervalModel:
         self._cur_streams: Dict[StreamerKey, Clients] = {}
         self.first: Optional[int] = None
         self.reported: Optional[int] = None
+        self._live = False
         if start is not None:
-            self.first = math.ceil(start / self.duration)
-            self.reported = self.first - 1
+            self.begin(start)
 
-    def add(self, record: Record) -> None:
-        """Count one accepted record."""
+    def begin(self, now: float) -> None:
+        """The live service starts at ``now``: its first interval is the first full one after
+        it. Without this (replay) the first record's interval is the first, and there is no
+        limit on how far ahead a record may lie."""
+        self.first = math.ceil(now / self.duration)
+        self.reported = self.first - 1
+        self._live = True
+
+    def add(self, record: Record) -> bool:
+        """Count one accepted record; False if it is refused (before start, too far ahead)."""
         time, streamer, client, ua, sent = record
         k = time // self.duration
-        if k == self._cur_k:
-            clients = self._cur_streams.get(streamer)
-            if clients is not None:
-                if len(ua) > self._ua_max:
-                    ua = ua[: self._ua_max]
-                key = (client, ua)
-                known = clients.bytes
-                if key in known:
-                    known[key] += sent
-                elif not clients.add(key, sent):
-                    self.stats.folded += 1
-                self.stats.accepted += 1
-                return
-        self._add(record)
+        streams = self._cur_streams if k == self._cur_k else self._streams_for(k)
+        if streams is None:
+            return False
+        clients = streams.get(streamer)
+        if clients is None:
+            clients = streams[streamer] = Clients(self._cap)
+        if len(ua) > self._ua_max:
+            ua = ua[: self._ua_max]
+        key = (client, ua)
+        known = clients.bytes
+        if key in known:
+            known[key] += sent
+        elif not clients.add(key, sent):
+            self.stats.folded += 1
+        self.stats.accepted += 1
+        return True
 
-    def _add(self, record: Record) -> None:
-        k = record.time // self.duration
+    def _streams_for(self, k: int) -> Optional[Dict[StreamerKey, Clients]]:
+        """The open table a record of interval k goes into (a late one: the oldest open one);
+        None if the record is refused."""
         if self.reported is None:
             self.first = k
             self.reported = k - 1
         elif k <= self.reported:
             if k < self.first:
                 self.stats.before_start += 1
-                return
+                return None
             self.stats.late += 1
             k = self.reported + 1
-        elif (k - self.reported) * self.duration > FUTURE_HORIZON + self.duration:
+        elif self._live and (k - self.reported) * self.duration > FUTURE_HORIZON + self.duration:
             self.stats.reject("future")
-            return
+            return None
         streams = self._open.get(k)
         if streams is None:
             streams = self._open[k] = {}
         self._cur_k, self._cur_streams = k, streams
-        clients = streams.get(record.streamer)
-        if clients is None:
-            clients = streams[record.streamer] = Clients(self._cap)
-        ua = record.ua
-        if len(ua) > self._ua_max:
-            ua = ua[: self._ua_max]
-        key = (record.client, ua)
-        known = clients.bytes
-        if key in known:
-            known[key] += record.bytes_sent
-        elif not clients.add(key, record.bytes_sent):
-            self.stats.folded += 1
-        self.stats.accepted += 1
+        return streams
 
     @property
     def due_at(self) -> float:
@@ -213,8 +212,3 @@ class IntervalModel:
                 dst[streamer] = clients
                 continue
             target.merge(clients)
-
-    @property
-    def pending(self) -> int:
-        """Intervals holding data that is not reported yet."""
-        return len(self._open)

@@ -41,8 +41,7 @@ class Pipeline:
         for line in lines:
             result = parse(line)
             if type(result) is Record:
-                add(result)
-                if result.time >= due:
+                if add(result) and result.time >= due:
                     on_time(result.time)
                     due = self.model.due_at
             elif type(result) is str:

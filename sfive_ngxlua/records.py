@@ -217,29 +217,8 @@ def _slow_seconds(when: str) -> Optional[int]:
     """Other ISO 8601 spellings (basic format, week dates); a time without offset is refused."""
     try:
         parsed = isoparse(when)
+        if parsed.tzinfo is None or parsed.utcoffset() is None:
+            return None
+        return calendar.timegm(parsed.utctimetuple())
     except (ValueError, OverflowError, TypeError):
         return None
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        return None
-    return calendar.timegm(parsed.utctimetuple())
-
-
-def describe(reason: str) -> str:
-    """A sentence for an operator about one rejection reason."""
-    return _DESCRIPTIONS.get(reason, reason)
-
-
-_DESCRIPTIONS: Dict[str, str] = {
-    "invalid-utf8": "line is not valid UTF-8",
-    "invalid-json": "line is not valid JSON",
-    "not-an-object": "line is JSON but not an object",
-    "missing-field": "record lacks one of url, client, ua, time, status, bytes-sent",
-    "wrong-type": "a field has the wrong type (status and bytes-sent must be integers >= 0)",
-    "bad-time": "time is not ISO 8601 with a UTC offset",
-    "status": "status code is not one of --status",
-    "url-mismatch": "URL does not match --nameformat",
-    "unknown-streamer": "URL names a streamer that no --streamer-id configures",
-    "too-long": "line is longer than --max-line-length",
-    "future": "time is more than an hour ahead of the reported intervals",
-}
-

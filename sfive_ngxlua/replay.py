@@ -138,7 +138,8 @@ def summary(stats: Stats, datasets: int) -> str:
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(stats.rejected.items())) or "none"
     return (f"sfive-ngxlua-replay: {stats.lines} lines, {stats.accepted} accepted, "
             f"{sum(stats.rejected.values())} rejected ({rejected}), {stats.late} late, "
-            f"{stats.lost} lost in exporter gaps, {datasets} datasets")
+            f"{stats.before_start} before the first interval, {stats.folded} folded into "
+            f"overflow, {stats.lost} lost in exporter gaps, {datasets} datasets")
 
 
 def _total_size(files: List[str]) -> Optional[int]:

@@ -49,7 +49,9 @@ class ReportService(Service):
     def startService(self) -> None:
         super().startService()
         d = self.settings.duration
-        first = self.model.first if self.model.first is not None else 0
+        if self.model.first is None:
+            self.model.begin(self.clock.seconds())
+        first = self.model.first
         due = (first + 1) * d + self.settings.grace
         self._start = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._begin)
         self.log.info(
@@ -69,7 +71,7 @@ class ReportService(Service):
     def _emit(self, intervals: List[Interval]) -> None:
         """Report each interval, record its per-streamer figures in Stats, and log them."""
         for interval in intervals:
-            report([interval], self.settings, self.deliver)
+            report([interval], self.settings, self._deliver)
             for streamer in self.settings.streamers:
                 clients = interval.streams[streamer]
                 self.stats.reported(streamer, clients.count, clients.total)
@@ -83,6 +85,14 @@ class ReportService(Service):
                 start=start_time(interval.start), duration_ms=interval.duration_ms,
                 **self.stats.summary(),
             )
+
+    def _deliver(self, dataset: dict) -> None:
+        """Hand one dataset to the sink; a failing sink costs that dataset, not the loop."""
+        try:
+            self.deliver(dataset)
+        except Exception:
+            self.stats.datasets_dropped += 1
+            self.log.failure("the sink failed to take a dataset; dropped it")
 
     def stopService(self) -> None:
         """Report what is due and the running interval with its true duration."""

@@ -41,7 +41,9 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
     stats = stats if stats is not None else Stats()
     if sink is None:
         sink = make_sink(settings, reactor, stats, clock)
-    model = IntervalModel(settings, stats, start=clock.seconds())
+    if getattr(sink, "stats", False) is None:
+        sink.stats = stats
+    model = IntervalModel(settings, stats)
     pipeline = Pipeline(settings, stats, model)
     top = MultiService()
     top.stats = stats

@@ -149,12 +149,15 @@ class ModelOptions(usage.Options):
         if self["socket"] and self["hub"]:
             raise usage.UsageError("give either --socket or --hub, not both")
         if self["hub"] is not None:
-            kind = self["hub"].split(":", 1)[0]
-            if kind not in ("unix", "tcp", "tls", "ssl", "tcp6"):
+            from twisted.internet.endpoints import clientFromString
+
+            try:
+                clientFromString(None, self["hub"])
+            except (ValueError, TypeError, KeyError) as e:
                 raise usage.UsageError(
-                    f"--hub {self['hub']!r}: not a client endpoint "
-                    "(unix:path=... or tcp:host=...:port=...)"
-                )
+                    f"--hub {self['hub']!r}: not a client endpoint ({e}); "
+                    "e.g. unix:path=/run/sfive/pipe or tcp:host=hub:port=4000"
+                ) from None
         compile_nameformat(self["nameformat"])
         self.settings_kwargs = dict(
             streamers=parse_streamer_ids(self["streamer-ids"]),
@@ -198,6 +201,12 @@ class Options(ModelOptions):
         parts = urlsplit(self["url"])
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise usage.UsageError(f"--url {self['url']!r}: must be an http:// or https:// URL")
+        try:
+            port = parts.port
+        except ValueError as e:
+            raise usage.UsageError(f"--url {self['url']!r}: {e}") from None
+        if port == 0:
+            raise usage.UsageError(f"--url {self['url']!r}: port 0")
         idle = _non_negative_float("--idle-timeout", self["idle-timeout"])
         connect = _non_negative_float("--connect-timeout", self["connect-timeout"])
         if idle <= 0 or connect <= 0:

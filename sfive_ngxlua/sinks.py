@@ -85,6 +85,12 @@ class DatasetQueue:
                 if not d.called:
                     d.callback(None)
 
+    def warn_undelivered(self) -> None:
+        """At a stop: say what the hub never got."""
+        if self.items:
+            self.log.warn("stopping with {n} datasets not delivered to the hub",
+                          n=len(self.items))
+
     def empty(self, timeout: float, clock: IReactorTime) -> Deferred:
         """Fires (with None) once the queue is empty, or after ``timeout`` seconds."""
         if not self.items:
@@ -99,22 +105,27 @@ class DatasetQueue:
 
 
 class CallableSink(Service):
-    """Hands each dataset (a dict) to a Python callable: for embedding applications."""
+    """Hands each dataset (a dict) to a Python callable: for embedding applications.
+
+    Without ``stats``, ``service.build`` gives it the service's own, so that its deliveries
+    show in the log line and the metrics."""
 
     log = Logger()
 
     def __init__(self, deliver: Callable[[Dataset], Any], stats: Optional[Stats] = None) -> None:
         self._deliver = deliver
-        self.stats = stats or Stats()
+        self.stats = stats
 
     def deliver(self, dataset: Dataset) -> None:
         try:
             self._deliver(dataset)
         except Exception:
-            self.stats.datasets_dropped += 1
             self.log.failure("dataset callable failed; dataset dropped")
+            if self.stats is not None:
+                self.stats.datasets_dropped += 1
         else:
-            self.stats.datasets_sent += 1
+            if self.stats is not None:
+                self.stats.datasets_sent += 1
 
 
 class StdoutSink(Service):
@@ -305,9 +316,7 @@ class HubDatagramSink(Service):
         return self.queue.empty(self.drain, self.clock).addBoth(lambda _: self._close())
 
     def _close(self) -> None:
-        if self.queue:
-            self.log.warn("stopping with {n} datasets not delivered to the hub",
-                          n=len(self.queue))
+        self.queue.warn_undelivered()
         port, self.port = self.port, None
         if port is not None:
             port.stopListening()
@@ -444,5 +453,6 @@ class HubStreamSink(Service):
             d = self.queue.empty(self.drain, self.clock)
         else:
             d = succeed(None)
+        d.addBoth(lambda _: self.queue.warn_undelivered())
         d.addBoth(lambda _: self.client.stopService())
         return d

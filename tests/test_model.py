@@ -78,6 +78,21 @@ def test_records_far_in_the_future_are_refused():
     assert m.stats.accepted == 1
 
 
+def test_replay_has_no_horizon_a_quiet_hour_loses_nothing():
+    m = model(start=None)
+    m.add(rec(T0))
+    assert m.add(rec(T0 + 86400))
+    assert m.stats.rejected["future"] == 0 and m.stats.accepted == 2
+
+
+def test_the_live_start_is_when_reporting_begins_not_when_built():
+    m = model(start=None)
+    m.begin(T0 + 3600.5)
+    assert m.first * 10 == T0 + 3610
+    assert not m.add(rec(T0 + 3605))
+    assert m.stats.before_start == 1
+
+
 def test_client_cap_folds_with_exact_totals_and_counts():
     m = model(start=T0, max_clients=3)
     for n in range(10):

@@ -49,7 +49,7 @@ def test_iso_times_with_offsets(when, expected):
 @pytest.mark.parametrize("when", [
     "2026-11-28T10:00:00", "2026-11-28 10:00:00", "yesterday", "2026-13-01T00:00:00Z",
     "2026-02-30T00:00:00Z", "2026-11-28T25:00:00Z", "2026-11-28T10:00:00+25:00", "",
-    "2026-11-28T10:00:00+01:00junk",
+    "2026-11-28T10:00:00+01:00junk", "00010101T000000+0100",
 ])
 def test_bad_times(when):
     assert parse(with_(time=when)) == "bad-time"

@@ -217,3 +217,29 @@ def test_embedding_with_a_callable_sink():
     finally:
         yield service.stopService()
         yield exporter.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
+    exporter = ExporterServer()
+    clock = task.Clock()
+    clock.advance(T0)
+    calls, stats = [], Stats()
+
+    def flaky(dataset):
+        calls.append(dataset["start-time"])
+        if len(calls) <= 8:
+            raise BrokenPipeError("the reader went away")
+
+    service = build(settings(exporter.url), reactor, sink=CallableSink(flaky), clock=clock,
+                    stats=stats)
+    service.startService()
+    try:
+        clock.advance(3)
+        clock.advance(2)
+        assert calls[:8] == ["2026-11-28T09:00:00Z"] * 8
+        assert calls[8:] == ["2026-11-28T09:00:02Z"] * 8
+        assert stats.datasets_dropped == 8 and stats.datasets_sent == 8
+    finally:
+        yield service.stopService()
+        yield exporter.stop()

@@ -60,6 +60,9 @@ def test_streamer_ids_combine_and_deduplicate():
     (["-S", "a/b/c", "--queue-limit", "0"], "--queue-limit must be a positive integer"),
     (["-S", "a/b/c", "-s", "/x", "--hub", "unix:path=/y"], "either --socket or --hub"),
     (["-S", "a/b/c", "--hub", "/y"], "not a client endpoint"),
+    (["-S", "a/b/c", "--hub", "tcp:host=x"], "not a client endpoint"),
+    (["-S", "a/b/c", "-u", "http://host:abc/sfive"], "--url 'http://host:abc/sfive'"),
+    (["-S", "a/b/c", "-u", "http://u:p@host:99999/x"], "out of range"),
     (["-S", "a/b/c", "--metrics", "tcp:abc"], "not a server endpoint"),
     (["-S", "a/b/c", "--metrics", "bogus:1"], "not a server endpoint"),
 ])
