@@ -117,7 +117,8 @@ def test_cli_plain_gzip_and_stdin_agree(tmp_path):
     assert sum(d["data"]["bytes-sent"] for d in datasets) == expected
     assert a.stderr.decode().strip() == (
         "sfive-ngxlua-replay: 306 lines, 282 accepted, 24 rejected (invalid-json=6, "
-        "status=18), 0 late, 0 lost in exporter gaps, 6 datasets")
+        "status=18), 0 late, 0 before the first interval, 0 folded into overflow, "
+        "0 lost in exporter gaps, 6 datasets")
 
 
 def test_cli_unreadable_file_is_named_and_fails(tmp_path):
