@@ -96,6 +96,19 @@ def _non_negative_float(what: str, value: object) -> float:
     return x
 
 
+def _check_endpoint(option: str, description: str, client: bool, example: str) -> None:
+    """Parse a Twisted endpoint string now (no reactor needed), so a typo fails at start."""
+    from twisted.internet.endpoints import clientFromString, serverFromString
+
+    try:
+        (clientFromString if client else serverFromString)(None, description)
+    except (ValueError, TypeError, KeyError) as e:
+        kind = "client" if client else "server"
+        raise usage.UsageError(
+            f"{option} {description!r}: not a {kind} endpoint ({e}); e.g. {example}"
+        ) from None
+
+
 def _statuses(value: str) -> FrozenSet[int]:
     codes = set()
     for part in value.split(","):
@@ -149,15 +162,8 @@ class ModelOptions(usage.Options):
         if self["socket"] and self["hub"]:
             raise usage.UsageError("give either --socket or --hub, not both")
         if self["hub"] is not None:
-            from twisted.internet.endpoints import clientFromString
-
-            try:
-                clientFromString(None, self["hub"])
-            except (ValueError, TypeError, KeyError) as e:
-                raise usage.UsageError(
-                    f"--hub {self['hub']!r}: not a client endpoint ({e}); "
-                    "e.g. unix:path=/run/sfive/pipe or tcp:host=hub:port=4000"
-                ) from None
+            _check_endpoint("--hub", self["hub"], client=True,
+                            example="unix:path=/run/sfive/pipe or tcp:host=hub:port=4000")
         compile_nameformat(self["nameformat"])
         self.settings_kwargs = dict(
             streamers=parse_streamer_ids(self["streamer-ids"]),
@@ -219,15 +225,8 @@ class Options(ModelOptions):
                     "--metrics needs the prometheus_client library: pip install "
                     "'sfive-ngxlua[metrics]' or apt-get install python3-prometheus-client"
                 ) from None
-            from twisted.internet.endpoints import serverFromString
-
-            try:
-                serverFromString(None, self["metrics"])
-            except (ValueError, TypeError, KeyError) as e:
-                raise usage.UsageError(
-                    f"--metrics {self['metrics']!r}: not a server endpoint ({e}); "
-                    "e.g. tcp:9166:interface=127.0.0.1"
-                ) from None
+            _check_endpoint("--metrics", self["metrics"], client=False,
+                            example="tcp:9166:interface=127.0.0.1")
         self.settings_kwargs.update(
             url=self["url"], idle_timeout=idle, connect_timeout=connect, metrics=self["metrics"]
         )
