@@ -187,8 +187,9 @@ def test_two_services_report_exactly_what_nginx_served(nginx_factory, hubs, serv
         assert service.stats.rejected["url-mismatch"] == 0  # 404 for /index.html: status first
 
 
-@pytest_twisted.inlineCallbacks
-def test_records_of_a_cut_come_back_through_after(nginx_factory, hubs, services):
+@defer.inlineCallbacks
+def watched_with_traffic(nginx_factory, hubs, services):
+    """nginx, a hub and a service that has read the first viewers' lines."""
     nginx = nginx_factory(files=FILES)
     hub = hubs()
     # a grace longer than the first reconnect delay (1-2 s): the gap's records, replayed through
@@ -198,6 +199,12 @@ def test_records_of_a_cut_come_back_through_after(nginx_factory, hubs, services)
     yield connected(service)
     yield viewers(nginx, "before")
     yield wait_for(lambda: service.stats.lines >= 11, what="the first lines")
+    return nginx, hub, service
+
+
+@pytest_twisted.inlineCallbacks
+def test_records_of_a_cut_come_back_through_after(nginx_factory, hubs, services):
+    nginx, hub, service = yield watched_with_traffic(nginx_factory, hubs, services)
     for pid in nginx.worker_pids():  # the cut: nginx's master replaces the killed workers
         os.kill(pid, signal.SIGKILL)
     yield wait_for(lambda: not service.stats.exporter_connected, what="the service to notice")
@@ -216,15 +223,7 @@ def test_records_of_a_cut_come_back_through_after(nginx_factory, hubs, services)
 
 @pytest_twisted.inlineCallbacks
 def test_reload_does_not_stop_the_chain(nginx_factory, hubs, services):
-    nginx = nginx_factory(files=FILES)
-    hub = hubs()
-    # a grace longer than the first reconnect delay (1-2 s): the gap's records, replayed through
-    # ?after, still find their own interval open instead of counting as late
-    service = start_service(nginx, hub, grace=2.5)
-    services.append(service)
-    yield connected(service)
-    yield viewers(nginx, "before")
-    yield wait_for(lambda: service.stats.lines >= 11, what="the first lines")
+    nginx, hub, service = yield watched_with_traffic(nginx_factory, hubs, services)
     nginx.reload()
     reloaded = time.monotonic()
     yield wait_for(lambda: not service.stats.exporter_connected, what="the stream to end")
