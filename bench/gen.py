@@ -4,7 +4,9 @@ Live traffic is a few thousand viewers (ip + user agent) polling a handful of HL
 and DASH streams: the same clients, URL prefixes and timestamps over and over, times
 increasing with many requests per second, mostly status 200.  The generator models
 that with a fixed pool of viewers, each watching one stream, and inserts about
-MALFORMED_FRACTION bad lines (invalid JSON, missing fields, wrong types).
+MALFORMED_FRACTION bad lines (invalid JSON, missing fields, wrong types).  Lines are laid
+out byte for byte as nginx/sfive.lua writes them: compact, keys in its order, strings
+escaped as it escapes them (", \\ and control characters; other characters as UTF-8).
 
 Usage: python bench/gen.py --lines N --seed S [-o FILE]
 """
@@ -105,14 +107,19 @@ class _Clock:
         return f"{self._local}.{ms:03d}+01:00"
 
 
+def _dumps(obj: object) -> str:
+    """JSON as nginx/sfive.lua writes it."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
 def _malformed(rng: random.Random, good: dict) -> bytes:
     """One bad line of a random kind, derived from a good record."""
     kind = rng.randrange(6)
     if kind == 0:
-        text = json.dumps(good)
+        text = _dumps(good)
         return text[: rng.randrange(1, len(text) - 1)].encode() + b"\n"
     if kind == 1:
-        return rng.choice((b"not json at all\n", b"{\"seq\": 1,, }\n", b"[1, 2, 3]\n",
+        return rng.choice((b"not json at all\n", b"{\"seq\":1,,}\n", b"[1, 2, 3]\n",
                            b"\"just a string\"\n", b"{\"time\": \"\xff\xfe\"}\n"))
     bad = dict(good)
     if kind == 2:
@@ -124,7 +131,7 @@ def _malformed(rng: random.Random, good: dict) -> bytes:
         bad[rng.choice(("time", "url", "client", "ua", "bytes-sent", "status"))] = None
     else:
         bad["time"] = rng.choice(("yesterday", "2026-13-45T25:61:00.000+01:00", "1764320400"))
-    return json.dumps(bad).encode() + b"\n"
+    return _dumps(bad).encode() + b"\n"
 
 
 def generate(n: int, seed: int = 1) -> Iterator[bytes]:
@@ -139,7 +146,7 @@ def generate(n: int, seed: int = 1) -> Iterator[bytes]:
         ua = rng.choice(uas)
         content, fmt, quality = rng.choices(streams, sweights)[0]
         prefix = f"/live/{fmt}/{content}-{quality}/"
-        viewers.append((ip, ua, json.dumps(ip), json.dumps(ua), fmt, prefix,
+        viewers.append((ip, ua, _dumps(ip), _dumps(ua), fmt, prefix,
                         _segment_bytes(quality)))
     heavy = viewers[: VIEWERS // 10]
     statuses = [s for s, w in STATUSES for _ in range(w)]
@@ -181,8 +188,8 @@ def generate(n: int, seed: int = 1) -> Iterator[bytes]:
             yield _malformed(rng, {"seq": seq, "time": t, "client": ip, "ua": ua, "url": url,
                                    "status": status, "bytes-sent": sent})
             continue
-        yield (f'{{"seq": {seq}, "time": "{t}", "client": {ipj}, "ua": {uaj}, "url": "{url}", '
-               f'"status": {status}, "bytes-sent": {sent}}}\n').encode()
+        yield (f'{{"seq":{seq},"time":"{t}","client":{ipj},"ua":{uaj},"url":"{url}",'
+               f'"status":{status},"bytes-sent":{sent}}}\n').encode()
 
 
 def write(path: str, n: int, seed: int = 1) -> None:

@@ -88,5 +88,7 @@ def run(log: str, gomaxprocs: int | None = 1) -> MtailResult:
         doc = json.loads(Path(tmp, "out.json").read_text())
     per = _counters(doc, "sfive_bytes_sent")
     records = sum(_counters(doc, "sfive_records").values())
+    if _counters(doc, "sfive_client_bytes_sent") != per:
+        raise RuntimeError("mtail's per-client bytes do not add up to its per-stream bytes")
     return MtailResult(cpu=ru.ru_utime + ru.ru_stime, wall=wall, records=records,
                        bytes_sent=sum(per.values()), per_streamer=per)

@@ -16,11 +16,15 @@ def line(time: str, url: str = "/live/hls/C1-high/1.ts", client: str = "10.0.0.1
          ua: str = "player/1", status: int = 200, sent: int = 100,
          seq: Optional[int] = None) -> bytes:
     """One exporter line as the nginx exporter writes it."""
-    obj = {"time": time, "client": client, "ua": ua, "url": url, "status": status,
-           "bytes-sent": sent}
-    if seq is not None:
-        obj["seq"] = seq
-    return json.dumps(obj).encode() + b"\n"
+    obj = {} if seq is None else {"seq": seq}
+    obj.update({"time": time, "client": client, "ua": ua, "url": url, "status": status,
+                "bytes-sent": sent})
+    return exporter_layout(obj) + b"\n"
+
+
+def exporter_layout(record: dict) -> bytes:
+    """A record laid out as nginx/sfive.lua writes it: compact, in its key order, UTF-8."""
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class Exporter(resource.Resource):

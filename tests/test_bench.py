@@ -9,6 +9,7 @@ import re
 from datetime import datetime
 
 import pytest
+from support import exporter_layout
 
 from bench import baseline, gen, mtailrun
 
@@ -95,6 +96,14 @@ def test_generator_lines_look_like_live_traffic():
     assert any(u.endswith("index.m3u8") for u in urls) and any(u.endswith(".mpd") for u in urls)
     seconds = {r["time"][:19] for r in records}
     assert len(records) / len(seconds) > 100
+
+
+def test_generator_lines_are_laid_out_as_the_exporter_writes_them():
+    for line in gen.generate(5_000, seed=5):
+        record = _record(line)
+        if record is not None:
+            assert list(record) == list(FIELDS)
+            assert line == exporter_layout(record) + b"\n"
 
 
 def test_baseline_totals_equal_a_straightforward_count():

@@ -21,6 +21,7 @@ from nginx_harness import (
     subscribe,
     wait_for,
 )
+from support import exporter_layout
 from twisted.internet import defer, utils
 
 pytestmark = pytest.mark.timeout(30)
@@ -98,6 +99,7 @@ def test_lines_match_the_access_log(nginx):
         exported = datetime.fromisoformat(line["time"]).timestamp()
         assert abs(exported - float(entry["msec"])) < 0.0015
     assert seqs(lines) == list(range(lines[0]["seq"], lines[0]["seq"] + total))
+    assert stream.raw == [exporter_layout(line) for line in lines], "bench/gen.py's layout"
     assert lines[5]["status"] == 404 and lines[6]["ua"] == ""
     assert lines[3]["bytes-sent"] > 1000 > lines[3]["bytes-sent"] - 400
     assert lines[0]["bytes-sent"] > len(MEDIA_FILES[SEG1.lstrip("/")])
