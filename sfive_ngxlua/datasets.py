@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import simplejson
-from simplejson import RawJSON
 
 from .model import Interval
 from .settings import Settings
@@ -51,52 +50,10 @@ def datasets(interval: Interval, settings: Settings) -> List[Dataset]:
 
 _json = simplejson.JSONEncoder(separators=(",", ":")).encode
 
-CLIENT_CACHE_LIMIT = 20_000
-"""Encoded clients kept for the next intervals; a full cache is cleared, so memory stays flat."""
-
 
 def encode(dataset: Dataset) -> bytes:
     """The wire form: compact JSON and a newline."""
     return _json(dataset).encode("utf-8") + b"\n"
-
-
-class Encoder:
-    """``encode`` for a stream of datasets, with the same output, several times faster.
-
-    Viewers stay for many intervals, and a client's JSON (ip, user agent) costs far more to encode
-    than its byte count, so each client's is encoded once and reused while it keeps coming back.
-    """
-
-    def __init__(self, limit: int = CLIENT_CACHE_LIMIT) -> None:
-        self._limit = limit
-        self._prefixes: Dict[Tuple[str, str], str] = {}
-
-    def __call__(self, dataset: Dataset) -> bytes:
-        data = dataset.get("data")
-        if type(data) is dict and type(data.get("clients")) is list:
-            clients = RawJSON(self._clients(data["clients"]))
-            dataset = {**dataset, "data": {**data, "clients": clients}}
-        return _json(dataset).encode("utf-8") + b"\n"
-
-    def _clients(self, entries: List[Any]) -> str:
-        prefixes = self._prefixes
-        out = []
-        for entry in entries:
-            if type(entry) is dict and len(entry) == 3:
-                ip = entry.get("ip")
-                ua = entry.get("user-agent")
-                sent = entry.get("bytes-sent")
-                if type(ip) is str and type(ua) is str and type(sent) is int:
-                    key = (ip, ua)
-                    prefix = prefixes.get(key)
-                    if prefix is None:
-                        if len(prefixes) >= self._limit:
-                            prefixes.clear()
-                        prefix = prefixes[key] = _json({"ip": ip, "user-agent": ua})[:-1]
-                    out.append(f'{prefix},"bytes-sent":{sent}}}')
-                    continue
-            out.append(_json(entry))
-        return "[" + ",".join(out) + "]"
 
 
 def shrink(data: bytes, limit: int) -> bytes:

@@ -35,7 +35,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .datasets import Dataset, Encoder, shrink
+from .datasets import Dataset, encode, shrink
 from .stats import Stats
 
 RETRY_SECONDS = 3.0
@@ -134,10 +134,9 @@ class StdoutSink(Service):
     def __init__(self, stats: Stats, stream: Optional[IO[bytes]] = None) -> None:
         self.stats = stats
         self.stream = stream if stream is not None else sys.__stdout__.buffer
-        self.encode = Encoder()
 
     def deliver(self, dataset: Dataset) -> None:
-        self.stream.write(self.encode(dataset))
+        self.stream.write(encode(dataset))
         self.stream.flush()
         self.stats.datasets_sent += 1
 
@@ -259,7 +258,6 @@ class HubDatagramSink(Service):
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.stats = stats
         self.queue = DatasetQueue(queue_limit, stats)
-        self.encode = Encoder()
         self.retry = retry
         self.drain = drain
         self.port: Optional[HubDatagramPort] = None
@@ -271,7 +269,7 @@ class HubDatagramSink(Service):
         self._connect()
 
     def deliver(self, dataset: Dataset) -> None:
-        self.queue.push(self.encode(dataset))
+        self.queue.push(encode(dataset))
         if self.port is not None:
             self.port.flush()
 
@@ -396,7 +394,6 @@ class HubStreamSink(Service):
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.stats = stats
         self.queue = DatasetQueue(queue_limit, stats)
-        self.encode = Encoder()
         self.drain = drain
         self.current: Optional[_HubStream] = None
         self._outage = False
@@ -413,7 +410,7 @@ class HubStreamSink(Service):
         self.client.startService()
 
     def deliver(self, dataset: Dataset) -> None:
-        self.queue.push(self.encode(dataset))
+        self.queue.push(encode(dataset))
         if self.current is not None:
             self.current.flush()
 
