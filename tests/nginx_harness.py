@@ -17,14 +17,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
@@ -336,24 +336,6 @@ def make_agent(bind: Optional[str] = None) -> Agent:
     pool = HTTPConnectionPool(reactor, persistent=False)
     return Agent(reactor, connectTimeout=5, pool=pool,
                  bindAddress=(bind, 0) if bind else None)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0,
-             interval: float = 0.02, what: str = "condition") -> defer.Deferred:
-    """Poll predicate until it is true; errback with TimeoutError after timeout seconds."""
-    deadline = time.monotonic() + timeout
-
-    @defer.inlineCallbacks
-    def poll():
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-            yield task.deferLater(reactor, interval, lambda: None)
-
-    return poll()
 
 
 @defer.inlineCallbacks

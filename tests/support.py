@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from typing import Callable, List, Optional
 
 from twisted.internet import defer, reactor
@@ -106,12 +107,20 @@ class DatagramHub:
             os.unlink(self.path)
 
 
-@defer.inlineCallbacks
-def until(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.01):
-    """Let the real reactor run until ``predicate()`` holds; fail after ``timeout`` seconds."""
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        yield deferLater(reactor, step, lambda: None)
-        waited += step
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0, step: float = 0.01,
+             what: str = "the condition") -> defer.Deferred:
+    """Let the real reactor run until ``predicate()`` holds (fires with its value); fail the
+    test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+
+    @defer.inlineCallbacks
+    def poll():
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            yield deferLater(reactor, step, lambda: None)
+
+    return poll()

@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 
 import pytest
 import pytest_twisted
-from nginx_harness import MEDIA_FILES, fetch, wait_for
-from support import DatagramHub
+from nginx_harness import MEDIA_FILES, fetch
+from support import DatagramHub, wait_for
 from twisted.internet import defer, task
 
 from sfive_ngxlua.service import makeService
@@ -202,6 +202,18 @@ def watched_with_traffic(nginx_factory, hubs, services):
     return nginx, hub, service
 
 
+@defer.inlineCallbacks
+def after_one_reconnect(nginx, hub, service):
+    """The last round of viewers; then the hub must hold every request of all three rounds,
+    exactly once, over one reconnect."""
+    yield viewers(nginx, "after")
+    yield settle(nginx, [service], [hub])
+    assert service.stats.exporter_reconnects == 1
+    assert service.stats.lost == service.stats.late == 0
+    assert service.stats.lines == 33
+    assert_exact(hub.read(), nginx.access_log())
+
+
 @pytest_twisted.inlineCallbacks
 def test_records_of_a_cut_come_back_through_after(nginx_factory, hubs, services):
     nginx, hub, service = yield watched_with_traffic(nginx_factory, hubs, services)
@@ -213,12 +225,7 @@ def test_records_of_a_cut_come_back_through_after(nginx_factory, hubs, services)
     assert len(statuses) == 11
     assert not service.stats.exporter_connected, "reconnected before the viewers were done"
     yield wait_for(lambda: service.stats.exporter_connected, timeout=5, what="the reconnect")
-    yield viewers(nginx, "after")
-    yield settle(nginx, [service], [hub])
-    assert service.stats.exporter_reconnects == 1
-    assert service.stats.lost == service.stats.late == 0
-    assert service.stats.lines == 33
-    assert_exact(hub.read(), nginx.access_log())
+    yield after_one_reconnect(nginx, hub, service)
 
 
 @pytest_twisted.inlineCallbacks
@@ -231,9 +238,4 @@ def test_reload_does_not_stop_the_chain(nginx_factory, hubs, services):
     yield wait_for(lambda: service.stats.exporter_connected, timeout=5, what="the reconnect")
     # the first retry comes after backoffPolicy's first delay: 1 s plus up to 1 s of jitter
     assert time.monotonic() - reloaded < 2.5
-    yield viewers(nginx, "after")
-    yield settle(nginx, [service], [hub])
-    assert service.stats.exporter_reconnects == 1
-    assert service.stats.lost == service.stats.late == 0
-    assert service.stats.lines == 33
-    assert_exact(hub.read(), nginx.access_log())
+    yield after_one_reconnect(nginx, hub, service)

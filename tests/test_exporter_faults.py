@@ -16,7 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers.faults import T0, Exporter, line, settings, wait_for
+from helpers.faults import T0, Exporter, line, settings
+from support import wait_for
 from twisted.internet import ssl
 
 pytest_plugins = ("helpers.fixtures",)

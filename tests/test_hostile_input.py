@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 import pytest_twisted
 import simplejson
-from helpers.faults import T0, URL, iso, line, record, settings, wait_for
+from helpers.faults import T0, URL, iso, line, record, settings
+from support import wait_for
 from twisted.logger import LogLevel
 
 from sfive_ngxlua.model import OVERFLOW_CLIENT

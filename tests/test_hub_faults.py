@@ -12,7 +12,8 @@ import socket
 
 import pytest
 import pytest_twisted
-from helpers.faults import STREAMERS, T0, StreamHub, clock_at, line, settings, turn, wait_for
+from helpers.faults import STREAMERS, T0, StreamHub, clock_at, line, settings, turn
+from support import wait_for
 from twisted.internet import reactor
 from twisted.logger import LogLevel
 

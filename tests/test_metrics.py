@@ -16,7 +16,7 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from support import DatagramHub, ExporterServer, until
+from support import DatagramHub, ExporterServer, wait_for
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
@@ -92,7 +92,7 @@ def run_service(tmp_path):
     try:
         metrics = top.getServiceNamed("metrics")
         port = (yield metrics.listening).getHost().port
-        yield until(lambda: exporter.resource.requests)
+        yield wait_for(lambda: exporter.resource.requests)
 
         first = [
             record(T0 + 1, STREAMERS[0], CLIENT_A, 1000, 1),
@@ -112,7 +112,7 @@ def run_service(tmp_path):
             json.dumps({"lost": 3, "seq": 13}).encode() + b"\n",
         ]
         exporter.resource.send(b"".join(first))
-        yield until(lambda: stats.lines == len(first))
+        yield wait_for(lambda: stats.lines == len(first))
         clock.advance(D + 1)
         out["first"] = list(hub.read())
         out["first_scrape"] = yield scrape(port)
@@ -123,7 +123,7 @@ def run_service(tmp_path):
             record(T0 + 5, STREAMERS[1], CLIENT_A, 60, 15),  # late: its interval is reported
         ]
         exporter.resource.send(b"".join(second))
-        yield until(lambda: stats.lines == len(first) + len(second))
+        yield wait_for(lambda: stats.lines == len(first) + len(second))
         clock.advance(D)
         out["second"] = hub.read()[len(out["first"]):]
         out["scrape"] = yield scrape(port)

@@ -19,9 +19,8 @@ from nginx_harness import (
     fetch,
     pid_alive,
     subscribe,
-    wait_for,
 )
-from support import exporter_layout
+from support import exporter_layout, wait_for
 from twisted.internet import defer, utils
 
 pytestmark = pytest.mark.timeout(30)

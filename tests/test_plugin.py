@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from support import DatagramHub, ExporterServer, line, until
+from support import DatagramHub, ExporterServer, line, wait_for
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
@@ -54,8 +54,8 @@ def test_twistd_sends_datasets_and_survives_an_exporter_restart(tmp_path):
         cwd=tmp_path,
     )
     try:
-        yield until(lambda: exporter.resource.requests, timeout=20)
-        yield until(lambda: len(hub.read()) >= 16, timeout=10)
+        yield wait_for(lambda: exporter.resource.requests, timeout=20)
+        yield wait_for(lambda: len(hub.read()) >= 16, timeout=10)
         datasets = hub.read()
         assert {d["hostname"] for d in datasets} == {"edge1"}
         assert {d["tags"][0] for d in datasets} == {"tag1"}
@@ -66,15 +66,15 @@ def test_twistd_sends_datasets_and_survives_an_exporter_restart(tmp_path):
 
         yield exporter.stop()
         exporter = ExporterServer(port)
-        yield until(lambda: exporter.resource.requests, timeout=20)
+        yield wait_for(lambda: exporter.resource.requests, timeout=20)
         before = len(hub.read())
         exporter.resource.send(line(iso_now(), ua="after-restart", sent=4242))
-        yield until(lambda: any(
+        yield wait_for(lambda: any(
             c == {"ip": "10.0.0.1", "user-agent": "after-restart", "bytes-sent": 4242}
             for d in hub.read()[before:] for c in d["data"]["clients"]), timeout=10)
     finally:
         proc.send_signal(signal.SIGTERM)
-        yield until(lambda: proc.poll() is not None, timeout=15)
+        yield wait_for(lambda: proc.poll() is not None, timeout=15)
         yield exporter.stop()
         hub.close()
     assert proc.returncode in (0, -signal.SIGTERM), "newer twistd re-raises the signal it got"

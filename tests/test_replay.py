@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest_twisted
-from support import DatagramHub, ExporterServer, line, until
+from support import DatagramHub, ExporterServer, line, wait_for
 from twisted.internet import reactor, task
 
 from sfive_ngxlua.replay import Progress, Replay
@@ -56,10 +56,10 @@ def test_replay_equals_the_live_service_for_the_same_records():
                     clock=clock, stats=stats)
     service.startService()
     try:
-        yield until(lambda: exporter.resource.requests)
+        yield wait_for(lambda: exporter.resource.requests)
         for n, data in enumerate(lines, 1):
             exporter.resource.send(data)
-            yield until(lambda n=n: stats.lines == n, step=0.001)
+            yield wait_for(lambda n=n: stats.lines == n, step=0.001)
             now = json.loads(data)["time"] if data.startswith(b"{") else None
             if now is not None:
                 clock.advance(max(0, T0 + (n // 11) - clock.seconds()))
@@ -152,7 +152,7 @@ def test_cli_to_a_real_hub_socket_without_losing_datasets(tmp_path):
     proc = subprocess.Popen([REPLAY, *ARGS, "-d", "1", "--queue-limit", "20", "-s", hub.path,
                              str(tmp_path / "long.log")], stderr=subprocess.PIPE)
     try:
-        yield until(lambda: [hub.read(), proc.poll()][1] is not None, timeout=60, step=0.002)
+        yield wait_for(lambda: [hub.read(), proc.poll()][1] is not None, timeout=60, step=0.002)
     finally:
         hub.read()
         hub.close()

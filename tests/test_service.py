@@ -5,7 +5,7 @@ intervals pass when the test says so.
 """
 
 import pytest_twisted
-from support import DatagramHub, ExporterServer, line, until
+from support import DatagramHub, ExporterServer, line, wait_for
 from twisted.internet import reactor, task
 
 from sfive_ngxlua.service import build
@@ -79,7 +79,7 @@ class Running:
 def test_exact_datasets_interval_after_interval(tmp_path):
     run = Running(tmp_path)
     try:
-        yield until(lambda: run.requests)
+        yield wait_for(lambda: run.requests)
         headers = run.exporter.resource.seen_headers[0]
         assert headers[b"User-Agent"][0].startswith(b"sfive-ngxlua/")
         lines = b"".join([
@@ -95,11 +95,11 @@ def test_exact_datasets_interval_after_interval(tmp_path):
             b"garbage\n",
         ])
         run.send(lines)
-        yield until(lambda: run.stats.lines == 10)
+        yield wait_for(lambda: run.stats.lines == 10)
         assert dict(run.stats.rejected) == {"status": 1, "unknown-streamer": 1, "invalid-json": 1}
         assert run.stats.before_start == 1
         run.clock.advance(T0 + 4 + 1 - run.clock.seconds())
-        yield until(lambda: len(run.hub.read()) == 8)
+        yield wait_for(lambda: len(run.hub.read()) == 8)
         got = run.hub.read()
         start = "2026-11-28T09:00:02Z"
         expected = [empty(s, start) for s in STREAMERS]
@@ -112,7 +112,7 @@ def test_exact_datasets_interval_after_interval(tmp_path):
             {"ip": "10.0.0.4", "user-agent": "player/1", "bytes-sent": 3}])
         assert got == expected
         run.clock.advance(2)
-        yield until(lambda: len(run.hub.read()) == 16)
+        yield wait_for(lambda: len(run.hub.read()) == 16)
         got = run.hub.read()[8:]
         assert got[0] == dataset(STREAMERS[0], "2026-11-28T09:00:04Z", [
             {"ip": "10.0.0.6", "user-agent": "player/1", "bytes-sent": 11}])
@@ -126,21 +126,21 @@ def test_exact_datasets_interval_after_interval(tmp_path):
 def test_exporter_restart_resumes_after_the_last_sequence_number(tmp_path):
     run = Running(tmp_path)
     try:
-        yield until(lambda: run.requests)
+        yield wait_for(lambda: run.requests)
         run.send(line(iso(T0 + 2), seq=41, sent=1) + line(iso(T0 + 2), seq=42, sent=2) + b'{"ti')
-        yield until(lambda: run.stats.lines == 2)
+        yield wait_for(lambda: run.stats.lines == 2)
         run.exporter.resource.cut()
-        yield until(lambda: run.stats.exporter_reconnects == 1)
+        yield wait_for(lambda: run.stats.exporter_reconnects == 1)
         assert run.stats.exporter_connected is False
         assert not run.requests
         run.clock.advance(3)
-        yield until(lambda: run.requests)
+        yield wait_for(lambda: run.requests)
         assert run.exporter.resource.seen_args[-1] == {b"after": [b"42"]}
         run.send(line(iso(T0 + 3), seq=43, sent=4))
-        yield until(lambda: run.stats.lines == 3)
+        yield wait_for(lambda: run.stats.lines == 3)
         assert sum(run.stats.rejected.values()) == 0, "the cut partial line was parsed"
         run.clock.advance(T0 + 5 - run.clock.seconds())
-        yield until(lambda: len(run.hub.read()) == 8)
+        yield wait_for(lambda: len(run.hub.read()) == 8)
         assert run.hub.read()[0]["data"]["bytes-sent"] == 7
     finally:
         yield run.stop()
@@ -150,23 +150,23 @@ def test_exporter_restart_resumes_after_the_last_sequence_number(tmp_path):
 def test_non_200_answers_back_off_and_retry(tmp_path):
     run = Running(tmp_path)
     try:
-        yield until(lambda: run.requests)
+        yield wait_for(lambda: run.requests)
         run.exporter.resource.code = 503
         run.exporter.resource.cut()
         delays = []
         for attempt in range(1, 4):
-            yield until(lambda attempt=attempt: run.stats.exporter_reconnects == attempt)
+            yield wait_for(lambda attempt=attempt: run.stats.exporter_reconnects == attempt)
             call = run.service.getServiceNamed("fetch")._retry
             delays.append(call.getTime() - run.clock.seconds())
             run.clock.advance(delays[-1])
-            yield until(lambda n=attempt: len(run.exporter.resource.seen_args) == n + 1)
+            yield wait_for(lambda n=attempt: len(run.exporter.resource.seen_args) == n + 1)
         for n, delay in enumerate(delays):
             assert 1.5 ** n <= delay <= 1.5 ** n + 1, "exponential backoff with jitter in [0, 1)"
         run.exporter.resource.code = 200
-        yield until(lambda: run.stats.exporter_reconnects == 4)
+        yield wait_for(lambda: run.stats.exporter_reconnects == 4)
         run.clock.advance(run.service.getServiceNamed("fetch")._retry.getTime()
                           - run.clock.seconds())
-        yield until(lambda: run.requests)
+        yield wait_for(lambda: run.requests)
         assert run.service.getServiceNamed("fetch").failures == 0
         assert run.stats.exporter_connected
     finally:
@@ -177,13 +177,13 @@ def test_non_200_answers_back_off_and_retry(tmp_path):
 def test_stop_reports_the_partial_interval_and_late_records(tmp_path):
     run = Running(tmp_path)
     try:
-        yield until(lambda: run.requests)
+        yield wait_for(lambda: run.requests)
         run.send(line(iso(T0 + 3), sent=5))
-        yield until(lambda: run.stats.lines == 1)
+        yield wait_for(lambda: run.stats.lines == 1)
         run.clock.advance(T0 + 5 - run.clock.seconds())
-        yield until(lambda: len(run.hub.read()) == 8)
+        yield wait_for(lambda: len(run.hub.read()) == 8)
         run.send(line(iso(T0 + 3), sent=6) + line(iso(T0 + 4, 250), sent=7))
-        yield until(lambda: run.stats.lines == 3)
+        yield wait_for(lambda: run.stats.lines == 3)
         assert run.stats.late == 1
         run.clock.advance(0.75)
         yield run.service.stopService()
@@ -207,9 +207,9 @@ def test_embedding_with_a_callable_sink():
                     clock=clock, stats=stats)
     service.startService()
     try:
-        yield until(lambda: exporter.resource.requests)
+        yield wait_for(lambda: exporter.resource.requests)
         exporter.resource.send(line(iso(T0 + 1), sent=9))
-        yield until(lambda: stats.accepted == 1)
+        yield wait_for(lambda: stats.accepted == 1)
         clock.advance(3)
         assert len(got) == 8
         assert got[0]["data"]["clients"] == [

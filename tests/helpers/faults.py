@@ -17,6 +17,7 @@ from collections import deque
 from typing import Callable, Deque, List, Optional
 
 import simplejson
+from support import wait_for
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
@@ -67,24 +68,6 @@ def clock_at(t: float = T0) -> Clock:
     c = Clock()
     c.advance(t)
     return c
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0,
-             step: float = 0.005) -> Deferred:
-    """Poll ``predicate`` on the real reactor until true; fail after ``timeout`` seconds."""
-
-    @inlineCallbacks
-    def poll():
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s: {predicate}")
-            yield deferLater(reactor, step, lambda: None)
-
-    return poll()
 
 
 def turn(n: int = 3) -> Deferred:
