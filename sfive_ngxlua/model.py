@@ -37,10 +37,14 @@ class Clients:
 
     def add(self, key: ClientKey, sent: int) -> bool:
         """Add bytes for a client; return False if the client was folded into the overflow."""
-        clients = self.bytes
-        if key in clients:
-            clients[key] += sent
+        if key in self.bytes:
+            self.bytes[key] += sent
             return True
+        return self.add_new(key, sent)
+
+    def add_new(self, key: ClientKey, sent: int) -> bool:
+        """``add`` for a client not seen in this interval yet."""
+        clients = self.bytes
         if len(clients) < self.cap:
             clients[key] = sent
             return True
@@ -129,7 +133,7 @@ class IntervalModel:
         known = clients.bytes
         if key in known:
             known[key] += sent
-        elif not clients.add(key, sent):
+        elif not clients.add_new(key, sent):
             self.stats.folded += 1
         self.stats.accepted += 1
         return True

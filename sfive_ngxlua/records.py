@@ -181,23 +181,19 @@ class RecordParser:
 
 
 def _head_seconds(head: str) -> Optional[int]:
+    """Epoch second of ``YYYY-MM-DDTHH:MM:SS`` read as UTC; None if it is no valid time."""
     if not _DATE.match(head):
         return None
-    try:
-        return calendar.timegm(
-            (int(head[0:4]), int(head[5:7]), int(head[8:10]),
-             int(head[11:13]), int(head[14:16]), int(head[17:19]), 0, 0, 0)
-        ) if _valid_fields(head) else None
-    except (ValueError, OverflowError):
-        return None
-
-
-def _valid_fields(head: str) -> bool:
-    month, day = int(head[5:7]), int(head[8:10])
+    year, month, day = int(head[0:4]), int(head[5:7]), int(head[8:10])
     hour, minute, second = int(head[11:13]), int(head[14:16]), int(head[17:19])
     if not (1 <= month <= 12 and hour < 24 and minute < 60 and second < 60):
-        return False
-    return 1 <= day <= calendar.monthrange(int(head[0:4]), month)[1]
+        return None
+    try:
+        if not 1 <= day <= calendar.monthrange(year, month)[1]:
+            return None
+        return calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    except (ValueError, OverflowError):
+        return None
 
 
 def _tail_offset(tail: str) -> Optional[int]:

@@ -156,9 +156,7 @@ def run(settings: Settings, files: List[str], quiet: bool = False,
 
     inputs, errors = open_inputs(files)
     if errors:
-        for e in errors:
-            err.write(f"sfive-ngxlua-replay: {e}\n")
-        return 2
+        return _ended(errors, None, 0, err, status=2)
     replay = Replay(settings, StdoutSink(Stats(), out))
     progress = Progress(err, _total_size(files), not quiet)
     for done, data in chunks(inputs, errors):
@@ -166,11 +164,17 @@ def run(settings: Settings, files: List[str], quiet: bool = False,
         progress.update(done, replay.stats)
     replay.finish()
     progress.done()
+    return _ended(errors, None if quiet else replay.stats, replay.datasets, err)
+
+
+def _ended(errors: List[str], stats: Optional[Stats], datasets: int, err: IO[str],
+           status: int = 1) -> int:
+    """Say what went wrong and (unless ``stats`` is None) the summary; the exit status."""
     for e in errors:
         err.write(f"sfive-ngxlua-replay: {e}\n")
-    if not quiet:
-        err.write(summary(replay.stats, replay.datasets) + "\n")
-    return 1 if errors else 0
+    if stats is not None:
+        err.write(summary(stats, datasets) + "\n")
+    return status if errors else 0
 
 
 def run_to_hub(settings: Settings, files: List[str], quiet: bool = False) -> int:
@@ -197,9 +201,7 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
 
     inputs, errors = open_inputs(files)
     if errors:
-        for e in errors:
-            sys.stderr.write(f"sfive-ngxlua-replay: {e}\n")
-        status.append(2)
+        status.append(_ended(errors, None, 0, sys.stderr, status=2))
         return
     stats = Stats()
     sink = make_sink(settings, reactor, stats)
@@ -235,11 +237,7 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
     progress.done()
     if stats.queued:
         errors.append(f"{stats.queued} datasets were not delivered to the hub")
-    for e in errors:
-        sys.stderr.write(f"sfive-ngxlua-replay: {e}\n")
-    if not quiet:
-        sys.stderr.write(summary(stats, replay.datasets) + "\n")
-    status.append(1 if errors else 0)
+    status.append(_ended(errors, None if quiet else stats, replay.datasets, sys.stderr))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -52,8 +52,8 @@ class ReportService(Service):
         if self.model.first is None:
             self.model.begin(self.clock.seconds())
         first = self.model.first
-        due = (first + 1) * d + self.settings.grace
-        self._start = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._begin)
+        self._start = self.clock.callLater(
+            max(0.0, self.model.due_at - self.clock.seconds()), self._begin)
         self.log.info(
             "first interval starts at {start}; reporting every {duration}s, {grace:g}s after "
             "each interval's end", start=start_time(first * d), duration=d,

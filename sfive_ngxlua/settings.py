@@ -86,13 +86,15 @@ def _positive_int(what: str, value: object) -> int:
     return n
 
 
-def _non_negative_float(what: str, value: object) -> float:
+def _seconds(what: str, value: object, positive: bool = False) -> float:
+    """A finite number of seconds, at least 0 (above 0 if ``positive``)."""
     try:
         x = float(str(value))
     except ValueError:
         raise usage.UsageError(f"{what} must be a number of seconds, not {value!r}") from None
-    if not x >= 0 or x == float("inf"):
-        raise usage.UsageError(f"{what} must be a non-negative number of seconds, not {value!r}")
+    if not (x > 0 if positive else x >= 0) or x == float("inf"):
+        kind = "positive" if positive else "non-negative"
+        raise usage.UsageError(f"{what} must be a {kind} number of seconds, not {value!r}")
     return x
 
 
@@ -172,7 +174,7 @@ class ModelOptions(usage.Options):
             tags=tuple(self["tags"]),
             nameformat=self["nameformat"],
             statuses=_statuses(self["status"]),
-            grace=_non_negative_float("--grace", self["grace"]),
+            grace=_seconds("--grace", self["grace"]),
             max_clients=_positive_int("--max-clients", self["max-clients"]),
             max_ua_length=_positive_int("--max-ua-length", self["max-ua-length"]),
             max_line_length=_positive_int("--max-line-length", self["max-line-length"]),
@@ -213,10 +215,8 @@ class Options(ModelOptions):
             raise usage.UsageError(f"--url {self['url']!r}: {e}") from None
         if port == 0:
             raise usage.UsageError(f"--url {self['url']!r}: port 0")
-        idle = _non_negative_float("--idle-timeout", self["idle-timeout"])
-        connect = _non_negative_float("--connect-timeout", self["connect-timeout"])
-        if idle <= 0 or connect <= 0:
-            raise usage.UsageError("--idle-timeout and --connect-timeout must be positive")
+        idle = _seconds("--idle-timeout", self["idle-timeout"], positive=True)
+        connect = _seconds("--connect-timeout", self["connect-timeout"], positive=True)
         if self["metrics"]:
             try:
                 import prometheus_client  # noqa: F401

@@ -245,38 +245,62 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
         self.flush()
 
 
-class HubDatagramSink(Service):
-    """The sfive hub's unix datagram socket, reconnected every few seconds while it is away."""
+class _HubSink(Service):
+    """What both hub sinks share: the bounded queue in front of the current connection (anything
+    with ``flush()``), the drain on stop, and one warning per outage."""
 
     log = Logger()
+    connection: Any = None
+
+    def __init__(self, reactor: Any, stats: Stats, queue_limit: int, drain: float,
+                 clock: Optional[IReactorTime]) -> None:
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.stats = stats
+        self.queue = DatasetQueue(queue_limit, stats)
+        self.drain = drain
+        self._outage = False
+
+    def deliver(self, dataset: Dataset) -> None:
+        self.queue.push(encode(dataset))
+        if self.connection is not None:
+            self.connection.flush()
+
+    def _outage_begins(self, format: str, **kw: Any) -> None:
+        if not self._outage:
+            self._outage = True
+            self.log.warn(format, **kw)
+
+    def _drained(self) -> Deferred:
+        """Up to ``drain`` seconds for the queue to reach the hub, if connected."""
+        if self.connection is None:
+            return succeed(None)
+        return self.queue.empty(self.drain, self.clock)
+
+
+class HubDatagramSink(_HubSink):
+    """The sfive hub's unix datagram socket, reconnected every few seconds while it is away."""
 
     def __init__(self, path: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
                  retry: float = RETRY_SECONDS, drain: float = DRAIN_SECONDS,
                  clock: Optional[IReactorTime] = None) -> None:
+        super().__init__(reactor, stats, queue_limit, drain, clock)
         self.path = path
         self.reactor = reactor
-        self.clock: IReactorTime = clock if clock is not None else reactor
-        self.stats = stats
-        self.queue = DatasetQueue(queue_limit, stats)
         self.retry = retry
-        self.drain = drain
-        self.port: Optional[HubDatagramPort] = None
         self._retrying: Any = None
-        self._outage = False
+
+    @property
+    def port(self) -> Optional[HubDatagramPort]:
+        return self.connection
 
     def startService(self) -> None:
         super().startService()
         self._connect()
 
-    def deliver(self, dataset: Dataset) -> None:
-        self.queue.push(encode(dataset))
-        if self.port is not None:
-            self.port.flush()
-
     def _connect(self) -> None:
         self._retrying = None
         port = HubDatagramPort(self.path, _HubProtocol(self), self.queue, self.reactor)
-        self.port = port
+        self.connection = port
         port.startListening()
 
     def _connected(self, port: HubDatagramPort) -> None:
@@ -290,17 +314,15 @@ class HubDatagramSink(Service):
         port.flush()
 
     def _lost(self, why: str) -> None:
-        port, self.port = self.port, None
+        port, self.connection = self.connection, None
         if port is not None:
             port.stopListening()
         self.stats.hub_connected = False
-        if not self._outage:
-            self._outage = True
-            self.log.warn(
-                "sfive hub at {path} unavailable ({why}); retrying every {retry:g}s, "
-                "queueing up to {limit} datasets", path=self.path, why=why, retry=self.retry,
-                limit=self.queue.limit,
-            )
+        self._outage_begins(
+            "sfive hub at {path} unavailable ({why}); retrying every {retry:g}s, "
+            "queueing up to {limit} datasets", path=self.path, why=why, retry=self.retry,
+            limit=self.queue.limit,
+        )
         if self.running and self._retrying is None:
             self.stats.hub_reconnects += 1
             self._retrying = self.clock.callLater(self.retry, self._connect)
@@ -311,13 +333,11 @@ class HubDatagramSink(Service):
         if self._retrying is not None:
             self._retrying.cancel()
             self._retrying = None
-        if self.port is None:
-            return succeed(self._close())
-        return self.queue.empty(self.drain, self.clock).addBoth(lambda _: self._close())
+        return self._drained().addBoth(lambda _: self._close())
 
     def _close(self) -> None:
         self.queue.warn_undelivered()
-        port, self.port = self.port, None
+        port, self.connection = self.connection, None
         if port is not None:
             port.stopListening()
         self.stats.hub_connected = False
@@ -382,21 +402,14 @@ class _QuietClientService(ClientService):
         globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]))
 
 
-class HubStreamSink(Service):
+class HubStreamSink(_HubSink):
     """The hub over a stream endpoint (``unix:path=...``, ``tcp:host=...:port=...``): one dataset
     per line, no size limit, reconnected by a ClientService with backoff."""
 
-    log = Logger()
-
     def __init__(self, description: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
                  drain: float = DRAIN_SECONDS, clock: Optional[IReactorTime] = None) -> None:
+        super().__init__(reactor, stats, queue_limit, drain, clock)
         self.description = description
-        self.clock: IReactorTime = clock if clock is not None else reactor
-        self.stats = stats
-        self.queue = DatasetQueue(queue_limit, stats)
-        self.drain = drain
-        self.current: Optional[_HubStream] = None
-        self._outage = False
         factory = protocol.Factory.forProtocol(lambda: _HubStream(self))
         factory.noisy = False
         self.client = _QuietClientService(
@@ -409,13 +422,8 @@ class HubStreamSink(Service):
         super().startService()
         self.client.startService()
 
-    def deliver(self, dataset: Dataset) -> None:
-        self.queue.push(encode(dataset))
-        if self.current is not None:
-            self.current.flush()
-
     def _connected(self, stream: _HubStream) -> None:
-        self.current = stream
+        self.connection = stream
         self.stats.hub_connected = True
         self.log.info("connected to the sfive hub at {hub}; {n} datasets queued",
                       hub=self.description, n=len(self.queue))
@@ -423,25 +431,19 @@ class HubStreamSink(Service):
         stream.flush()
 
     def _lost(self, stream: _HubStream, why: str) -> None:
-        if self.current is stream:
-            self.current = None
+        if self.connection is stream:
+            self.connection = None
         self.stats.hub_connected = False
-        if not self.running:
-            return
-        self.stats.hub_reconnects += 1
-        if not self._outage:
-            self._outage = True
-            self.log.warn("lost the sfive hub at {hub} ({why}); reconnecting with backoff",
-                          hub=self.description, why=why)
+        if self.running:
+            self.stats.hub_reconnects += 1
+            self._outage_begins("lost the sfive hub at {hub} ({why}); reconnecting with backoff",
+                                hub=self.description, why=why)
 
     def _failed(self, failure: Failure) -> None:
         """A connection attempt failed: counted each time, logged once per outage."""
-        if not self.running:
-            return
-        self.stats.hub_reconnects += 1
-        if not self._outage:
-            self._outage = True
-            self.log.warn(
+        if self.running:
+            self.stats.hub_reconnects += 1
+            self._outage_begins(
                 "sfive hub at {hub} unavailable ({why}); reconnecting with backoff, "
                 "queueing up to {limit} datasets", hub=self.description,
                 why=failure.getErrorMessage(), limit=self.queue.limit,
@@ -449,10 +451,7 @@ class HubStreamSink(Service):
 
     def stopService(self) -> Deferred:
         super().stopService()
-        if self.current is not None:
-            d = self.queue.empty(self.drain, self.clock)
-        else:
-            d = succeed(None)
+        d = self._drained()
         d.addBoth(lambda _: self.queue.warn_undelivered())
         d.addBoth(lambda _: self.client.stopService())
         return d

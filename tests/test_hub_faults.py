@@ -231,7 +231,7 @@ async def test_stream_hub_absent_gone_and_back_keeps_order(
 
     async def until_connected():
         for _ in range(50):
-            if run.sink.current is not None:
+            if run.sink.connection is not None:
                 return
             backoff.advance(5)
             await turn()
