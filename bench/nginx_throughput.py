@@ -1,6 +1,6 @@
 """Throughput of the whole chain: wrk -> private nginx with the Lua exporter -> the service.
 
-A private nginx (tests/nginx_harness.py, the shipped snippets) serves small HLS segments
+A private nginx (lab/nginx.py, the shipped snippets) serves small HLS segments
 (1-4 KB) to wrk; the real service (twistd sfive-ngxlua, a subprocess) follows the exporter
 stream and sends its datasets to a unix datagram socket this script binds and reads. It runs
 a few load phases (rate-limited ones through wrk's Lua delay(), then wrk flat out) and for
@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from nginx_harness import NginxServer, find_nginx, free_port  # noqa: E402
+from lab.nginx import NginxServer, find_nginx, free_port  # noqa: E402
 
 SEGMENTS = {f"live/hls/foo-high/seg{i}.ts": 1024 + (i - 1) * 439 for i in range(1, 9)}
 STREAMER = "foo/hls/high"

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from nginx_harness import NginxServer, find_nginx  # noqa: E402
+from lab.nginx import NginxServer, find_nginx  # noqa: E402
 
 VIEWER_PATHS = [
     "/live/hls/foo-high/index.m3u8", "/live/hls/foo-high/seg1.ts", "/live/hls/foo-high/seg2.ts",

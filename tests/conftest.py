@@ -1,4 +1,5 @@
-"""Shared pytest setup: tests import the modules next to them (support, nginx_harness);
+"""Shared pytest setup: tests import the modules next to them (support) and the
+repository's lab package (lab.nginx);
 fixtures for a private nginx running the shipped exporter."""
 
 import os
@@ -7,8 +8,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from nginx_harness import (  # noqa: E402
+from lab.nginx import (  # noqa: E402
     NginxBinary,
     NginxServer,
     NginxUnavailable,

@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 
 import pytest
 import pytest_twisted
-from nginx_harness import MEDIA_FILES, fetch
 from support import DatagramHub, wait_for
 from twisted.internet import defer, task
 
+from lab.nginx import MEDIA_FILES, fetch
 from sfive_ngxlua.service import makeService
 from sfive_ngxlua.settings import DEFAULT_NAMEFORMAT, Options
 

@@ -12,7 +12,10 @@ from datetime import datetime
 
 import pytest
 import pytest_twisted
-from nginx_harness import (
+from support import exporter_layout, wait_for
+from twisted.internet import defer, utils
+
+from lab.nginx import (
     LOCATION_SNIPPET,
     MEDIA_FILES,
     SNIPPET,
@@ -20,8 +23,6 @@ from nginx_harness import (
     pid_alive,
     subscribe,
 )
-from support import exporter_layout, wait_for
-from twisted.internet import defer, utils
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,4 +1,4 @@
-"""A private nginx running the shipped sfive exporter, for tests.
+"""A private nginx running the shipped sfive exporter, for the demo, the benchmarks and the tests.
 
 Each NginxServer has its own prefix directory, a free loopback port, its own nginx.conf that
 includes the shipped snippets (nginx/sfive.conf with its module path pointed at this source
