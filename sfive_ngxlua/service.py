@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
+import simplejson
 from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -66,6 +67,9 @@ class StateService(Service):
 
     def startService(self) -> None:
         super().startService()
+        pending, self.store.pending = self.store.pending, []
+        for data in pending:
+            self.sink.deliver(simplejson.loads(data))
         self.loop.start(self.period, now=True).addErrback(
             lambda f: self.log.failure("checkpoint loop failed", f))
 

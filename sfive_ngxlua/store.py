@@ -102,6 +102,8 @@ class StateStore:
         self.need_full = True
         self.scrub = False
         self._after_commit: List[Callable[[], None]] = []
+        self.pending: List[bytes] = []
+        """Datasets of a saved state that did not fit, for a sink without a queue."""
         self._in_transaction = False
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._private(directory, 0o700)
@@ -361,12 +363,24 @@ class StateStore:
             mismatch = str(e)
         except (KeyError, TypeError, ValueError) as e:
             mismatch = f"unreadable saved model ({e!r})"
-        self._report_saved(record, snap, mismatch, stats, queue)
+        self._report_saved(record, snap, f"saved under other settings ({mismatch})", stats,
+                           queue)
         return None
 
-    def _report_saved(self, record: dict, snap: dict, mismatch: str, stats: Stats,
-                      queue: Any) -> None:
-        """A saved model that does not fit this run: report it as it was saved, start fresh."""
+    def report_saved(self, queue: Any, why: str) -> Tuple[int, int]:
+        """Report the saved intervals into ``queue`` under the settings they were counted with
+        and clear them (one transaction): for retiring a node. (intervals, datasets)."""
+        record = self._meta("settings")
+        header = self._meta("model")
+        if record is None or header is None:
+            return 0, 0
+        return self._report_saved(record, self._snapshot(record, header), why, self.stats,
+                                  queue)
+
+    def _report_saved(self, record: dict, snap: dict, why: str, stats: Stats,
+                      queue: Any) -> Tuple[int, int]:
+        """Report a saved model as it was saved (the running interval cut where it was saved)
+        into ``queue``, and clear it; (intervals, datasets)."""
         saved_at = self._meta("saved_at") or self.now()
         try:
             old = _settings_from(record, self.settings)
@@ -376,10 +390,9 @@ class StateStore:
             aside = self._move_aside_open("unusable")
             stats.state_errors += 1
             self.log.error(
-                "state {path} does not fit this run ({mismatch}) and cannot be reported as "
-                "saved ({why}); moved it to {aside} and starting fresh", path=self.path,
-                mismatch=mismatch, why=e, aside=aside)
-            return
+                "state {path}: {why}, and it cannot be reported as saved ({error}); moved it "
+                "to {aside} and starting fresh", path=self.path, why=why, error=e, aside=aside)
+            return 0, 0
         items = [encode(d) for interval in intervals for d in datasets(interval, old)]
         with self.transaction():
             self.db.execute("DELETE FROM clients")
@@ -387,13 +400,16 @@ class StateStore:
             self.db.execute("DELETE FROM meta WHERE key IN ('model', 'settings')")
             if items and queue is not None:
                 queue.stage(items)
+            elif items:
+                self.after_commit(lambda: self.pending.extend(items))
         self.scrub = True
         first = start_time(intervals[0].start) if intervals else "-"
         self.log.warn(
-            "state in {dir} was saved under other settings ({mismatch}): reported its {n} "
-            "saved intervals from {first} as {m} datasets under the settings they were made "
-            "with (hub queue), and starting a fresh model", dir=self.directory,
-            mismatch=mismatch, n=len(intervals), first=first, m=len(items))
+            "state in {dir} {why}: reported its {n} saved intervals from {first} as {m} "
+            "datasets under the settings they were counted with (into the hub queue); the "
+            "model starts fresh", dir=self.directory, why=why, n=len(intervals), first=first,
+            m=len(items))
+        return len(intervals), len(items)
 
     def _move_aside_open(self, why: str) -> str:
         self.db.close()

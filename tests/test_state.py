@@ -564,3 +564,45 @@ def test_without_a_state_dir_nothing_is_written(tmp_path):
     assert top.store is None
     assert [s.name for s in top] == ["sink", "fetch", "report"]
     assert os.listdir(tmp_path) == []
+
+
+# -- retiring a node ---------------------------------------------------------------------------
+
+
+@needs_model
+@pytest_twisted.ensureDeferred
+async def test_retire_delivers_the_queue_then_the_saved_interval_and_removes_the_state(
+        tmp_path, ring, hub):
+    import io
+
+    from sfive_ngxlua.retire import RetireOptions, retire
+
+    clock = clock_at(T0 + 1)
+    hub.close()  # away: interval 1 stays queued
+    node = await Node(tmp_path, ring, hub, clock).start()
+    ring.log(*records_for(1, 2))
+    await node.read(6)
+    advance_to(clock, T0 + 21)
+    ring.log(*records_for(2, 1))
+    await node.read(9)
+    advance_to(clock, T0 + 24)
+    locked = RetireOptions()
+    locked.parseOptions(["--state-dir", node.settings.state_dir, "-s", hub.path])
+    err = io.StringIO()
+    assert await retire(locked, reactor, err) == 2, "not while the service runs"
+    assert "in use by another sfive-ngxlua" in err.getvalue()
+    await node.top.stopService()
+    hub.open()
+    options = RetireOptions()
+    options.parseOptions(["--state-dir", node.settings.state_dir, "-s", hub.path])
+    err = io.StringIO()
+    assert await retire(options, reactor, err) == 0, err.getvalue()
+    hub.read()
+    sets = hub.datasets()
+    assert [d["start-time"] for d in sets] == [start_time(T0 + 10)] * 3 + \
+        [start_time(T0 + 20)] * 3, "the queue first, in order, then the saved interval"
+    assert [d["duration-ms"] for d in sets[3:]] == [4000] * 3, "cut where it was saved"
+    assert got(sets) == expected(ring.ring)
+    assert "1 saved intervals as 3 datasets and 3 queued datasets: 6 of 6 delivered" in \
+        err.getvalue()
+    assert os.listdir(node.settings.state_dir) == []
