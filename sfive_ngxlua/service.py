@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, List, Optional
 
 import simplejson
@@ -23,6 +24,11 @@ from .store import StateLocked, StateStore
 __all__ = ["Options", "makeService", "build", "make_sink", "StateService"]
 
 CHECKPOINT_SECONDS = 1.0
+CHECKPOINT_BUDGET = 0.05
+"""Share of the reactor's time checkpoints may take: a checkpoint that took longer than this
+share of its period (e.g. tens of thousands of clients changing every second) stretches the
+period, up to ``CHECKPOINT_MAX_SECONDS``."""
+CHECKPOINT_MAX_SECONDS = 10.0
 
 
 def make_sink(settings: Settings, reactor: Any, stats: Stats,
@@ -74,9 +80,14 @@ class StateService(Service):
             lambda f: self.log.failure("checkpoint loop failed", f))
 
     def checkpoint(self) -> bool:
-        """The model's changes and the position they cover, in one transaction."""
+        """The model's changes and the position they cover, in one transaction; the period
+        adapts so that checkpoints take at most ``CHECKPOINT_BUDGET`` of the time."""
+        started = time.perf_counter()
         ok = self.store.checkpoint(self.model, position_of(self.source))
         self.store.scrub_wal()
+        cost = time.perf_counter() - started
+        self.loop.interval = min(CHECKPOINT_MAX_SECONDS,
+                                 max(self.period, cost / CHECKPOINT_BUDGET))
         return ok
 
     def commit(self, datasets: List[Dataset]) -> None:

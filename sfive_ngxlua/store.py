@@ -319,8 +319,8 @@ class StateStore:
             changes = model.take_changes()
             rows, folded, dropped = changes.clients, changes.folded, changes.dropped
             header.update(first=changes.first, reported=changes.reported, live=changes.live)
-        db.executemany("INSERT OR REPLACE INTO clients (k, s, ip, ua, bytes) VALUES "
-                       "(?, ?, ?, ?, ?)", rows)
+        db.executemany("INSERT INTO clients (k, s, ip, ua, bytes) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT (k, s, ip, ua) DO UPDATE SET bytes = excluded.bytes", rows)
         db.executemany("INSERT OR IGNORE INTO folded (k, s, h) VALUES (?, ?, ?)", folded)
         if dropped:
             ks = [(k,) for k in dropped]
