@@ -73,6 +73,7 @@ class StateService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.store.attach()
         pending, self.store.pending = self.store.pending, []
         for data in pending:
             self.sink.deliver(simplejson.loads(data))
@@ -106,12 +107,14 @@ class StateService(Service):
         super().stopService()
         if self.loop.running:
             self.loop.stop()
-        if self.store.checkpoint(self.model, position_of(self.source)):
-            self.log.info("state saved in {dir}: the running interval is reported after the "
-                          "restart", dir=self.store.directory)
-        self.store.scrub = True
-        self.store.scrub_wal()
-        self.store.close()
+        try:
+            if self.store.checkpoint(self.model, position_of(self.source)):
+                self.log.info("state saved in {dir}: the running interval is reported after "
+                              "the restart", dir=self.store.directory)
+            self.store.scrub = True
+            self.store.scrub_wal()
+        finally:
+            self.store.close()
 
 
 def position_of(source: Any) -> Optional[dict]:
@@ -225,6 +228,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     try:
-        return build(options.settings(), reactor)
+        top = build(options.settings(), reactor)
     except StateLocked as e:
         raise SystemExit(f"sfive-ngxlua: {e}") from None
+    if top.store is not None:
+        top.store.detach()  # twistd may fork into the background before it starts us
+    return top

@@ -207,6 +207,18 @@ class StateStore:
                 os.replace(self.path + suffix, aside + suffix)
         return aside
 
+    def detach(self) -> None:
+        """Close the database connection but keep the lock: before twistd forks into the
+        background (an SQLite connection must not cross a fork; the lock's descriptor may)."""
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def attach(self) -> None:
+        """Open the connection again after ``detach`` (in the process that runs)."""
+        if self.db is None:
+            self.db = self._connect()
+
     def close(self) -> None:
         """Checkpoint the WAL into the file, close it and release the lock."""
         if self.db is not None:
