@@ -84,7 +84,7 @@ class StateService(Service):
         """The model's changes and the position they cover, in one transaction; the period
         adapts so that checkpoints take at most ``CHECKPOINT_BUDGET`` of the time."""
         started = time.perf_counter()
-        ok = self.store.checkpoint(self.model, position_of(self.source))
+        ok = self.store.checkpoint(self.model, position_of(self.source), self.queue)
         self.store.scrub_wal()
         cost = time.perf_counter() - started
         self.loop.interval = min(CHECKPOINT_MAX_SECONDS,
@@ -108,7 +108,7 @@ class StateService(Service):
         if self.loop.running:
             self.loop.stop()
         try:
-            if self.store.checkpoint(self.model, position_of(self.source)):
+            if self.store.checkpoint(self.model, position_of(self.source), self.queue):
                 self.log.info("state saved in {dir}: the running interval is reported after "
                               "the restart", dir=self.store.directory)
             self.store.scrub = True

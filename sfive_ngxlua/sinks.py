@@ -138,7 +138,7 @@ class DiskQueue(DatasetQueue):
     between sending and deleting sends it again after the restart: the only duplicate).
 
     While the store cannot be written (a full disk), new datasets wait in memory behind those
-    on disk, and the bounds count both."""
+    on disk (the bounds count both) and are written at the next transaction that works."""
 
     log = Logger()
     persistent = True
@@ -169,12 +169,19 @@ class DiskQueue(DatasetQueue):
             self.push_memory([data])
 
     def stage(self, items: List[bytes]) -> None:
-        """Inside the store's transaction: write ``items``; they count once it commits."""
-        if self.items:
-            self.store.after_commit(lambda: self.push_memory(items))
-            return
-        ids = self.store.queue_insert(items)
-        self.store.after_commit(lambda: self._appended(list(zip(ids, items))))
+        """Inside the store's transaction: write ``items`` (behind any that waited in memory
+        while the store could not be written); they count once it commits."""
+        spill = list(self.items)
+        rows = spill + items
+        ids = self.store.queue_insert(rows)
+
+        def committed() -> None:
+            for data in spill:
+                self.items.popleft()
+                self.size -= len(data)
+            self._appended(list(zip(ids, rows)))
+
+        self.store.after_commit(committed)
 
     def _appended(self, rows: List[Tuple[int, bytes]]) -> None:
         for i, data in rows:

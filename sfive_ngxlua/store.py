@@ -301,8 +301,8 @@ class StateStore:
                 self._write_model(model)
                 self._set_meta("position", position)
                 self._set_meta("saved_at", self.now())
-                if items:
-                    queue.stage(items)
+                if items or (queue is not None and queue.items):
+                    queue.stage(items or [])
         except sqlite3.Error as e:
             self.failed(e, "checkpoint")
             if items:

@@ -231,8 +231,10 @@ def test_a_full_disk_keeps_the_state_in_memory_and_writes_all_once_it_works(tmp_
     assert len(logs.matching("keeping the state in memory")) == 1, "one line per outage"
     assert queue.head() == b"d1" * 3000, "the dataset waits in memory"
     store.db.execute("PRAGMA max_page_count=1073741823")
-    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 301})
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 301}, queue)
     assert logs.matching("writable again")
+    assert store.queue_totals() == (1, 6000), "the waiting dataset is written too"
+    assert not queue.items
     store.close()
     store2, _, stats2 = opened(tmp_path)
     assert norm(store2.restore(stats2).snapshot()) == norm(model.snapshot())
