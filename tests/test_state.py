@@ -608,3 +608,96 @@ async def test_retire_delivers_the_queue_then_the_saved_interval_and_removes_the
     assert "1 saved intervals as 3 datasets and 3 queued datasets: 6 of 6 delivered" in \
         err.getvalue()
     assert os.listdir(node.settings.state_dir) == []
+
+
+# -- the property: crashes anywhere change nothing -------------------------------------------------
+
+
+def _canonical(datasets):
+    out = []
+    for d in datasets:
+        d = simplejson.loads(d) if isinstance(d, bytes) else d
+        d["data"]["clients"].sort(key=lambda c: (c["ip"], c["user-agent"]))
+        out.append(d)
+    return out
+
+
+@needs_model
+def test_any_stream_cut_by_checkpoints_crashes_and_restarts_gives_the_same_datasets():
+    """Records, checkpoints, reports (their datasets into the disk queue) and crashes at
+    arbitrary points: restoring the last checkpoint and reading the ring again after its
+    position gives the datasets of one uninterrupted run, each once, in order."""
+    import tempfile
+
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
+    from hypothesis import strategies as st
+
+    from sfive_ngxlua.datasets import datasets as make_datasets
+    from sfive_ngxlua.datasets import encode
+
+    event = st.tuples(st.integers(0, 4), st.integers(0, 5), st.integers(0, 2),
+                      st.integers(0, 1000),
+                      st.sampled_from(["", "", "checkpoint", "report", "crash"]))
+
+    @hsettings(max_examples=40, deadline=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(event, max_size=50))
+    def run(events):
+        s = settings(duration=5, grace=1.0, max_clients=3,
+                     state_dir=tempfile.mkdtemp(prefix="sfive-prop-"))
+        times, now = [], T0 + 5
+        for step, *_ in events:
+            now += step
+            times.append(now)
+
+        def record(i):
+            _, client, streamer, sent, _ = events[i]
+            return Record(times[i], STREAMERS[streamer], f"10.0.0.{client}", "ua", sent)
+
+        expected, model = [], IntervalModel(s, Stats(), start=T0 + 5)
+        for i, (*_, what) in enumerate(events):
+            model.add(record(i))
+            if what == "report":
+                expected += [d for iv in model.close_due(times[i]) for d in make_datasets(iv, s)]
+        expected += [d for iv in model.close_due(now + 60) for d in make_datasets(iv, s)]
+
+        def open_node():
+            stats = Stats()
+            store = StateStore(s.state_dir, s, stats, clock_at(now))
+            queue = DiskQueue(store, 10_000, stats)
+            restored = store.restore(stats, queue)
+            position = store.position()
+            return (store, queue, restored or IntervalModel(s, stats, start=T0 + 5),
+                    0 if not position else position["seq"] + 1)
+
+        store, queue, model, i = open_node()
+        crashed = set()
+        while i < len(events):
+            what = events[i][4]
+            model.add(record(i))
+            if what == "checkpoint":
+                assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": i})
+            elif what == "report":
+                items = [encode(d) for iv in model.close_due(times[i])
+                         for d in make_datasets(iv, s)]
+                assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": i},
+                                        queue, items)
+            elif what == "crash" and i not in crashed:
+                crashed.add(i)
+                store.db.close()  # the process dies: what was committed is all there is
+                os.close(store._lock_fd)
+                store, queue, model, i = open_node()
+                continue
+            i += 1
+        items = [encode(d) for iv in model.close_due(now + 60) for d in make_datasets(iv, s)]
+        assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": i}, queue,
+                                items)
+        got = []
+        while queue.head() is not None:
+            got.append(queue.head())
+            queue.sent()
+        store.close()
+        assert _canonical(got) == _canonical(expected)
+
+    run()
