@@ -4,13 +4,19 @@ Interval k covers ``[k*D, (k+1)*D)`` in UTC epoch seconds. A record goes into th
 own time. Interval k is due at ``(k+1)*D + grace``. Records older than the first interval are
 dropped (counted as before-start); records for an interval already reported go into the oldest
 open one (counted as late), so no accepted byte is lost.
+
+The model is plain data: ``snapshot()`` dumps it as JSON-able data, ``restore()`` makes it again
+in another process (``StateMismatch`` if it was made under other settings), and
+``take_changes()`` hands out only what changed since the last call, for incremental
+checkpoints. Dirty tracking costs one set add per counted record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .records import Record
 from .settings import Settings, StreamerKey
@@ -24,35 +30,84 @@ OVERFLOW_CLIENT: ClientKey = ("*", "(other clients beyond --max-clients)")
 FUTURE_HORIZON = 3600
 """Seconds a record may lie ahead of the reported intervals before it is refused."""
 
+FORMAT = 1
+"""The snapshot layout's version; ``restore`` refuses any other."""
+
+
+def fold_hash(key: ClientKey) -> int:
+    """A client's identity in an overflow entry's distinct count: the same in every process
+    (unlike ``hash()``), so a saved count means the same after a restart. blake2b, 8 bytes,
+    as a signed 64-bit integer (an SQLite INTEGER)."""
+    ip, ua = key
+    data = ip.encode("utf-8", "surrogatepass") + b"\0" + ua.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big", signed=True)
+
+
+class StateMismatch(Exception):
+    """A snapshot made under other settings (or another format); the message says what differs."""
+
+
+@dataclass
+class Changes:
+    """What changed in the model since the last ``take_changes()``/``snapshot()``/``restore()``.
+
+    Applied to a replica in this order it gives the model's state: delete the ``dropped``
+    intervals, upsert ``clients`` (k, streamer index, ip, user agent, bytes now), insert
+    ``folded`` (k, streamer index, fold_hash); ``first``/``reported``/``live`` are the values
+    now. No client or folded row belongs to a dropped interval.
+    """
+
+    first: Optional[int]
+    reported: Optional[int]
+    live: bool
+    clients: List[Tuple[int, int, str, str, int]] = field(default_factory=list)
+    folded: List[Tuple[int, int, int]] = field(default_factory=list)
+    dropped: List[int] = field(default_factory=list)
+
 
 class Clients:
-    """Bytes per client of one streamer in one interval, capped in size with exact totals."""
+    """Bytes per client of one streamer in one interval, capped in size with exact totals.
 
-    __slots__ = ("bytes", "cap", "folded")
+    ``changed`` (clients whose bytes changed) and ``new_folded`` (fold hashes added) are what
+    ``IntervalModel.take_changes`` hands out and then clears.
+    """
+
+    __slots__ = ("bytes", "cap", "folded", "changed", "new_folded")
 
     def __init__(self, cap: int) -> None:
         self.bytes: Dict[ClientKey, int] = {}
         self.cap = cap
         self.folded: Optional[Set[int]] = None
+        self.changed: Set[ClientKey] = set()
+        self.new_folded: List[int] = []
 
     def add(self, key: ClientKey, sent: int) -> bool:
         """Add bytes for a client; return False if the client was folded into the overflow."""
         if key in self.bytes:
             self.bytes[key] += sent
+            self.changed.add(key)
             return True
-        return self.add_new(key, sent)
+        kept = self.add_new(key, sent)
+        self.changed.add(key if kept else OVERFLOW_CLIENT)
+        return kept
 
     def add_new(self, key: ClientKey, sent: int) -> bool:
-        """``add`` for a client not seen in this interval yet."""
+        """``add`` for a client not seen in this interval yet (not marked as changed)."""
         clients = self.bytes
         if len(clients) < self.cap:
             clients[key] = sent
             return True
-        if self.folded is None:
-            self.folded = set()
-        self.folded.add(hash(key))
+        self._fold(fold_hash(key))
         clients[OVERFLOW_CLIENT] = clients.get(OVERFLOW_CLIENT, 0) + sent
         return False
+
+    def _fold(self, h: int) -> None:
+        folded = self.folded
+        if folded is None:
+            folded = self.folded = set()
+        if h not in folded:
+            folded.add(h)
+            self.new_folded.append(h)
 
     def merge(self, other: Clients) -> None:
         """Take in another interval's clients; each distinct client is still counted once,
@@ -64,9 +119,13 @@ class Clients:
             clients = self.bytes
             clients[OVERFLOW_CLIENT] = clients.get(OVERFLOW_CLIENT, 0) + other.bytes[
                 OVERFLOW_CLIENT]
+            self.changed.add(OVERFLOW_CLIENT)
             if self.folded is None:
                 self.folded = set()
-            self.folded |= other.folded - {hash(key) for key in clients}
+            here = {fold_hash(key) for key in clients} if other.folded else set()
+            for h in other.folded:
+                if h not in here:
+                    self._fold(h)
 
     @property
     def count(self) -> int:
@@ -100,7 +159,10 @@ class IntervalModel:
         self.stats = stats
         self._cap = settings.max_clients
         self._ua_max = settings.max_ua_length
+        self._index = {streamer: i for i, streamer in enumerate(self.streamers)}
         self._open: Dict[int, Dict[StreamerKey, Clients]] = {}
+        self._dropped: List[int] = []
+        self._tracking = False
         self._cur_k: Optional[int] = None
         self._cur_streams: Dict[StreamerKey, Clients] = {}
         self.first: Optional[int] = None
@@ -137,6 +199,39 @@ class IntervalModel:
             self.stats.folded += 1
         self.stats.accepted += 1
         return True
+
+    def _add_tracked(self, record: Record) -> bool:
+        """``add`` while changes are tracked (replaces ``add`` on the instance): the same, plus
+        one set add per record. Two copies, so that a model nobody takes
+        changes from (replay, the service without a state store) pays nothing for it."""
+        time, streamer, client, ua, sent = record
+        k = time // self.duration
+        streams = self._cur_streams if k == self._cur_k else self._streams_for(k)
+        if streams is None:
+            return False
+        clients = streams.get(streamer)
+        if clients is None:
+            clients = streams[streamer] = Clients(self._cap)
+        if len(ua) > self._ua_max:
+            ua = ua[: self._ua_max]
+        key = (client, ua)
+        known = clients.bytes
+        if key in known:
+            known[key] += sent
+            clients.changed.add(key)
+        elif clients.add_new(key, sent):
+            clients.changed.add(key)
+        else:
+            clients.changed.add(OVERFLOW_CLIENT)
+            self.stats.folded += 1
+        self.stats.accepted += 1
+        return True
+
+    def _track(self) -> None:
+        """From now on, record what changes (for ``take_changes``)."""
+        if not self._tracking:
+            self._tracking = True
+            self.add = self._add_tracked  # type: ignore[method-assign]
 
     def _streams_for(self, k: int) -> Optional[Dict[StreamerKey, Clients]]:
         """The open table a record of interval k goes into (a late one: the oldest open one);
@@ -198,12 +293,18 @@ class IntervalModel:
             out.append(self._close(k, self.duration * 1000))
         for k in [k for k in self._open if k > target]:
             self._merge(self._open.pop(k), self._open.setdefault(target, {}))
+            if self._tracking:
+                self._dropped.append(k)
         out.append(self._close(target, max(0, int((now - target * self.duration) * 1000))))
         return out
 
     def _close(self, k: int, duration_ms: int) -> Interval:
         self._cur_k = None
-        found = self._open.pop(k, {})
+        found = self._open.pop(k, None)
+        if found is None:
+            found = {}
+        elif self._tracking:
+            self._dropped.append(k)
         streams = {s: found.get(s) or Clients(self._cap) for s in self.streamers}
         self.reported = k
         return Interval(k * self.duration, duration_ms, streams)
@@ -214,5 +315,122 @@ class IntervalModel:
             target = dst.get(streamer)
             if target is None:
                 dst[streamer] = clients
+                clients.changed = set(clients.bytes)
+                clients.new_folded = list(clients.folded or ())
                 continue
             target.merge(clients)
+
+    @property
+    def open_intervals(self) -> List[int]:
+        """The open intervals' numbers k, oldest first."""
+        return sorted(self._open)
+
+    def entries(self, upto: Optional[int] = None) -> int:
+        """Client entries held in open intervals (those up to interval ``upto`` only, if
+        given): what the model's memory grows with."""
+        return sum(len(c.bytes) for k, streams in self._open.items()
+                   if upto is None or k <= upto for c in streams.values())
+
+    # -- the model as data ------------------------------------------------------------------
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The whole state as JSON-able plain data (the layout of SPEC section 3; an overflow
+        entry is one of the clients, its distinct clients' fold hashes are ``folded``); resets
+        the change tracking, as a full checkpoint does."""
+        index = self._index
+        open_: Dict[str, Dict[str, Dict[str, list]]] = {}
+        for k, streams in sorted(self._open.items()):
+            entry = open_[str(k)] = {}
+            for streamer, clients in streams.items():
+                entry[str(index[streamer])] = {
+                    "clients": [[ip, ua, sent] for (ip, ua), sent in clients.bytes.items()],
+                    "folded": sorted(clients.folded) if clients.folded is not None else [],
+                }
+        self._forget_changes()
+        self._track()
+        return {
+            "format": FORMAT,
+            "duration": self.duration,
+            "streamers": [list(s) for s in self.streamers],
+            "first": self.first,
+            "reported": self.reported,
+            "live": self._live,
+            "open": open_,
+        }
+
+    @classmethod
+    def restore(cls, settings: Settings, stats: Stats, snapshot: Dict[str, Any]
+                ) -> IntervalModel:
+        """A model with a snapshot's state, under ``settings``; raises StateMismatch if the
+        snapshot was made under another duration or other streamers, or is of another
+        format (or no snapshot at all): a state that does not fit is never mixed in."""
+        if not isinstance(snapshot, dict):
+            raise StateMismatch(f"the saved state is not a snapshot ({type(snapshot).__name__})")
+        fmt = snapshot.get("format")
+        if fmt != FORMAT:
+            raise StateMismatch(f"the saved state has format {fmt!r}; this version reads "
+                                f"format {FORMAT}")
+        if snapshot.get("duration") != settings.duration:
+            raise StateMismatch(f"the saved state has intervals of {snapshot.get('duration')}s"
+                                f", the settings {settings.duration}s")
+        saved = [tuple(s) for s in snapshot.get("streamers") or ()]
+        if saved != list(settings.streamers):
+            def names(streamers: Any) -> str:
+                return ", ".join("/".join(s) for s in streamers) or "none"
+            raise StateMismatch(f"the saved state has the streamers {names(saved)}, the "
+                                f"settings {names(settings.streamers)}")
+        model = cls(settings, stats)
+        try:
+            first, reported = snapshot["first"], snapshot["reported"]
+            model.first = None if first is None else int(first)
+            model.reported = None if reported is None else int(reported)
+            model._live = bool(snapshot["live"])
+            for k, streams in snapshot["open"].items():
+                table = model._open[int(k)] = {}
+                for i, data in streams.items():
+                    clients = Clients(model._cap)
+                    clients.bytes = {(ip, ua): int(sent) for ip, ua, sent in data["clients"]}
+                    if OVERFLOW_CLIENT in clients.bytes:
+                        clients.folded = {int(h) for h in data.get("folded") or ()}
+                    table[settings.streamers[int(i)]] = clients
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise StateMismatch(f"the saved state is malformed ({type(e).__name__}: {e})"
+                                ) from None
+        model._track()
+        return model
+
+    def take_changes(self) -> Changes:
+        """What changed since the last take_changes()/snapshot()/restore(): for an incremental
+        checkpoint (only the clients whose bytes changed, the fold hashes added, the intervals
+        closed or merged away). The first call on a model that was neither snapshot nor
+        restored hands out everything it holds, and starts the tracking."""
+        if not self._tracking:
+            for streams in self._open.values():
+                for clients in streams.values():
+                    clients.changed = set(clients.bytes)
+                    clients.new_folded = list(clients.folded or ())
+            self._track()
+        out = Changes(self.first, self.reported, self._live, dropped=self._dropped)
+        self._dropped = []
+        rows, folds = out.clients, out.folded
+        index = self._index
+        for k, streams in self._open.items():
+            for streamer, clients in streams.items():
+                changed = clients.changed
+                if changed:
+                    i = index[streamer]
+                    sent = clients.bytes
+                    rows.extend([(k, i, ip, ua, sent[(ip, ua)]) for ip, ua in changed])
+                    clients.changed = set()
+                if clients.new_folded:
+                    i = index[streamer]
+                    folds.extend([(k, i, h) for h in clients.new_folded])
+                    clients.new_folded = []
+        return out
+
+    def _forget_changes(self) -> None:
+        self._dropped = []
+        for streams in self._open.values():
+            for clients in streams.values():
+                clients.changed = set()
+                clients.new_folded = []

@@ -1,6 +1,12 @@
 """The interval model, fed plain records: alignment, late and early records, caps, stop."""
 
-from sfive_ngxlua.model import OVERFLOW_CLIENT, IntervalModel
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sfive_ngxlua.model import OVERFLOW_CLIENT, Changes, IntervalModel, StateMismatch, fold_hash
 from sfive_ngxlua.records import Record
 from sfive_ngxlua.settings import Settings
 from sfive_ngxlua.stats import Stats
@@ -138,3 +144,174 @@ def test_replay_mode_starts_at_the_first_record_and_ends_at_the_last():
     out = m.close_all()
     assert [i.start for i in out] == [T0 + 20, T0 + 30, T0 + 40]
     assert [i.streams[A].total for i in out] == [100, 0, 100]
+
+
+# -- the model as data (SPEC section 3) ---------------------------------------------------------
+
+
+
+def apply(replica, changes: Changes):
+    """What a state store does with take_changes(): the replica of the open intervals."""
+    for k in changes.dropped:
+        replica.pop(k, None)
+    for k, i, ip, ua, sent in changes.clients:
+        replica.setdefault(k, {}).setdefault(i, [{}, set()])[0][(ip, ua)] = sent
+    for k, i, h in changes.folded:
+        replica.setdefault(k, {}).setdefault(i, [{}, set()])[1].add(h)
+    return replica
+
+
+def as_replica(m):
+    """The model's open intervals in the replica's form, read from a snapshot."""
+    out = {}
+    for k, streams in m.snapshot()["open"].items():
+        for i, data in streams.items():
+            out.setdefault(int(k), {})[int(i)] = [
+                {(ip, ua): sent for ip, ua, sent in data["clients"]}, set(data["folded"])]
+    return out
+
+
+def test_fold_hash_is_the_same_in_another_process():
+    keys = [("10.0.0.1", "curl"), ("2001:db8::1", "VLC/3.0 ü"), ("", ""), ("a\0b", "\udcff")]
+    code = ("import json,sys; from sfive_ngxlua.model import fold_hash; "
+            "print(json.dumps([fold_hash(tuple(k)) for k in json.load(sys.stdin)]))")
+    there = subprocess.run([sys.executable, "-c", code], input=json.dumps(keys), text=True,
+                           capture_output=True, check=True, env={"PYTHONHASHSEED": "123"})
+    assert json.loads(there.stdout) == [fold_hash(k) for k in keys]
+    assert all(-2**63 <= fold_hash(k) < 2**63 for k in keys)
+    assert len({fold_hash(k) for k in keys}) == len(keys)
+    assert fold_hash(("a", "bc")) != fold_hash(("ab", "c"))
+
+
+def test_snapshot_is_json_and_restores_the_same_model():
+    m = model(start=T0, max_clients=2)
+    for n in range(5):
+        m.add(rec(T0 + 1, client=f"c{n}", sent=n + 1))
+    m.add(rec(T0 + 12, streamer=B, client="x", sent=9))
+    snap = json.loads(json.dumps(m.snapshot()))
+    assert snap["format"] == 1 and snap["duration"] == 10
+    assert snap["streamers"] == [list(A), list(B)]
+    assert (snap["first"], snap["reported"], snap["live"]) == (m.first, m.reported, True)
+    assert set(snap["open"]) == {str(T0 // 10), str(T0 // 10 + 1)}
+    assert len(snap["open"][str(T0 // 10)]["0"]["folded"]) == 3
+
+    r = IntervalModel.restore(m_settings(m), Stats(), snap)
+    assert r.take_changes().clients == []
+    r.add(rec(T0 + 2, client="c4", sent=100))  # already folded: counted once
+    r.add(rec(T0 + 2, client="new", sent=1))
+    m.add(rec(T0 + 2, client="c4", sent=100))
+    m.add(rec(T0 + 2, client="new", sent=1))
+    for a, b in zip(m.close_due(T0 + 30), r.close_due(T0 + 30)):
+        assert (a.start, a.duration_ms) == (b.start, b.duration_ms)
+        assert totals(a) == totals(b)
+        assert {s: c.bytes for s, c in a.streams.items()} == {
+            s: c.bytes for s, c in b.streams.items()}
+    assert totals(b)[B] == (1, 9) and b.start == T0 + 10
+
+
+def m_settings(m, **kw):
+    kw.setdefault("duration", m.duration)
+    kw.setdefault("streamers", m.streamers)
+    return Settings(hostname="h", max_clients=m._cap, **kw)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"duration": 15}, ["15s", "10s"]),
+    ({"streamers": (A,)}, ["av/hls/high, av/dash/low", "settings av/hls/high"]),
+    ({"streamers": (B, A)}, ["streamers"]),
+])
+def test_a_snapshot_made_under_other_settings_is_refused_saying_what_differs(change, words):
+    m = model(start=T0)
+    m.add(rec(T0 + 1))
+    with pytest.raises(StateMismatch) as e:
+        IntervalModel.restore(m_settings(m, **change), Stats(), m.snapshot())
+    for word in words:
+        assert word in str(e.value)
+
+
+@pytest.mark.parametrize("snap, words", [
+    ({"format": 2}, ["format 2", "format 1"]),
+    ([], ["not a snapshot"]),
+    ({"format": 1, "duration": 10, "streamers": [list(A), list(B)], "first": 1}, ["malformed"]),
+])
+def test_a_snapshot_of_another_format_or_malformed_is_refused(snap, words):
+    with pytest.raises(StateMismatch) as e:
+        IntervalModel.restore(m_settings(model()), Stats(), snap)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_changes_are_incremental_and_rebuild_the_model():
+    m = model(start=T0, max_clients=2)
+    replica: dict = {}
+    m.add(rec(T0 + 1, client="a", sent=1))
+    m.add(rec(T0 + 1, client="b", sent=2))
+    c = m.take_changes()
+    assert sorted(c.clients) == [(T0 // 10, 0, "a", "ua", 1), (T0 // 10, 0, "b", "ua", 2)]
+    assert (c.first, c.reported, c.live, c.folded, c.dropped) == (
+        m.first, m.reported, True, [], [])
+    apply(replica, c)
+    assert m.take_changes().clients == []
+
+    m.add(rec(T0 + 1, client="a", sent=10))  # changed: bytes now
+    m.add(rec(T0 + 1, client="c", sent=5))  # folded
+    m.add(rec(T0 + 1, client="c", sent=5))  # same fold hash, not inserted twice
+    m.add(rec(T0 + 11, streamer=B, client="z"))
+    c = m.take_changes()
+    k = T0 // 10
+    assert sorted(c.clients) == sorted([(k, 0, "a", "ua", 11), (k, 0, *OVERFLOW_CLIENT, 10),
+                                        (k + 1, 1, "z", "ua", 100)])
+    assert c.folded == [(k, 0, fold_hash(("c", "ua")))]
+    apply(replica, c)
+    assert replica == as_replica(m)
+
+    [i] = m.close_due(T0 + 11)
+    c = m.take_changes()
+    assert (c.dropped, c.clients, c.reported) == ([k], [], k)
+    apply(replica, c)
+    assert replica == as_replica(m)
+
+    r = IntervalModel.restore(m_settings(m), Stats(), m.snapshot())
+    m.add(rec(T0 + 25, client="q"))
+    m.add(rec(T0 + 35, client="w"))
+    out = m.close_all(T0 + 22)  # later intervals merge into the running one
+    c = m.take_changes()
+    assert sorted(c.dropped) == [k + 1, k + 2, k + 3] and c.clients == []
+    assert len(out) == 2 and r.take_changes().clients == []
+
+
+def test_a_merge_on_stop_moves_every_client_to_the_running_interval():
+    m = model(start=T0)
+    m.add(rec(T0 + 1, client="a"))
+    m.add(rec(T0 + 31, client="b"))
+    m.take_changes()
+    k = T0 // 10
+    # the stop at T0 + 5 merges interval k+3 into k and closes k: everything is dropped
+    m.close_all(T0 + 5)
+    assert sorted(m.take_changes().dropped) == [k, k + 3]
+
+
+def test_dirty_tracking_costs_one_set_entry_per_changed_client():
+    m = model(start=T0)
+    m.take_changes()
+    for n in range(1000):
+        m.add(rec(T0 + 1, client=f"c{n % 10}"))
+    [streams] = m._open.values()
+    assert len(streams[A].changed) == 10
+    assert len(m.take_changes().clients) == 10
+    assert not streams[A].changed
+
+
+def test_an_untracked_model_hands_out_everything_at_the_first_take_changes():
+    m = model(start=T0, max_clients=1)
+    assert m.add.__func__ is IntervalModel.add  # replay and a stateless service: no tracking
+    m.add(rec(T0 + 1, client="a", sent=3))
+    m.add(rec(T0 + 1, client="a", sent=4))
+    m.add(rec(T0 + 1, client="b", sent=5))
+    c = m.take_changes()
+    k = T0 // 10
+    assert sorted(c.clients) == sorted([(k, 0, "a", "ua", 7), (k, 0, *OVERFLOW_CLIENT, 5)])
+    assert c.folded == [(k, 0, fold_hash(("b", "ua")))]
+    assert m.add.__func__ is not IntervalModel.add
+    m.add(rec(T0 + 1, client="a", sent=1))
+    assert m.take_changes().clients == [(k, 0, "a", "ua", 8)]
