@@ -59,6 +59,8 @@ class StatsCollector:
             ("exporter_reconnects", "Reconnection attempts to the exporter.",
              s.exporter_reconnects),
             ("hub_reconnects", "Reconnection attempts to the sfive hub.", s.hub_reconnects),
+            ("state_errors", "State store troubles (--state-dir): a corrupt file moved aside, "
+             "a failed write (the state kept in memory).", s.state_errors),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
