@@ -72,7 +72,7 @@ MEDIA_FILES: Mapping[str, bytes] = {
 ACCESS_LOG_FORMAT = (
     "log_format sfive_test escape=json '{\"msec\":\"$msec\",\"client\":\"$remote_addr\","
     "\"ua\":\"$http_user_agent\",\"uri\":\"$uri\",\"status\":$status,"
-    "\"bytes_sent\":$bytes_sent,\"request\":\"$request\"}';"
+    "\"bytes_sent\":$bytes_sent,\"request\":\"$request\",\"pid\":$pid}';"
 )
 
 
@@ -296,6 +296,10 @@ http {{
             time.sleep(0.02)
         raise NginxError(f"nginx did not reload:\n{self.error_log()}")
 
+    def quit(self, timeout: float = 10.0) -> None:
+        """`nginx -s quit`: a graceful stop (QUIT), waiting for the master to exit."""
+        self.stop(graceful=True, timeout=timeout)
+
     def stop(self, graceful: bool = False, timeout: float = 10.0) -> None:
         """Stop nginx (QUIT if graceful, else TERM) and wait for it; KILL as a last resort."""
         if self.process is None or self.process.poll() is not None:
@@ -320,7 +324,8 @@ http {{
             return ""
 
     def access_log(self) -> list[dict[str, Any]]:
-        """The access log's records so far: msec, client, ua, uri, status, bytes_sent, request."""
+        """The access log's records so far: msec, client, ua, uri, status, bytes_sent, request,
+        pid (the worker's)."""
         try:
             text = self.access_log_path.read_text(errors="surrogateescape")
         except FileNotFoundError:
@@ -372,8 +377,12 @@ class LineStream(Protocol):
         self.done.callback(reason.check(ResponseDone) is not None)
 
     def records(self) -> list[dict[str, Any]]:
-        """The request records received (no gap lines)."""
-        return [line for line in self.lines if "lost" not in line]
+        """The request records received (no gap lines, no heartbeats)."""
+        return [line for line in self.lines if "time" in line]
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        """The heartbeat lines received (protocol 2)."""
+        return [line for line in self.lines if "hb" in line]
 
     def close(self) -> None:
         """Disconnect from the exporter."""
@@ -382,9 +391,15 @@ class LineStream(Protocol):
 
 
 @defer.inlineCallbacks
-def subscribe(server: NginxServer, after: Optional[int] = None, path: str = "/sfive"):
-    """Open the exporter stream; return (response, LineStream) once the headers arrived."""
-    query = "" if after is None else f"?after={after}"
+def subscribe(server: NginxServer, after: Optional[int] = None, path: str = "/sfive",
+              v: Optional[int] = None, ring: Optional[str] = None):
+    """Open the exporter stream; return (response, LineStream) once the headers arrived.
+
+    v=2 asks for protocol 2 (heartbeats), ring=ID names the ring the subscriber read before.
+    """
+    params = [(k, val) for k, val in (("v", v), ("after", after), ("ring", ring))
+              if val is not None]
+    query = ("?" + "&".join(f"{k}={val}" for k, val in params)) if params else ""
     response = yield make_agent().request(
         b"GET", server.url(path + query).encode(),
         Headers({b"user-agent": [b"sfive-test-subscriber"]}))

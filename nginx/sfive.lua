@@ -11,6 +11,14 @@
 -- next). Memory stays bounded: the ring overwrites its oldest slots, and a slow subscriber only
 -- holds one batch (ngx.flush(true) waits for the socket without blocking the worker).
 --
+-- Protocol 2 (GET /sfive?v=2[&after=N][&ring=ID]): every response carries X-Sfive-Protocol: 2
+-- and X-Sfive-Ring: ID, the ring's identity (16 hex digits, made once per shared dict with
+-- dict:add, so a reload keeps it and a restart makes a new one). ?ring=ID naming another ring
+-- starts from the first record this ring holds. A v=2 subscriber also gets heartbeat lines
+-- {"seq":S,"hb":T} at least every heartbeat_interval: it has everything up to S, and every record
+-- whose time is before T (epoch seconds) has been delivered at or before S. When the worker
+-- exits (reload, quit), a stream first drains what the other workers still log.
+--
 -- Works with lua-nginx-module >= 0.10.6 (Debian bookworm's libnginx-mod-http-lua 0.10.23) and
 -- OpenResty. Needs no Lua library besides the module itself.
 
@@ -26,6 +34,12 @@ local pairs, tonumber, tostring, type = pairs, tonumber, tostring, type
 local M = { _VERSION = "1.0" }
 
 local SEQ_KEY = "seq"
+local RING_KEY = "ring"
+local PROTOCOL = 2
+
+-- How long after its time a record may become visible in the ring at most (a worker's cached
+-- clock lags the real one by its event-loop iteration): heartbeats promise T = now - this.
+local CLOCK_SLACK = 0.3
 
 local config = {
     dict = "sfive",          -- name of the lua_shared_dict holding the ring
@@ -33,6 +47,9 @@ local config = {
     poll_interval = 0.05,    -- seconds a caught-up subscriber sleeps between polls
     batch_max = 1000,        -- most records sent with one ngx.print / ngx.flush
     pending_timeout = 1,     -- seconds to wait for a counted but unwritten slot before skipping it
+    heartbeat_interval = 0.25,  -- seconds between heartbeat lines to a v=2 subscriber, at most
+    drain_quiet = 0.2,       -- at a worker's exit, a stream ends once no record came for this long
+    drain_max = 2,           -- ... or after this long at most
 }
 
 local function check(cond, msg)
@@ -59,9 +76,48 @@ function M.configure(opts)
     check(is_int(config.batch_max, 1), "batch_max must be an integer >= 1")
     check(type(config.pending_timeout) == "number" and config.pending_timeout > 0,
           "pending_timeout must be a number of seconds > 0")
-    check(shared[config.dict] ~= nil, "lua_shared_dict '" .. config.dict
+    check(type(config.heartbeat_interval) == "number" and config.heartbeat_interval >= 0.01,
+          "heartbeat_interval must be a number of seconds >= 0.01")
+    check(type(config.drain_quiet) == "number" and config.drain_quiet >= 0,
+          "drain_quiet must be a number of seconds >= 0")
+    check(type(config.drain_max) == "number" and config.drain_max >= 0,
+          "drain_max must be a number of seconds >= 0")
+    local dict = shared[config.dict]
+    check(dict ~= nil, "lua_shared_dict '" .. config.dict
           .. "' is not declared; add 'lua_shared_dict " .. config.dict .. " 64m;' to http {}")
+    M.ring_id(dict)
     return M
+end
+
+local function random_hex(bytes)
+    local f = io.open("/dev/urandom", "rb")
+    local raw = f and f:read(bytes)
+    if f then
+        f:close()
+    end
+    if not raw or #raw ~= bytes then
+        math.randomseed(floor(ngx.now() * 1000) + (ngx.worker and ngx.worker.pid() or 0))
+        local t = {}
+        for i = 1, bytes do
+            t[i] = string.char(math.random(0, 255))
+        end
+        raw = concat(t)
+    end
+    return (gsub(raw, ".", function(c) return format("%02x", byte(c)) end))
+end
+
+--- The ring's identity, made once per shared dict (dict:add: a reload keeps it, a restart of
+--- nginx makes a new dict and so a new identity). Also makes sure the sequence counter exists,
+--- so that neither key is ever created later, when a full dict could only make room by evicting.
+function M.ring_id(dict)
+    dict = dict or shared[config.dict]
+    local id = dict:get(RING_KEY)
+    if id then
+        return id
+    end
+    dict:add(SEQ_KEY, 0)
+    dict:add(RING_KEY, random_hex(8))  -- fails harmlessly if another worker was first
+    return dict:get(RING_KEY)
 end
 
 --- The current knobs (a copy).
@@ -199,20 +255,46 @@ function M.log()
     if not seq then
         return ngx.log(ngx.ERR, "sfive: cannot number a record: ", err)
     end
-    local ok, forcible
-    ok, err, forcible = dict:set(seq % config.ring_size, format('{"seq":%d', seq) .. body)
+    -- safe_set never evicts: a dict too small for its ring loses this record (subscribers get a
+    -- gap line for it) instead of evicting the ring's identity, its counter or older records
+    local ok
+    ok, err = dict:safe_set(seq % config.ring_size, format('{"seq":%d', seq) .. body)
     if not ok then
+        if err == "no memory" then
+            return warn_once("small", "lua_shared_dict '", config.dict, "' is too small for ",
+                             "ring_size ", config.ring_size, ": records are lost (first: ", seq,
+                             "); make the dict larger")
+        end
         return ngx.log(ngx.ERR, "sfive: cannot store record ", seq, ": ", err)
-    end
-    if forcible then
-        warn_once("small", "lua_shared_dict '", config.dict, "' is too small for ring_size ",
-                  config.ring_size, ": old records are evicted early; make the dict larger")
     end
 end
 
 local function gap_line(lost, next_seq)
     return format('{"lost":%d,"seq":%d}', lost, next_seq)
 end
+
+-- Epoch seconds of a record line's "time" (local time with its UTC offset, milliseconds).
+local function days_from_civil(y, m, d)
+    y = m <= 2 and y - 1 or y
+    local era = floor(y / 400)
+    local yoe = y - era * 400
+    local doy = floor((153 * (m > 2 and m - 3 or m + 9) + 2) / 5) + d - 1
+    local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+    return era * 146097 + doe - 719468
+end
+
+local function line_time(line)
+    local y, mo, d, h, mi, sec, ms, sign, oh, om = match(line,
+        '"time":"(%d+)%-(%d+)%-(%d+)T(%d+):(%d+):(%d+)%.(%d+)([+-])(%d+):(%d+)"')
+    if not y then
+        return nil
+    end
+    local offset = (tonumber(oh) * 3600 + tonumber(om) * 60) * (sign == "-" and -1 or 1)
+    return days_from_civil(tonumber(y), tonumber(mo), tonumber(d)) * 86400
+        + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec) + tonumber(ms) / 1000 - offset
+end
+
+M.line_time = line_time
 
 local function on_abort()
     ngx.exit(499)
@@ -239,17 +321,29 @@ function M.serve()
         return ngx.exit(ngx.HTTP_NOT_ALLOWED)
     end
 
+    local var = ngx.var
+    local after, v, want_ring = var.arg_after, var.arg_v, var.arg_ring
+    if after ~= nil and (not match(after, "^%d+$") or #after > 15) then
+        return bad_request("'after' must be a sequence number (a non-negative integer)")
+    end
+    if v ~= nil and (not match(v, "^%d+$") or #v > 5) then
+        return bad_request("'v' must be a protocol version (a positive integer)")
+    end
+    if want_ring ~= nil and not match(want_ring, "^%x+$") then
+        return bad_request("'ring' must be a ring identity (hex digits, as X-Sfive-Ring)")
+    end
+    local v2 = v ~= nil and tonumber(v) >= PROTOCOL
+
     local ring = config.ring_size
     local batch_max = config.batch_max
+    local ring_id = M.ring_id(dict)
     local newest = dict:get(SEQ_KEY) or 0
     local cursor = newest + 1       -- next seq to deliver
     local lost = 0                  -- records skipped since the last delivered one
 
-    local after = ngx.var.arg_after
-    if after ~= nil then
-        if not match(after, "^%d+$") or #after > 15 then
-            return bad_request("'after' must be a sequence number (a non-negative integer)")
-        end
+    if want_ring ~= nil and string.lower(want_ring) ~= ring_id then
+        cursor = 1                  -- another ring (nginx restarted): all this one holds
+    elseif after ~= nil then
         local n = tonumber(after)
         if n < newest then
             cursor = n + 1
@@ -259,6 +353,8 @@ function M.serve()
     ngx.header.content_type = "application/x-ndjson"
     ngx.header["Cache-Control"] = "no-store"
     ngx.header["X-Accel-Buffering"] = "no"
+    ngx.header["X-Sfive-Protocol"] = tostring(PROTOCOL)
+    ngx.header["X-Sfive-Ring"] = ring_id
     local ok, err = ngx.on_abort(on_abort)
     if not ok then
         warn_once("abort", "ngx.on_abort: ", err,
@@ -276,7 +372,13 @@ function M.serve()
     local out, nout = {}, 0
     local pending_since
     local exiting = ngx.worker.exiting
-    while not exiting() do
+    local now = ngx.now
+    local hb_interval = config.heartbeat_interval
+    local next_hb = 0               -- when the next heartbeat is due (v2): at once
+    local hb_time = 0               -- the last heartbeat's T (never goes back)
+    local last_line                 -- the last record delivered, for its time
+    local drain_start, quiet_since, drain_newest
+    while true do
         newest = dict:get(SEQ_KEY) or newest
         local oldest = newest - ring + 1
         if cursor < oldest then
@@ -284,6 +386,7 @@ function M.serve()
             cursor = oldest
         end
         local steps = 0
+        local waiting = false       -- stopped at a counted but not yet stored record
         while cursor <= newest and steps < batch_max do
             steps = steps + 1
             local line = dict:get(cursor % ring)
@@ -296,6 +399,7 @@ function M.serve()
                 end
                 nout = nout + 1
                 out[nout] = line
+                last_line = line
                 cursor = cursor + 1
                 pending_since = nil
             elseif s and s > cursor then
@@ -306,15 +410,60 @@ function M.serve()
                 cursor = cursor + skip
             else
                 -- counted but not yet stored (another worker is between incr and set), or
-                -- evicted because the dict is too small: wait a little, then skip it
-                local now = ngx.now()
-                pending_since = pending_since or now
-                if now - pending_since < config.pending_timeout then
+                -- lost because the dict is too small: wait a little, then skip it
+                local t = now()
+                pending_since = pending_since or t
+                if t - pending_since < config.pending_timeout then
+                    waiting = true
                     break
                 end
                 lost = lost + 1
                 cursor = cursor + 1
             end
+        end
+        local t = now()
+        local finished = false
+        if drain_start == nil and exiting() then
+            drain_start, quiet_since, drain_newest = t, t, newest
+        end
+        if drain_start ~= nil then
+            -- the worker is exiting: go on until the ring has been quiet for a moment
+            if newest ~= drain_newest or waiting or cursor <= newest then
+                drain_newest, quiet_since = newest, t
+            end
+            finished = t - quiet_since >= config.drain_quiet
+                or t - drain_start >= config.drain_max
+        end
+        if v2 and lost > 0 and not waiting then
+            -- v2 hears of a loss at once (v1 only before the next record, as it always did)
+            nout = nout + 1
+            out[nout] = gap_line(lost, cursor)
+            lost = 0
+        end
+        if v2 and (t >= next_hb or finished) then
+            -- S: the last seq delivered (lost records not yet announced are not "had").
+            -- T: caught up, every record numbered later is younger than now - CLOCK_SLACK;
+            -- otherwise records after S are younger than S's own time - CLOCK_SLACK.
+            local s = cursor - 1 - lost
+            local promise
+            if cursor > newest and not waiting then
+                promise = t - CLOCK_SLACK
+            else
+                if last_line == nil and s > 0 then
+                    local line = dict:get(s % ring)
+                    if line and tonumber(match(line, '^{"seq":(%d+)')) == s then
+                        last_line = line
+                    end
+                end
+                local lt = last_line and line_time(last_line)
+                promise = lt and lt - CLOCK_SLACK
+            end
+            if promise and promise > hb_time then
+                hb_time = floor(promise * 1000) / 1000
+            end
+            nout = nout + 1
+            out[nout] = format('{"seq":%d,"hb":%.3f}', s, hb_time)
+            next_hb = t + hb_interval
         end
         if nout > 0 then
             out[nout + 1] = ""
@@ -329,6 +478,9 @@ function M.serve()
             if not ok then
                 return
             end
+        end
+        if finished then
+            return
         end
         if steps < batch_max then
             ngx.sleep(config.poll_interval)

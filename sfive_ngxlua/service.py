@@ -2,59 +2,180 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import time
+from typing import Any, List, Optional
 
+import simplejson
 from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
+from .datasets import Dataset
 from .fetch import LogFetchService
 from .model import IntervalModel
 from .pipeline import Pipeline
 from .report import ReportService
 from .settings import Options, Settings
-from .sinks import HubDatagramSink, HubStreamSink, StdoutSink
+from .sinks import DatasetQueue, DiskQueue, HubDatagramSink, HubStreamSink, StdoutSink
 from .stats import Stats
+from .store import StateLocked, StateStore
 
-__all__ = ["Options", "makeService", "build", "make_sink"]
+__all__ = ["Options", "makeService", "build", "make_sink", "StateService"]
+
+CHECKPOINT_SECONDS = 1.0
+CHECKPOINT_BUDGET = 0.05
+"""Share of the reactor's time checkpoints may take: a checkpoint that took longer than this
+share of its period (e.g. tens of thousands of clients changing every second) stretches the
+period, up to ``CHECKPOINT_MAX_SECONDS``."""
+CHECKPOINT_MAX_SECONDS = 10.0
 
 
 def make_sink(settings: Settings, reactor: Any, stats: Stats,
-              clock: Optional[IReactorTime] = None) -> Service:
-    """The sink the settings ask for: hub datagram socket, hub stream, or standard output."""
+              clock: Optional[IReactorTime] = None,
+              queue: Optional[DatasetQueue] = None) -> Service:
+    """The sink the settings ask for: hub datagram socket, hub stream, or standard output.
+    The hub sinks queue in ``queue`` (default: in memory, bounded by the settings)."""
+    if queue is None and (settings.socket or settings.hub):
+        queue = DatasetQueue(settings.queue_limit, stats, settings.queue_bytes)
     if settings.socket:
-        return HubDatagramSink(settings.socket, reactor, stats, settings.queue_limit, clock=clock)
+        return HubDatagramSink(settings.socket, reactor, stats, settings.queue_limit, clock=clock,
+                               queue=queue)
     if settings.hub:
-        return HubStreamSink(settings.hub, reactor, stats, settings.queue_limit, clock=clock)
+        return HubStreamSink(settings.hub, reactor, stats, settings.queue_limit, clock=clock,
+                             queue=queue)
     return StdoutSink(stats)
+
+
+class StateService(Service):
+    """Keeps the model, the source's position and the hub queue in the state store.
+
+    A checkpoint every ``period`` seconds (on the injected clock) and at every report, each one
+    transaction; the report's datasets are committed with the model's changes and the position
+    and only then sent. At the stop (after the reporter, the fetcher and the sink have stopped)
+    a last checkpoint saves the running interval, and the store is closed.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: StateStore, model: IntervalModel, source: Any, sink: Any,
+                 clock: IReactorTime, period: float = CHECKPOINT_SECONDS) -> None:
+        self.store = store
+        self.model = model
+        self.source = source
+        self.sink = sink
+        self.clock = clock
+        self.period = period
+        queue = getattr(sink, "queue", None)
+        self.queue = queue if isinstance(queue, DiskQueue) else None
+        self.loop = LoopingCall(self.checkpoint)
+        self.loop.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        pending, self.store.pending = self.store.pending, []
+        for data in pending:
+            self.sink.deliver(simplejson.loads(data))
+        self.loop.start(self.period, now=True).addErrback(
+            lambda f: self.log.failure("checkpoint loop failed", f))
+
+    def checkpoint(self) -> bool:
+        """The model's changes and the position they cover, in one transaction; the period
+        adapts so that checkpoints take at most ``CHECKPOINT_BUDGET`` of the time."""
+        started = time.perf_counter()
+        ok = self.store.checkpoint(self.model, position_of(self.source))
+        self.store.scrub_wal()
+        cost = time.perf_counter() - started
+        self.loop.interval = min(CHECKPOINT_MAX_SECONDS,
+                                 max(self.period, cost / CHECKPOINT_BUDGET))
+        return ok
+
+    def commit(self, datasets: List[Dataset]) -> None:
+        """The report's transaction: the closed intervals' changes, their datasets into the
+        queue, the position; then send."""
+        if self.queue is not None:
+            self.store.checkpoint(self.model, position_of(self.source), self.queue,
+                                  [self.sink.encode(d) for d in datasets])
+            self.sink.flush()
+            return
+        self.store.checkpoint(self.model, position_of(self.source))
+        for dataset in datasets:
+            self.sink.deliver(dataset)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
+        if self.store.checkpoint(self.model, position_of(self.source)):
+            self.log.info("state saved in {dir}: the running interval is reported after the "
+                          "restart", dir=self.store.directory)
+        self.store.scrub = True
+        self.store.scrub_wal()
+        self.store.close()
+
+
+def position_of(source: Any) -> Optional[dict]:
+    """The source's position (``source.position()``)."""
+    position = getattr(source, "position", None)
+    if position is not None:
+        return position()
+    return {"kind": "exporter", "ring": None, "seq": source.pipeline.last_seq}
+
+
+def resume(source: Any, position: Optional[dict]) -> None:
+    """Start the source where the saved position says (``source.resume(position)``)."""
+    if not position:
+        return
+    resume = getattr(source, "resume", None)
+    if resume is not None:
+        resume(position)
+    elif position.get("seq") is not None:
+        source.pipeline.parser.last_seq = position["seq"]
 
 
 def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
           clock: Optional[IReactorTime] = None, stats: Optional[Stats] = None) -> MultiService:
-    """Compose fetcher, model, reporter and sink.
+    """Compose fetcher, model, reporter and sink (and the state store, with a state dir).
 
     ``reactor`` does the networking; ``clock`` (default: the reactor) drives every timer, so a
     test can use a ``task.Clock``. ``sink`` is any service with ``deliver(dataset)``, e.g. a
-    ``CallableSink``; by default the settings choose one. Stop order is reporter, fetcher, sink:
-    the last partial interval is reported before the sink drains its queue.
+    ``CallableSink``; by default the settings choose one. Stop order is reporter, fetcher, sink
+    (then the state's last checkpoint): without a state dir the last partial interval is
+    reported before the sink drains its queue; with one it is saved instead. Raises
+    ``StateLocked`` if another process has the state dir.
     """
     clock = clock if clock is not None else reactor
     stats = stats if stats is not None else Stats()
+    store = queue = None
+    if settings.state_dir:
+        store = StateStore(settings.state_dir, settings, stats, clock)
+        if sink is None and (settings.socket or settings.hub):
+            queue = DiskQueue(store, settings.queue_limit, stats, settings.queue_bytes)
     if sink is None:
-        sink = make_sink(settings, reactor, stats, clock)
+        sink = make_sink(settings, reactor, stats, clock, queue)
     if getattr(sink, "stats", False) is None:
         sink.stats = stats
-    model = IntervalModel(settings, stats)
+    model = store.restore(stats, queue) if store is not None else None
+    if model is None:
+        model = IntervalModel(settings, stats)
     pipeline = Pipeline(settings, stats, model)
     top = MultiService()
     top.stats = stats
     top.model = model
     top.sink = sink
+    fetch = LogFetchService(settings, reactor, pipeline, stats, clock=clock)
+    state = None
+    if store is not None:
+        state = StateService(store, model, fetch, sink, clock)
+        state.setName("state")
+        state.setServiceParent(top)
+        resume(fetch, store.position())
+    top.store = store
     sink.setName("sink")
     sink.setServiceParent(top)
-    fetch = LogFetchService(settings, reactor, pipeline, stats, clock=clock)
     fetch.setName("fetch")
     fetch.setServiceParent(top)
-    reporter = ReportService(settings, clock, model, sink.deliver, stats)
+    reporter = _reporter(settings, clock, model, sink, stats, state)
     reporter.setName("report")
     reporter.setServiceParent(top)
     if settings.metrics:
@@ -66,8 +187,44 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
     return top
 
 
+def _reporter(settings: Settings, clock: IReactorTime, model: IntervalModel, sink: Any,
+              stats: Stats, state: Optional[StateService]) -> ReportService:
+    if state is None:
+        return ReportService(settings, clock, model, sink.deliver, stats)
+    return _SavingReporter(settings, clock, model, sink.deliver, stats, state.commit)
+
+
+class _SavingReporter(ReportService):
+    """SHIM until the ``eventtime`` branch's ReportService(commit=..., ...) lands: all datasets
+    of the intervals closed at once go to ``commit``; the stop reports only what is due."""
+
+    def __init__(self, settings: Settings, clock: IReactorTime, model: IntervalModel,
+                 deliver: Any, stats: Stats, commit: Any) -> None:
+        super().__init__(settings, clock, model, lambda dataset: None, stats)
+        self.commit = commit
+
+    def _emit(self, intervals: list) -> None:
+        from .datasets import datasets
+
+        if intervals:
+            self.commit([d for i in intervals for d in datasets(i, self.settings)])
+        super()._emit(intervals)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._start is not None and self._start.active():
+            self._start.cancel()
+        if self.loop.running:
+            self.loop.stop()
+        self._emit(self.model.close_due(self.clock.seconds()))
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    """twistd's entry point: validated options to the running service tree."""
+    """twistd's entry point: validated options to the running service tree. A state dir that
+    another process holds ends the start with one clear line (no traceback)."""
     if reactor is None:
         from twisted.internet import reactor
-    return build(options.settings(), reactor)
+    try:
+        return build(options.settings(), reactor)
+    except StateLocked as e:
+        raise SystemExit(f"sfive-ngxlua: {e}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class Settings:
     socket: Optional[str] = None
     hub: Optional[str] = None
     queue_limit: int = 1000
+    queue_bytes: int = 256 << 20
+    state_dir: Optional[str] = None
     idle_timeout: float = 60.0
     connect_timeout: float = 10.0
     metrics: Optional[str] = None
@@ -84,6 +87,18 @@ def _positive_int(what: str, value: object) -> int:
     if n <= 0:
         raise usage.UsageError(f"{what} must be a positive integer, not {value!r}")
     return n
+
+
+def _bytes(what: str, value: object) -> int:
+    """A positive number of bytes, with an optional K, M or G suffix (powers of 1024)."""
+    text = str(value).strip()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit() or int(digits) <= 0:
+        raise usage.UsageError(
+            f"{what} must be a positive number of bytes (K, M, G for KiB, MiB, GiB), "
+            f"not {value!r}")
+    return int(digits) * scale
 
 
 def _seconds(what: str, value: object, positive: bool = False) -> float:
@@ -139,6 +154,8 @@ class ModelOptions(usage.Options):
         ["hub", None, None,
          "the sfive hub as a stream client endpoint, e.g. unix:path=/run/sfive/pipe"],
         ["queue-limit", None, "1000", "datasets kept while the hub is away or slow"],
+        ["queue-bytes", None, "256M",
+         "bytes of datasets kept while the hub is away or slow (K, M, G suffixes)"],
     ]
 
     def __init__(self) -> None:
@@ -181,6 +198,7 @@ class ModelOptions(usage.Options):
             socket=self["socket"],
             hub=self["hub"],
             queue_limit=_positive_int("--queue-limit", self["queue-limit"]),
+            queue_bytes=_bytes("--queue-bytes", self["queue-bytes"]),
         )
 
     def settings(self) -> Settings:
@@ -202,6 +220,9 @@ class Options(ModelOptions):
         ["connect-timeout", None, "10", "give up on a connection attempt after this long"],
         ["metrics", None, None,
          "serve Prometheus metrics on this server endpoint, e.g. tcp:9166:interface=127.0.0.1"],
+        ["state-dir", None, None,
+         "keep the open intervals, the exporter position and the hub queue in this directory "
+         "across restarts and crashes [default: none, all in memory]"],
     ]
 
     def postOptions(self) -> None:
@@ -227,6 +248,14 @@ class Options(ModelOptions):
                 ) from None
             _check_endpoint("--metrics", self["metrics"], client=False,
                             example="tcp:9166:interface=127.0.0.1")
+        state_dir = self["state-dir"]
+        if state_dir is not None:
+            if not state_dir.strip():
+                raise usage.UsageError("--state-dir: empty path")
+            state_dir = os.path.abspath(state_dir)
+            if os.path.exists(state_dir) and not os.path.isdir(state_dir):
+                raise usage.UsageError(f"--state-dir {state_dir!r}: not a directory")
         self.settings_kwargs.update(
-            url=self["url"], idle_timeout=idle, connect_timeout=connect, metrics=self["metrics"]
+            url=self["url"], idle_timeout=idle, connect_timeout=connect, metrics=self["metrics"],
+            state_dir=state_dir,
         )

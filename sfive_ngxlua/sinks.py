@@ -2,12 +2,15 @@
 
 Every sink is a service with ``deliver(dataset)``. The hub sinks keep an ordered, bounded queue
 that outlives connections: datasets wait there while the hub is away or slow and go out in order
-when it can take them; past ``--queue-limit`` the oldest are dropped, counted and warned about.
+when it can take them; past ``--queue-limit`` datasets or ``--queue-bytes`` the oldest are
+dropped, counted and warned about. With a state dir the queue lives in the state store
+(``DiskQueue``) and survives restarts and crashes.
 """
 
 from __future__ import annotations
 
 import socket
+import sqlite3
 import sys
 from collections import deque
 from errno import (
@@ -17,7 +20,7 @@ from errno import (
     ENOBUFS,
     EWOULDBLOCK,
 )
-from typing import IO, Any, Callable, Deque, List, Optional
+from typing import IO, Any, Callable, Deque, List, Optional, Tuple
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -51,44 +54,70 @@ def datagram_limit() -> int:
         return probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - DATAGRAM_SLACK
 
 
+DEFAULT_QUEUE_BYTES = 256 << 20
+WINDOW_DATASETS = 64
+"""Datasets of a disk queue held in memory at a time (its oldest)."""
+
+
 class DatasetQueue:
-    """Encoded datasets waiting for the hub, oldest first, at most ``limit`` of them."""
+    """Encoded datasets waiting for the hub, oldest first: at most ``limit`` of them and at most
+    ``max_bytes`` together (the newest dataset is always kept); past that the oldest are
+    dropped, counted and warned about."""
 
     log = Logger()
 
-    def __init__(self, limit: int, stats: Stats) -> None:
+    def __init__(self, limit: int, stats: Stats, max_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
         self.items: Deque[bytes] = deque()
         self.limit = limit
+        self.max_bytes = max_bytes
+        self.size = 0
         self.stats = stats
         self._waiting: List[Deferred] = []
 
     def push(self, data: bytes) -> None:
-        if len(self.items) >= self.limit:
-            self.items.popleft()
+        self.items.append(data)
+        self.size += len(data)
+        self._bound()
+
+    def _bound(self) -> None:
+        """Drop the oldest while over either limit."""
+        while len(self) > 1 and (len(self) > self.limit or self.size > self.max_bytes):
+            full = (f"{self.limit} datasets" if len(self) > self.limit
+                    else f"{self.max_bytes / (1 << 20):g} MiB")
+            self._pop_head()
             self.stats.datasets_dropped += 1
             self.log.warn(
-                "hub queue full ({limit} datasets): dropped the oldest dataset "
-                "({dropped} dropped so far)",
-                limit=self.limit, dropped=self.stats.datasets_dropped,
-            )
-        self.items.append(data)
-        self.stats.queued = len(self.items)
+                "hub queue full ({full}): dropped the oldest dataset ({dropped} dropped so far)",
+                full=full, dropped=self.stats.datasets_dropped)
+        self.stats.queued = len(self)
+
+    def head(self) -> Optional[bytes]:
+        """The oldest dataset, the next to send (None if the queue is empty)."""
+        return self.items[0] if self.items else None
+
+    def replace_head(self, data: bytes) -> None:
+        """The head goes out in this (trimmed) form."""
+        self.size += len(data) - len(self.items[0])
+        self.items[0] = data
+
+    def _pop_head(self) -> None:
+        self.size -= len(self.items.popleft())
 
     def sent(self) -> None:
         """The head went out."""
-        self.items.popleft()
+        self._pop_head()
         self.stats.datasets_sent += 1
         self._taken()
 
     def drop_head(self) -> None:
         """The head can never go out."""
-        self.items.popleft()
+        self._pop_head()
         self.stats.datasets_dropped += 1
         self._taken()
 
     def _taken(self) -> None:
-        self.stats.queued = len(self.items)
-        if not self.items and self._waiting:
+        self.stats.queued = len(self)
+        if not len(self) and self._waiting:
             waiting, self._waiting = self._waiting, []
             for d in waiting:
                 if not d.called:
@@ -96,13 +125,12 @@ class DatasetQueue:
 
     def warn_undelivered(self) -> None:
         """At a stop: say what the hub never got."""
-        if self.items:
-            self.log.warn("stopping with {n} datasets not delivered to the hub",
-                          n=len(self.items))
+        if len(self):
+            self.log.warn("stopping with {n} datasets not delivered to the hub", n=len(self))
 
     def empty(self, timeout: float, clock: IReactorTime) -> Deferred:
         """Fires (with None) once the queue is empty, or after ``timeout`` seconds."""
-        if not self.items:
+        if not len(self):
             return succeed(None)
         d = Deferred()
         d.addTimeout(timeout, clock, onTimeoutCancel=lambda *a: None)
@@ -111,6 +139,111 @@ class DatasetQueue:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+class DiskQueue(DatasetQueue):
+    """The hub queue in the state store: it survives restarts and crashes, in order; memory
+    holds only its oldest ``window`` datasets. A dataset is deleted from disk once sent (a crash
+    between sending and deleting sends it again after the restart: the only duplicate).
+
+    While the store cannot be written (a full disk), new datasets wait in memory behind those
+    on disk, and the bounds count both."""
+
+    log = Logger()
+    persistent = True
+
+    def __init__(self, store: Any, limit: int, stats: Stats,
+                 max_bytes: int = DEFAULT_QUEUE_BYTES, window: int = WINDOW_DATASETS) -> None:
+        super().__init__(limit, stats, max_bytes)
+        self.store = store
+        self.window_size = window
+        self.window: Deque[Tuple[int, bytes]] = deque()
+        self.on_disk, self.size = store.queue_totals()
+        self._last_id = 0
+        if self.on_disk:
+            self.log.info("{n} datasets ({mib:.1f} MiB) saved in the hub queue, sent first",
+                          n=self.on_disk, mib=self.size / (1 << 20))
+        self.stats.queued = len(self)
+
+    def __len__(self) -> int:
+        return self.on_disk + len(self.items)
+
+    def push(self, data: bytes) -> None:
+        """One dataset, in its own transaction."""
+        try:
+            with self.store.transaction():
+                self.stage([data])
+        except sqlite3.Error as e:
+            self.store.failed(e, "hub queue write")
+            self.push_memory([data])
+
+    def stage(self, items: List[bytes]) -> None:
+        """Inside the store's transaction: write ``items``; they count once it commits."""
+        if self.items:
+            self.store.after_commit(lambda: self.push_memory(items))
+            return
+        ids = self.store.queue_insert(items)
+        self.store.after_commit(lambda: self._appended(list(zip(ids, items))))
+
+    def _appended(self, rows: List[Tuple[int, bytes]]) -> None:
+        for i, data in rows:
+            if len(self.window) == self.on_disk and len(self.window) < self.window_size:
+                self.window.append((i, data))
+                self._last_id = i
+            self.on_disk += 1
+            self.size += len(data)
+        self._bound()
+
+    def push_memory(self, items: List[bytes]) -> None:
+        """Datasets the store could not take: they wait in memory, after those on disk."""
+        for data in items:
+            self.items.append(data)
+            self.size += len(data)
+        self._bound()
+
+    def _fill(self) -> None:
+        if not self.window and self.on_disk:
+            rows = self.store.queue_after(self._last_id, self.window_size)
+            self.window.extend(rows)
+            if rows:
+                self._last_id = rows[-1][0]
+
+    def head(self) -> Optional[bytes]:
+        self._fill()
+        if self.window:
+            return self.window[0][1]
+        return self.items[0] if self.items else None
+
+    def replace_head(self, data: bytes) -> None:
+        if self.window:
+            i, old = self.window[0]
+            self._write(lambda: self.store.queue_update(i, data))
+            self.window[0] = (i, data)
+            self.size += len(data) - len(old)
+        else:
+            super().replace_head(data)
+
+    def _pop_head(self) -> None:
+        self._fill()
+        if self.window:
+            i, data = self.window.popleft()
+            self._write(lambda: self.store.queue_delete([i]))
+            self.on_disk -= 1
+            self.size -= len(data)
+        else:
+            super()._pop_head()
+
+    def warn_undelivered(self) -> None:
+        if len(self):
+            self.log.info("stopping with {n} datasets not yet delivered to the hub; kept in "
+                          "the state dir, sent after the restart", n=len(self))
+
+    def _write(self, action: Callable[[], None]) -> None:
+        """A single-statement change (it commits on its own); a failure is the store's."""
+        try:
+            action()
+        except sqlite3.Error as e:
+            self.store.failed(e, "hub queue update")
 
 
 class CallableSink(Service):
@@ -209,9 +342,11 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
 
     def flush(self) -> None:
         """Send queued datasets until the queue is empty or the socket is full."""
-        items = self.queue.items
-        while items and self.connected and not self._stopping:
-            data = items[0]
+        queue = self.queue
+        while self.connected and not self._stopping:
+            data = queue.head()
+            if data is None:
+                break
             try:
                 self.socket.send(data)
             except OSError as e:
@@ -242,7 +377,7 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
                            size=len(data))
             return
         self._limit = limit if len(smaller) <= limit else limit // 2
-        self.queue.items[0] = smaller
+        self.queue.replace_head(smaller)
         self.queue.stats.datasets_trimmed += 1
         self.log.warn(
             "dataset of {size} bytes exceeds the datagram limit: client list trimmed to "
@@ -263,15 +398,19 @@ class _HubSink(Service):
     connection: Any = None
 
     def __init__(self, reactor: Any, stats: Stats, queue_limit: int, drain: float,
-                 clock: Optional[IReactorTime]) -> None:
+                 clock: Optional[IReactorTime], queue: Optional[DatasetQueue] = None) -> None:
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.stats = stats
-        self.queue = DatasetQueue(queue_limit, stats)
+        self.queue = queue if queue is not None else DatasetQueue(queue_limit, stats)
         self.drain = drain
         self._outage = False
 
     def deliver(self, dataset: Dataset) -> None:
         self.queue.push(self.encode(dataset))
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what the queue holds, as far as the connection takes it."""
         if self.connection is not None:
             self.connection.flush()
 
@@ -286,7 +425,7 @@ class _HubSink(Service):
 
     def _drained(self) -> Deferred:
         """Up to ``drain`` seconds for the queue to reach the hub, if connected."""
-        if self.connection is None:
+        if self.connection is None or getattr(self.queue, "persistent", False):
             return succeed(None)
         return self.queue.empty(self.drain, self.clock)
 
@@ -296,8 +435,9 @@ class HubDatagramSink(_HubSink):
 
     def __init__(self, path: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
                  retry: float = RETRY_SECONDS, drain: float = DRAIN_SECONDS,
-                 clock: Optional[IReactorTime] = None) -> None:
-        super().__init__(reactor, stats, queue_limit, drain, clock)
+                 clock: Optional[IReactorTime] = None,
+                 queue: Optional[DatasetQueue] = None) -> None:
+        super().__init__(reactor, stats, queue_limit, drain, clock, queue)
         self.path = path
         self.reactor = reactor
         self.retry = retry
@@ -395,8 +535,11 @@ class _HubStream(protocol.Protocol):
 
     def flush(self) -> None:
         queue = self.sink.queue
-        while queue.items and not self.paused:
-            self.transport.write(queue.items[0])
+        while not self.paused:
+            data = queue.head()
+            if data is None:
+                break
+            self.transport.write(data)
             queue.sent()
 
     def dataReceived(self, data: bytes) -> None:
@@ -436,8 +579,9 @@ class HubStreamSink(_HubSink):
     per line, no size limit, reconnected by a ClientService with backoff."""
 
     def __init__(self, description: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
-                 drain: float = DRAIN_SECONDS, clock: Optional[IReactorTime] = None) -> None:
-        super().__init__(reactor, stats, queue_limit, drain, clock)
+                 drain: float = DRAIN_SECONDS, clock: Optional[IReactorTime] = None,
+                 queue: Optional[DatasetQueue] = None) -> None:
+        super().__init__(reactor, stats, queue_limit, drain, clock, queue)
         self.description = description
         factory = protocol.Factory.forProtocol(lambda: _HubStream(self))
         factory.noisy = False

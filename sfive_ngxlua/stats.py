@@ -38,6 +38,7 @@ class Stats:
     hub_connected: bool = False
     hub_reconnects: int = 0
     last_report: Optional[float] = None
+    state_errors: int = 0
     streams: Dict[StreamerKey, StreamFigures] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:

@@ -716,6 +716,22 @@ def check_purged() -> None:
     assert pwd.getpwnam(PKG).pw_dir == "/nonexistent"
 
 
+def test_state_dir_made_private_by_the_init_script_and_removed_on_purge() -> None:
+    """The shipped options keep the state in /var/lib/sfive-ngxlua; the init script makes it
+    0700 for the service user (the unit has StateDirectory=); purge removes it; the retire
+    command ships with its man page."""
+    init = (ROOT / "debian" / f"{PKG}.init").read_text()
+    assert "STATEDIR=/var/lib/$NAME" in init
+    assert "install -d -o $USER -g $USER -m 0700 $STATEDIR || return 2" in init
+    default = (ROOT / "debian" / f"{PKG}.default").read_text()
+    (opts,) = re.findall(r'^DAEMON_OPTS="(.*)"$', default, re.M)
+    assert "--state-dir /var/lib/sfive-ngxlua" in opts
+    postrm = (ROOT / "debian" / f"{PKG}.postrm").read_text()
+    assert re.search(r"purge\)\n(.*\n)*\s+rm -rf /var/lib/sfive-ngxlua\n", postrm)
+    assert "debian/sfive-ngxlua-retire.8" in (ROOT / "debian" / f"{PKG}.manpages").read_text()
+    assert "sfive-ngxlua-retire = sfive_ngxlua.retire:main" in (ROOT / "setup.cfg").read_text()
+
+
 # The confined unit (issue 14).
 
 UNIT_SOURCE = ROOT / "debian" / f"{PKG}.service"

@@ -12,14 +12,17 @@ from datetime import datetime
 
 import pytest
 import pytest_twisted
+import treq
 from support import exporter_layout, wait_for
-from twisted.internet import defer, utils
+from twisted.internet import defer, threads, utils
+from twisted.web.http_headers import Headers
 
 from lab.nginx import (
     LOCATION_SNIPPET,
     MEDIA_FILES,
     SNIPPET,
     fetch,
+    make_agent,
     pid_alive,
     subscribe,
 )
@@ -43,6 +46,15 @@ def from_log(entry):
 
 def seqs(records):
     return [r["seq"] for r in records]
+
+
+def ring_of(response):
+    """The X-Sfive-Ring header of an exporter response."""
+    return response.headers.getRawHeaders(b"x-sfive-ring", [b""])[0].decode()
+
+
+def epoch(record):
+    return datetime.fromisoformat(record["time"]).timestamp()
 
 
 @defer.inlineCallbacks
@@ -195,18 +207,24 @@ def test_live_subscriber_lapped_by_the_ring_gets_a_gap_line(nginx_factory):
 
 
 @pytest_twisted.inlineCallbacks
-def test_records_evicted_from_a_too_small_dict_count_as_lost(nginx_factory):
+def test_a_too_small_dict_loses_records_but_never_its_identity(nginx_factory):
     nginx = nginx_factory(ring_size=1000, dict_size="32k", knobs={"pending_timeout": 0.2})
+    response, _ = yield subscribe(nginx, v=2)
+    ring = ring_of(response)
     for _ in range(5):
         yield make_requests(nginx, 20)
     yield wait_for(lambda: len(nginx.access_log()) >= 100, what="100 requests logged")
-    _, stream = yield subscribe(nginx, after=0)
-    yield wait_for(lambda: stream.lines and stream.lines[-1].get("seq") == 100,
-                   what="the newest record")
-    gap, *records = stream.lines
+    response, stream = yield subscribe(nginx, after=0, v=2)
+    yield wait_for(lambda: any(line.get("seq") == 100 for line in stream.heartbeats()),
+                   what="a heartbeat at the newest record")
+    records = stream.records()
     assert 10 < len(records) < 90, "the dict held an unexpected number of records"
-    assert gap == {"lost": 100 - len(records), "seq": 101 - len(records)}
-    assert seqs(records) == list(range(gap["seq"], 101))
+    # safe_set: the newest records are lost (and said so), the ring's keys are never evicted
+    assert seqs(records) == list(range(1, len(records) + 1))
+    after = [line for line in stream.lines[stream.lines.index(records[-1]) + 1:]
+             if "hb" not in line]
+    assert after == [{"lost": 100 - len(records), "seq": 101}]
+    assert ring_of(response) == ring
     assert "is too small for ring_size 1000" in nginx.error_log()
     stream.close()
 
@@ -292,3 +310,198 @@ def test_reload_ends_old_streams_and_keeps_the_sequence(nginx):
     assert "[error]" not in nginx.error_log().replace("No such file", "")
     new.close()
 
+
+
+# --- protocol 2: ring identity, start rules, heartbeats, draining at exit ---------------------
+
+
+class Load:
+    """Viewers requesting SEG1 without pause (concurrency at a time, each with its own user
+    agent) until stop(); requests refused by a stopping nginx are simply not counted."""
+
+    def __init__(self, server, concurrency=8, prefix="load"):
+        self.server, self.concurrency, self.prefix = server, concurrency, prefix
+        self.made = 0
+        self.stopping = False
+        self.done = self._run()
+
+    @defer.inlineCallbacks
+    def _run(self):
+        while not self.stopping:
+            batch = [fetch(self.server.url(SEG1), ua=f"{self.prefix}-{self.made + i}")
+                     for i in range(self.concurrency)]
+            self.made += self.concurrency
+            yield defer.DeferredList(batch, consumeErrors=True)
+
+    def stop(self):
+        self.stopping = True
+        return self.done
+
+
+def exported_uas(records):
+    uas = [r["ua"] for r in records]
+    assert len(uas) == len(set(uas)), "a record was delivered twice"
+    return set(uas)
+
+
+def logged_uas(server, prefix):
+    return {e["ua"] for e in server.access_log() if e["ua"].startswith(prefix)}
+
+
+def check_heartbeats(lines):
+    """Heartbeat promises over a stream: S is the last delivered seq, T is kept."""
+    delivered, last_t = 0, 0.0
+    for i, line in enumerate(lines):
+        if "hb" in line:
+            assert line["seq"] == delivered, f"heartbeat {line} after seq {delivered}"
+            assert line["hb"] >= last_t, "T went back"
+            last_t = line["hb"]
+            late = [r for r in lines[i + 1:] if "time" in r and epoch(r) < last_t]
+            assert not late, f"{len(late)} records older than T={last_t} after {line}: {late[0]}"
+        elif "lost" in line:
+            delivered = line["seq"] - 1
+        else:
+            assert line["seq"] == delivered + 1 or delivered == 0
+            delivered = line["seq"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_ring_identity_survives_a_reload_and_changes_with_a_restart(nginx):
+    response, stream = yield subscribe(nginx, v=2)
+    assert response.headers.getRawHeaders(b"x-sfive-protocol") == [b"2"]
+    ring = ring_of(response)
+    assert re.fullmatch(r"[0-9a-f]{16}", ring)
+    yield make_requests(nginx, 3)
+    yield wait_for(lambda: len(stream.records()) >= 3, what="3 records")
+    nginx.reload()
+    yield wait_for(lambda: stream.reason is not None, what="the old worker to end the stream")
+    response, stream = yield subscribe(nginx, v=2, ring=ring, after=3)
+    assert ring_of(response) == ring
+    yield make_requests(nginx, 1)
+    yield wait_for(lambda: stream.records(), what="a record after the reload")
+    assert seqs(stream.records()) == [4]
+    stream.close()
+
+    nginx.stop()
+    nginx.start()
+    response, stream = yield subscribe(nginx, v=2, ring=ring, after=4)
+    assert re.fullmatch(r"[0-9a-f]{16}", ring_of(response)) and ring_of(response) != ring
+    yield make_requests(nginx, 2)
+    yield wait_for(lambda: len(stream.records()) >= 2, what="records of the new ring")
+    assert seqs(stream.records()) == [1, 2], "a new ring is read from its first record"
+    stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_another_ring_streams_from_the_first_record_this_ring_holds(nginx_factory):
+    nginx = nginx_factory(ring_size=4)
+    for i in range(10):
+        yield fetch(nginx.url(SEG1), ua=f"v{i + 1}")
+    yield wait_for(lambda: len(nginx.access_log()) >= 10, what="10 requests logged")
+    response, other = yield subscribe(nginx, v=2, ring="0123456789abcdef", after=9)
+    _, same = yield subscribe(nginx, v=2, ring=ring_of(response), after=8)
+    _, fresh = yield subscribe(nginx, v=2, ring="0123456789ABCDEF")
+    for stream in (other, same, fresh):
+        yield wait_for(lambda s=stream: s.heartbeats(), what="a first heartbeat")
+    assert other.lines[:5] == [{"lost": 6, "seq": 7}] + other.records()[:4]
+    assert [r["ua"] for r in other.records()] == ["v7", "v8", "v9", "v10"]
+    assert seqs(same.records()) == [9, 10] and not any("lost" in r for r in same.lines)
+    assert seqs(fresh.records()) == [7, 8, 9, 10]
+    for stream in (other, same, fresh):
+        stream.close()
+    status, body = yield fetch(nginx.url("/sfive?v=2&ring=nothex"))
+    assert status == 400 and b"'ring' must be a ring identity" in body
+    status, body = yield fetch(nginx.url("/sfive?v=two"))
+    assert status == 400 and b"'v' must be a protocol version" in body
+
+
+@pytest_twisted.inlineCallbacks
+def test_v1_subscribers_get_todays_lines_only(nginx_factory):
+    nginx = nginx_factory(ring_size=4, knobs={"heartbeat_interval": 0.05})
+    _, v1 = yield subscribe(nginx)
+    _, v2 = yield subscribe(nginx, v=2)
+    yield make_requests(nginx, 3)
+    yield wait_for(lambda: len(v1.lines) >= 3 and len(v2.heartbeats()) >= 5,
+                   what="3 records and a few heartbeats")
+    assert all(list(line) == FIELDS for line in v1.lines)
+    assert v1.raw == [r for r in v2.raw if b'"hb":' not in r]
+    nginx.reload()
+    yield wait_for(lambda: v1.reason is not None and v2.reason is not None,
+                   what="both streams to end")
+    assert all(list(line) == FIELDS for line in v1.lines)
+    last = v2.lines[-1]
+    assert list(last) == ["seq", "hb"] and last["seq"] == 3, "a last heartbeat ends the stream"
+    assert re.fullmatch(rb'\{"seq":3,"hb":\d+\.\d{1,3}\}', v2.raw[-1])
+
+
+@pytest_twisted.inlineCallbacks
+def test_heartbeats_keep_their_promises_over_a_busy_run(nginx_factory):
+    nginx = nginx_factory(workers=2, knobs={"heartbeat_interval": 0.1})
+    _, stream = yield subscribe(nginx, v=2)
+    load = Load(nginx, concurrency=16)
+    yield wait_for(lambda: load.made >= 600, timeout=20, what="600 requests")
+    yield load.stop()
+    yield wait_for(lambda: len(logged_uas(nginx, "load-")) == load.made, what="the access log")
+    yield wait_for(lambda: len(stream.records()) >= load.made, what="every record")
+    newest = max(epoch(r) for r in stream.records())
+    yield wait_for(lambda: stream.heartbeats()[-1]["hb"] > newest, what="T to pass the records")
+    assert exported_uas(stream.records()) == logged_uas(nginx, "load-")
+    assert len({e["pid"] for e in nginx.access_log()}) == 2, "one worker served everything"
+    check_heartbeats(stream.lines)
+    beats = stream.heartbeats()
+    assert len(beats) >= 5 and beats[-1]["seq"] == stream.records()[-1]["seq"]
+    stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reload_while_workers_log_loses_nothing(nginx):
+    response, old = yield subscribe(nginx, v=2)
+    load = Load(nginx)
+    yield wait_for(lambda: load.made >= 100, what="100 requests")
+    yield threads.deferToThread(nginx.reload)
+    yield wait_for(lambda: old.reason is not None, what="the old stream to end after draining")
+    assert old.done.result and list(old.lines[-1]) == ["seq", "hb"]
+    _, new = yield subscribe(nginx, v=2, ring=ring_of(response), after=old.lines[-1]["seq"])
+    made = load.made
+    yield wait_for(lambda: load.made >= made + 50, what="50 requests after the reload")
+    yield load.stop()
+    yield wait_for(lambda: len(logged_uas(nginx, "load-")) == load.made, what="the access log")
+    records = old.records() + new.records()
+    yield wait_for(lambda: len(old.records()) + len(new.records()) >= load.made,
+                   what="every record")
+    records = old.records() + new.records()
+    assert exported_uas(records) == logged_uas(nginx, "load-")
+    assert seqs(records) == list(range(1, len(records) + 1))
+    check_heartbeats(old.lines)
+    new.close()
+
+
+SLOW = "/slow/big.bin"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_graceful_stop_while_workers_log_loses_nothing(nginx_factory):
+    # slow downloads still running when nginx is told to quit are logged only after the
+    # stream's own worker has begun to exit: it must drain them (drain_quiet is made long
+    # enough here for a busy machine)
+    nginx = nginx_factory(
+        knobs={"drain_quiet": 2, "drain_max": 4},
+        files={**MEDIA_FILES, SLOW.lstrip("/"): bytes(1400)},
+        extra_server="        location /slow/ { limit_rate 1k; }")  # the last 600 bytes: ~1 s
+    _, stream = yield subscribe(nginx, v=2)
+    load = Load(nginx)
+    yield wait_for(lambda: load.made >= 100, what="100 requests")
+    slow = yield defer.gatherResults([
+        make_agent().request(b"GET", nginx.url(SLOW).encode(),
+                             Headers({b"user-agent": [f"load-slow-{i}".encode()]}))
+        for i in range(4)])  # their headers came: they are running
+    yield threads.deferToThread(nginx.quit)
+    bodies = yield defer.gatherResults([treq.content(r) for r in slow])
+    assert [len(b) for b in bodies] == [1400] * 4
+    yield wait_for(lambda: stream.reason is not None, what="the stream to end")
+    yield load.stop()
+    assert stream.done.result and list(stream.lines[-1]) == ["seq", "hb"]
+    logged = logged_uas(nginx, "load-")
+    assert len(logged) >= 50 and {f"load-slow-{i}" for i in range(4)} <= logged
+    assert exported_uas(stream.records()) == logged
+    check_heartbeats(stream.lines)

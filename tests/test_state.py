@@ -1,0 +1,608 @@
+"""The state store (--state-dir) on real SQLite files: permissions, the lock, a corrupt or newer
+file, a version-1 file, a full disk, a state saved under other settings, the disk queue, and
+the service through a stop, a restart and crashes injected where they matter (between closing
+an interval and committing it; between sending a dataset and marking it sent).
+
+The exporter is a real HTTP server that keeps a ring and answers ``?after=N`` as nginx/sfive.lua
+does; the hub is a real unix datagram socket; timers run on a task.Clock.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections import Counter
+from datetime import datetime
+
+import pytest
+import pytest_twisted
+import simplejson
+from helpers.faults import STREAMERS, T0, DatagramHub, Exporter, clock_at, record, settings
+from support import wait_for
+from twisted.internet import reactor
+
+from sfive_ngxlua.datasets import start_time
+from sfive_ngxlua.model import IntervalModel
+from sfive_ngxlua.records import Record
+from sfive_ngxlua.service import build, makeService
+from sfive_ngxlua.settings import Options
+from sfive_ngxlua.sinks import DiskQueue
+from sfive_ngxlua.stats import Stats
+from sfive_ngxlua.store import STATE_FILE, StateLocked, StateStore
+
+pytest_plugins = ("helpers.fixtures",)
+
+needs_model = pytest.mark.skipif(not hasattr(IntervalModel, "snapshot"),
+                                 reason="needs the model as data (eventtime branch)")
+
+HIGH = STREAMERS[0]
+
+# The layout release 1 writes, frozen here: a later release must still open such a file.
+V1_FILE = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE clients (k INTEGER NOT NULL, s INTEGER NOT NULL, ip TEXT NOT NULL,
+                      ua TEXT NOT NULL, bytes INTEGER NOT NULL,
+                      PRIMARY KEY (k, s, ip, ua)) WITHOUT ROWID;
+CREATE TABLE folded (k INTEGER NOT NULL, s INTEGER NOT NULL, h INTEGER NOT NULL,
+                     PRIMARY KEY (k, s, h)) WITHOUT ROWID;
+CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL);
+PRAGMA user_version=1;
+"""
+
+
+def state_settings(tmp_path, **kw):
+    return settings(state_dir=str(tmp_path / "state"), **kw)
+
+
+def opened(tmp_path, stats=None, **kw):
+    s = state_settings(tmp_path, **kw)
+    stats = stats if stats is not None else Stats()
+    return StateStore(s.state_dir, s, stats, clock_at()), s, stats
+
+
+def norm(snapshot):
+    """A snapshot with its client lists sorted (their order is not significant)."""
+    for streams in snapshot["open"].values():
+        for entry in streams.values():
+            entry["clients"].sort()
+            entry["folded"].sort()
+    return snapshot
+
+
+def rec(t, client="10.0.0.1", ua="ua/1", sent=100, streamer=HIGH):
+    return Record(t, streamer, client, ua, sent)
+
+
+# -- files, lock, damage -----------------------------------------------------------------------
+
+
+@needs_model
+def test_directory_0700_and_files_0600_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        store, s, stats = opened(tmp_path)
+        model = IntervalModel(s, stats, start=T0)
+        model.add(rec(T0 + 1))
+        assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    finally:
+        os.umask(old)
+    directory = tmp_path / "state"
+    assert directory.stat().st_mode & 0o777 == 0o700
+    names = sorted(os.listdir(directory))
+    assert names == ["lock", STATE_FILE, STATE_FILE + "-shm", STATE_FILE + "-wal"]
+    for name in names:
+        assert (directory / name).stat().st_mode & 0o777 == 0o600, name
+    store.close()
+
+
+def test_second_instance_refuses_with_a_clear_message(tmp_path):
+    store, s, stats = opened(tmp_path)
+    with pytest.raises(StateLocked, match=f"in use by another sfive-ngxlua \\(pid {os.getpid()}"):
+        StateStore(s.state_dir, s, Stats())
+    options = Options()
+    options.parseOptions(["-S", "a/hls/high", "--state-dir", s.state_dir, "-d", "10"])
+    with pytest.raises(SystemExit, match="^sfive-ngxlua: state directory .* is in use"):
+        makeService(options, reactor)
+    store.close()
+    StateStore(s.state_dir, s, Stats()).close()  # released at close
+
+
+def test_corrupt_file_is_moved_aside_counted_and_logged(tmp_path, logs):
+    directory = tmp_path / "state"
+    directory.mkdir()
+    (directory / STATE_FILE).write_bytes(b"this is not a database" * 200)
+    store, s, stats = opened(tmp_path)
+    aside = [n for n in os.listdir(directory) if n.startswith(STATE_FILE + ".corrupt-")]
+    assert len(aside) == 1 and (directory / aside[0]).read_bytes().startswith(b"this is not")
+    assert stats.state_errors == 1
+    assert logs.matching("cannot be read") and logs.matching(aside[0])
+    assert store.restore(stats) is None and store.position() is None
+    store.close()
+
+
+def test_a_newer_schema_is_moved_aside_not_overwritten(tmp_path, logs):
+    directory = tmp_path / "state"
+    directory.mkdir()
+    db = sqlite3.connect(directory / STATE_FILE)
+    db.execute("CREATE TABLE future (x)")
+    db.execute("PRAGMA user_version=7")
+    db.commit()
+    db.close()
+    store, s, stats = opened(tmp_path)
+    assert logs.matching("newer than this release")
+    assert [n for n in os.listdir(directory) if ".corrupt-" in n and "-" not in n[-4:]]
+    store.close()
+
+
+@needs_model
+def test_a_version_1_file_opens_with_its_model_position_and_queue(tmp_path):
+    """The state release 1 writes, made with its frozen layout: the next release reads it."""
+    s = state_settings(tmp_path)
+    os.makedirs(s.state_dir, mode=0o700)
+    db = sqlite3.connect(os.path.join(s.state_dir, STATE_FILE))
+    db.executescript(V1_FILE)
+    k = T0 // 10
+    meta = {
+        "settings": {"duration": 10, "streamers": [list(x) for x in STREAMERS], "hostname": "h",
+                     "tags": [], "max_clients": 50000, "max_ua_length": 512},
+        "model": {"format": 1, "first": k, "reported": k - 1, "live": True},
+        "position": {"kind": "exporter", "ring": "00ff00ff00ff00ff", "seq": 41},
+        "saved_at": T0 + 5,
+    }
+    db.executemany("INSERT INTO meta VALUES (?, ?)",
+                   [(key, simplejson.dumps(v)) for key, v in meta.items()])
+    db.execute("INSERT INTO clients VALUES (?, 0, '10.0.0.1', 'ua/1', 300)", (k,))
+    db.execute("INSERT INTO queue (data) VALUES (?)", (b'{"queued":1}\n',))
+    db.commit()
+    db.close()
+    stats = Stats()
+    store = StateStore(s.state_dir, s, stats, clock_at())
+    queue = DiskQueue(store, 10, stats)
+    model = store.restore(stats, queue)
+    assert model is not None and model.first == k
+    assert store.position() == meta["position"]
+    assert len(queue) == 1 and queue.head() == b'{"queued":1}\n'
+    (interval,) = model.close_due(T0 + 11)
+    assert interval.streams[HIGH].bytes == {("10.0.0.1", "ua/1"): 300}
+    store.close()
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+@needs_model
+def test_checkpoints_are_incremental_and_restore_in_a_new_store(tmp_path):
+    store, s, stats = opened(tmp_path, max_clients=2)
+    model = IntervalModel(s, stats, start=T0)
+    for i in range(5):
+        model.add(rec(T0 + 1, client=f"10.0.0.{i}", sent=10 + i))
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 5})
+    model.add(rec(T0 + 2, client="10.0.0.0", sent=1))
+    model.add(rec(T0 + 12, client="10.9.9.9", sent=7))
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 7})
+    rows = store.db.execute("SELECT count(*) FROM clients").fetchone()[0]
+    assert rows == 4  # two clients and the overflow entry, one in the next interval
+    store.close()
+    store2, _, stats2 = opened(tmp_path, max_clients=2)
+    restored = store2.restore(stats2)
+    assert norm(restored.snapshot()) == norm(model.snapshot())
+    assert store2.position()["seq"] == 7
+    (a, b) = restored.close_due(T0 + 21)
+    assert a.streams[HIGH].count == 5 and a.streams[HIGH].total == 10 + 11 + 12 + 13 + 14 + 1
+    assert b.streams[HIGH].bytes == {("10.9.9.9", "ua/1"): 7}
+    store2.close()
+
+
+@needs_model
+def test_delivered_clients_and_datasets_do_not_linger_in_the_files(tmp_path):
+    store, s, stats = opened(tmp_path)
+    queue = DiskQueue(store, 10, stats)
+    model = IntervalModel(s, stats, start=T0)
+    model.add(rec(T0 + 1, client="192.0.2.77", ua="SecretPlayer/9"))
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    model.close_due(T0 + 11)
+    assert store.checkpoint(model, None, queue, [b"dataset of 192.0.2.78 SecretPlayer/8"])
+    while queue.head() is not None:
+        queue.sent()
+    store.scrub_wal()
+    for name in (STATE_FILE, STATE_FILE + "-wal"):
+        data = (tmp_path / "state" / name).read_bytes()
+        for secret in (b"192.0.2.77", b"SecretPlayer/9", b"192.0.2.78", b"SecretPlayer/8"):
+            assert secret not in data, (name, secret)
+    store.close()
+
+
+@needs_model
+def test_a_full_disk_keeps_the_state_in_memory_and_writes_all_once_it_works(tmp_path, logs):
+    store, s, stats = opened(tmp_path)
+    queue = DiskQueue(store, 10, stats)
+    model = IntervalModel(s, stats, start=T0)
+    model.add(rec(T0 + 1))
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count={pages}")  # SQLITE_FULL from now on
+    for i in range(300):
+        model.add(rec(T0 + 2, client=f"10.1.{i // 250}.{i % 250}", ua="x" * 200))
+    assert not store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 301}, queue,
+                                [b"d1" * 3000])
+    assert store.failing and stats.state_errors == 1
+    assert len(logs.matching("keeping the state in memory")) == 1
+    assert not store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 301})
+    assert len(logs.matching("keeping the state in memory")) == 1, "one line per outage"
+    assert queue.head() == b"d1" * 3000, "the dataset waits in memory"
+    store.db.execute("PRAGMA max_page_count=1073741823")
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 301})
+    assert logs.matching("writable again")
+    store.close()
+    store2, _, stats2 = opened(tmp_path)
+    assert norm(store2.restore(stats2).snapshot()) == norm(model.snapshot())
+    assert store2.position()["seq"] == 301
+    store2.close()
+
+
+@needs_model
+def test_state_saved_under_another_duration_is_reported_as_saved_then_fresh(tmp_path, logs):
+    store, s, stats = opened(tmp_path, duration=10)
+    model = IntervalModel(s, stats, start=T0)
+    model.add(rec(T0 + 1, sent=5))
+    model.add(rec(T0 + 4, client="10.0.0.2", sent=6))
+    store.now = lambda: T0 + 6
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 2})
+    store.close()
+    store2, s2, stats2 = opened(tmp_path, duration=5)
+    queue = DiskQueue(store2, 10, stats2)
+    assert store2.restore(stats2, queue) is None
+    (line,) = logs.matching("saved under other settings")
+    assert "10s" in line and "5s" in line
+    got = []
+    while queue.head() is not None:
+        got.append(simplejson.loads(queue.head()))
+        queue.sent()
+    assert [d["streamer-id"]["quality"] for d in got] == [x[2] for x in STREAMERS]
+    high = got[0]
+    assert high["start-time"] == start_time(T0) and high["duration-ms"] == 6000
+    assert high["data"]["bytes-sent"] == 11 and high["data"]["client-count"] == 2
+    assert store2.restore(stats2) is None, "nothing mixed in: fresh from now on"
+    store2.close()
+
+
+# -- the disk queue ------------------------------------------------------------------------------
+
+
+def test_disk_queue_keeps_order_across_reopen_with_a_small_window(tmp_path):
+    store, s, stats = opened(tmp_path)
+    queue = DiskQueue(store, 1000, stats, window=4)
+    for i in range(10):
+        queue.push(b"%d\n" % i)
+    for i in range(3):
+        assert queue.head() == b"%d\n" % i
+        queue.sent()
+    assert len(queue.window) <= 4
+    store.close()
+    store2, _, stats2 = opened(tmp_path)
+    queue2 = DiskQueue(store2, 1000, stats2, window=4)
+    assert len(queue2) == 7 and stats2.queued == 7
+    out = []
+    while queue2.head() is not None:
+        out.append(queue2.head())
+        queue2.sent()
+    assert out == [b"%d\n" % i for i in range(3, 10)]
+    assert store2.queue_totals() == (0, 0), "deleted from disk once sent"
+    store2.close()
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_queue_bounded_in_bytes_drops_the_oldest_counted_and_logged(tmp_path, persistent, logs):
+    from sfive_ngxlua.sinks import DatasetQueue
+
+    store, s, stats = opened(tmp_path)
+    if persistent:
+        queue = DiskQueue(store, 1000, stats, max_bytes=2500, window=2)
+    else:
+        queue = DatasetQueue(1000, stats, max_bytes=2500)
+    for i in range(5):
+        queue.push(bytes([48 + i]) * 1000)
+    assert len(queue) == 2 and queue.size == 2000 and stats.datasets_dropped == 3
+    assert queue.head() == b"3" * 1000
+    assert len(logs.matching("hub queue full (0.00238419 MiB)")) == 3
+    queue.push(b"big" * 2000)
+    assert len(queue) == 1 and queue.head() == b"big" * 2000, "the newest is always kept"
+    if persistent:
+        assert store.queue_totals() == (1, 6000)
+    store.close()
+
+
+# -- the service: stop, restart, crashes -----------------------------------------------------------
+
+
+class RingExporter(Exporter):
+    """The scripted exporter with a ring: ``log`` appends numbered records and sends them to
+    the open stream; a new request gets what it asks for (``?after=N``: the records after N;
+    nothing: from now), as nginx/sfive.lua answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ring = []
+        self.afters = []
+
+    def log(self, *records: dict) -> None:
+        lines = []
+        for r in records:
+            r = dict(r, seq=len(self.ring) + 1)
+            self.ring.append(r)
+            lines.append(simplejson.dumps(r).encode() + b"\n")
+        if self.current is not None:
+            self.send(b"".join(lines))
+
+    def _answer(self, request):  # noqa: ANN001, ANN201
+        after = request.args.get(b"after")
+        self.afters.append(None if after is None else int(after[0]))
+        start = len(self.ring) if after is None else int(after[0])
+        chunk = b"".join(simplejson.dumps(r).encode() + b"\n" for r in self.ring[start:])
+        self.plan.append(("stream", chunk) if chunk else ("stream",))
+        return super()._answer(request)
+
+
+class Crash(BaseException):
+    """The process dies here (not an error the service handles; the reactor's loop catches it
+    and the test then kills the node)."""
+
+
+def records_for(k, n, tag="", duration=10):
+    t = T0 + k * duration
+    return [record(t + i % duration, client=f"10.{k}.0.{i}", ua=f"ua{tag}",
+                   url=f"/live/{f}/{c}-{q}/s.ts", sent=100 + i)
+            for i in range(n) for (c, f, q) in STREAMERS]
+
+
+def expected(ring):
+    """(start-time, streamer) -> {(ip, ua): bytes} of every record in the ring."""
+    out = {}
+    for r in ring:
+        _, _, f, name, _ = r["url"].split("/")
+        c, q = name.split("-")
+        t = int(datetime.fromisoformat(r["time"]).timestamp())
+        key = (start_time(t - (t - T0) % 10), (c, f, q))
+        out.setdefault(key, Counter())[(r["client"], r["ua"])] += r["bytes-sent"]
+    return {k: dict(v) for k, v in out.items()}
+
+
+def got(datasets):
+    out = {}
+    for d in datasets:
+        sid = d["streamer-id"]
+        key = (d["start-time"], (sid["content-id"], sid["format"], sid["quality"]))
+        assert key not in out, f"duplicate {key}"
+        out[key] = {(c["ip"], c["user-agent"]): c["bytes-sent"] for c in d["data"]["clients"]}
+        assert d["data"]["bytes-sent"] == sum(out[key].values())
+    return out
+
+
+class Node:
+    """The service with a state dir and a datagram hub, built as twistd does, on a Clock."""
+
+    def __init__(self, tmp_path, exporter, hub, clock, **kw):
+        self.settings = state_settings(tmp_path, url=exporter.url(), socket=hub.path, **kw)
+        self.clock = clock
+        self.exporter = exporter
+        self.top = build(self.settings, reactor, clock=clock)
+        self.stats = self.top.stats
+        self.store = self.top.store
+
+    async def start(self):
+        requests = len(self.exporter.requests)
+        self.top.startService()
+        await wait_for(lambda: len(self.exporter.requests) > requests and
+                       self.exporter.current is not None, what="the exporter request")
+        return self
+
+    async def read(self, n):
+        await wait_for(lambda: self.stats.accepted >= n, what=f"{n} records read")
+
+    def crash(self):
+        """Die without a word: nothing more is written; the lock goes with the process."""
+        for service in list(self.top):
+            if service.name == "state":
+                service.loop.stop() if service.loop.running else None
+            if service.name == "report":
+                if service.loop.running:
+                    service.loop.stop()
+                if service._start is not None and service._start.active():
+                    service._start.cancel()
+        fetch = self.top.getServiceNamed("fetch")
+        fetch.running = False
+        if fetch.body is not None and fetch.body.transport is not None:
+            fetch.body.transport.stopProducing()
+        sink = self.top.sink
+        if sink.connection is not None:
+            sink.connection.stopListening()
+        if sink._retrying is not None and sink._retrying.active():
+            sink._retrying.cancel()
+        self.store.db.close()
+        os.close(self.store._lock_fd)
+
+
+def advance_to(clock, t):
+    clock.advance(max(0, t - clock.seconds()))
+
+
+@pytest.fixture
+def hub(tmp_path):
+    h = DatagramHub(str(tmp_path / "hub.sock")).open()
+    yield h
+    h.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def ring():
+    exp = RingExporter().listen()
+    yield exp
+    await exp.stop()
+
+
+@needs_model
+@pytest_twisted.ensureDeferred
+async def test_stop_saves_the_running_interval_and_the_restart_reports_it_once(
+        tmp_path, ring, hub):
+    clock = clock_at(T0 + 1)  # the first interval starts at T0 + 10
+    node = await Node(tmp_path, ring, hub, clock).start()
+    ring.log(*records_for(1, 3))
+    await node.read(9)
+    advance_to(clock, T0 + 21)
+    ring.log(*records_for(2, 2, tag="a"))
+    await node.read(15)
+    advance_to(clock, T0 + 25)
+    await node.top.stopService()
+    hub.read()
+    assert {d["start-time"] for d in hub.datasets()} == {start_time(T0 + 10)}, \
+        "no partial dataset at the stop"
+    ring.log(*records_for(2, 2, tag="b"))  # while the service is down
+    node2 = Node(tmp_path, ring, hub, clock)
+    await node2.start()
+    assert ring.afters[-1] == 15, "resumes after the saved position"
+    ring.log(*records_for(2, 1, tag="c"))
+    await node2.read(len(ring.ring) - 15)
+    advance_to(clock, T0 + 31)
+    await wait_for(hub.has(6), what="interval 2 reported")
+    assert got(hub.datasets()) == expected(ring.ring)
+    assert all(d["duration-ms"] == 10000 for d in hub.datasets())
+    await node2.top.stopService()
+
+
+@needs_model
+@pytest_twisted.ensureDeferred
+async def test_crash_between_closing_an_interval_and_committing_it(tmp_path, ring, hub,
+                                                                   monkeypatch):
+    clock = clock_at(T0 + 1)  # the first interval starts at T0 + 10
+    node = await Node(tmp_path, ring, hub, clock, grace=1.5).start()
+    ring.log(*records_for(1, 3))
+    await node.read(9)
+    advance_to(clock, T0 + 21.2)  # the checkpoints up to here cover these 9
+    ring.log(*records_for(1, 2, tag="after-the-checkpoint"))
+    await node.read(15)
+    crashed = []
+
+    def die(items):
+        crashed.append(items)
+        raise Crash()
+
+    monkeypatch.setattr(node.store, "queue_insert", die)
+    advance_to(clock, T0 + 21.5)
+    assert crashed, "the report's transaction was reached"
+    node.crash()
+    monkeypatch.undo()
+    hub.read()
+    assert hub.received == [], "nothing is sent before the commit"
+    ring.log(*records_for(2, 1))
+    node2 = await Node(tmp_path, ring, hub, clock, grace=1.5).start()
+    assert ring.afters[-1] == 9, "the last checkpoint's position: the rest is read again"
+    await node2.read(len(ring.ring) - 9)
+    advance_to(clock, T0 + 31.5)
+    await wait_for(hub.has(6), what="intervals 1 and 2")
+    assert got(hub.datasets()) == expected(ring.ring)
+    await node2.top.stopService()
+
+
+@needs_model
+@pytest_twisted.ensureDeferred
+async def test_crash_between_sending_a_dataset_and_marking_it_sent(tmp_path, ring, hub,
+                                                                   monkeypatch):
+    clock = clock_at(T0 + 1)  # the first interval starts at T0 + 10
+    node = await Node(tmp_path, ring, hub, clock).start()
+    ring.log(*records_for(1, 3))
+    await node.read(9)
+    sent = DiskQueue.sent
+    calls = []
+
+    def second_dies(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Crash()
+        sent(self)
+
+    monkeypatch.setattr(DiskQueue, "sent", second_dies)
+    advance_to(clock, T0 + 21)
+    assert len(calls) == 2, "the crash came"
+    node.crash()
+    monkeypatch.undo()
+    hub.read()
+    assert len(hub.received) == 2, "the first went out and was marked; the second in flight"
+    node2 = await Node(tmp_path, ring, hub, clock).start()
+    await wait_for(hub.has(4), what="the queue sent after the restart")
+    received = list(hub.received)
+    assert received[2] == received[1], "the in-flight one again, identical"
+    assert len(received) == 4
+    assert got([simplejson.loads(d) for d in received[:1] + received[2:]]) == \
+        expected(ring.ring)
+    assert node2.store.queue_totals() == (0, 0)
+    await node2.top.stopService()
+
+
+@needs_model
+@pytest_twisted.ensureDeferred
+async def test_hub_queue_survives_a_restart_in_order(tmp_path, ring, hub):
+    clock = clock_at(T0 + 1)  # the first interval starts at T0 + 10
+    hub.close()  # the hub is away
+    node = await Node(tmp_path, ring, hub, clock).start()
+    for k in (1, 2):
+        ring.log(*records_for(k, 2))
+        await node.read(6 * k)
+        advance_to(clock, T0 + (k + 1) * 10 + 1)
+    assert len(node.top.sink.queue) == 6
+    await node.top.stopService()
+    hub.open()
+    node2 = await Node(tmp_path, ring, hub, clock).start()
+    await wait_for(hub.has(6), what="the saved queue")
+    starts = [d["start-time"] for d in hub.datasets()]
+    assert starts == [start_time(T0 + 10)] * 3 + [start_time(T0 + 20)] * 3
+    assert got(hub.datasets()) == expected(ring.ring)
+    await node2.top.stopService()
+
+
+def test_without_a_state_dir_nothing_is_written(tmp_path):
+    top = build(settings(socket=str(tmp_path / "hub.sock")), reactor, clock=clock_at())
+    assert top.store is None
+    assert [s.name for s in top] == ["sink", "fetch", "report"]
+    assert os.listdir(tmp_path) == []
+
+
+# -- retiring a node ---------------------------------------------------------------------------
+
+
+@needs_model
+@pytest_twisted.ensureDeferred
+async def test_retire_delivers_the_queue_then_the_saved_interval_and_removes_the_state(
+        tmp_path, ring, hub):
+    import io
+
+    from sfive_ngxlua.retire import RetireOptions, retire
+
+    clock = clock_at(T0 + 1)
+    hub.close()  # away: interval 1 stays queued
+    node = await Node(tmp_path, ring, hub, clock).start()
+    ring.log(*records_for(1, 2))
+    await node.read(6)
+    advance_to(clock, T0 + 21)
+    ring.log(*records_for(2, 1))
+    await node.read(9)
+    advance_to(clock, T0 + 24)
+    locked = RetireOptions()
+    locked.parseOptions(["--state-dir", node.settings.state_dir, "-s", hub.path])
+    err = io.StringIO()
+    assert await retire(locked, reactor, err) == 2, "not while the service runs"
+    assert "in use by another sfive-ngxlua" in err.getvalue()
+    await node.top.stopService()
+    hub.open()
+    options = RetireOptions()
+    options.parseOptions(["--state-dir", node.settings.state_dir, "-s", hub.path])
+    err = io.StringIO()
+    assert await retire(options, reactor, err) == 0, err.getvalue()
+    hub.read()
+    sets = hub.datasets()
+    assert [d["start-time"] for d in sets] == [start_time(T0 + 10)] * 3 + \
+        [start_time(T0 + 20)] * 3, "the queue first, in order, then the saved interval"
+    assert [d["duration-ms"] for d in sets[3:]] == [4000] * 3, "cut where it was saved"
+    assert got(sets) == expected(ring.ring)
+    assert "1 saved intervals as 3 datasets and 3 queued datasets: 6 of 6 delivered" in \
+        err.getvalue()
+    assert os.listdir(node.settings.state_dir) == []
