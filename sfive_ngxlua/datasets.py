@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import simplejson
 
-from .model import Interval
+from .model import ClientKey, Clients, Interval
 from .settings import Settings
 
 Dataset = Dict[str, Any]
@@ -18,15 +18,27 @@ def start_time(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+def _rank(item: Tuple[ClientKey, int]) -> Tuple[int, ClientKey]:
+    return -item[1], item[0]
+
+
+def ranked(clients: Clients) -> List[Tuple[ClientKey, int]]:
+    """An interval's clients, largest first, ties by ip then user agent: the order of every
+    dataset's client list, so that a datagram keeps the largest ones and the order is
+    deterministic."""
+    return sorted(clients.bytes.items(), key=_rank)
+
+
 def datasets(interval: Interval, settings: Settings) -> List[Dataset]:
-    """One dataset per configured streamer, in the configured order, empty ones included."""
+    """One dataset per configured streamer, in the configured order, empty ones included;
+    clients listed largest first (``ranked``)."""
     out = []
     start = start_time(interval.start)
     for streamer in settings.streamers:
         clients = interval.streams[streamer]
         entries = [
             {"ip": ip, "user-agent": ua, "bytes-sent": sent}
-            for (ip, ua), sent in clients.bytes.items()
+            for (ip, ua), sent in ranked(clients)
         ]
         out.append({
             "version": 1,
@@ -56,20 +68,35 @@ def encode(dataset: Dataset) -> bytes:
     return _json(dataset).encode("utf-8") + b"\n"
 
 
-def shrink(data: bytes, limit: int) -> bytes:
-    """Trim an encoded dataset's ``clients`` list, largest clients kept, until it fits ``limit``.
+def _client_rank(client: Dict[str, Any]) -> Tuple[int, str, str]:
+    return -client["bytes-sent"], client["ip"], client["user-agent"]
 
-    ``client-count`` and ``bytes-sent`` are left as they are, so the totals stay exact.
-    """
-    dataset = simplejson.loads(data)
-    clients = sorted(dataset["data"]["clients"], key=lambda c: c["bytes-sent"], reverse=True)
-    lo, hi = 0, len(clients)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        dataset["data"]["clients"] = clients[:mid]
-        if len(encode(dataset)) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    dataset["data"]["clients"] = clients[:lo]
-    return encode(dataset)
+
+def fit(dataset: Dataset, limit: int) -> Tuple[bytes, int]:
+    """The wire form of ``dataset`` in at most ``limit`` bytes (the newline included): the
+    envelope and totals as they are, then clients largest first (ties by ip, then user agent),
+    each encoded on its own and appended while it still fits, so a dataset of 50,000 clients
+    costs a datagram's worth of encoding, not the whole list's. Returns the bytes and how many
+    clients they hold (all of them, byte for byte ``encode(dataset)``, when everything fits);
+    a ``limit`` below the envelope's own size still gets the envelope, with no clients."""
+    data = dataset["data"]
+    clients = data["clients"]
+    if any(_client_rank(a) > _client_rank(b) for a, b in zip(clients, clients[1:])):
+        clients = sorted(clients, key=_client_rank)  # not from datasets(): rank it here
+    shell = _json(dict(dataset, data=dict(data, clients=[])))
+    at = shell.rindex('"clients":[]') + len('"clients":[')
+    head, tail = shell[:at], shell[at:] + "\n"
+    room = limit - len(head) - len(tail)
+    parts: List[str] = []
+    for client in clients:
+        entry = _json(client)
+        room -= len(entry) + 1  # with its comma (one more than needed: never too long)
+        if room < -1:
+            break
+        parts.append(entry)
+    return (head + ",".join(parts) + tail).encode("utf-8"), len(parts)
+
+
+def shrink(data: bytes, limit: int) -> bytes:
+    """``fit`` for a dataset already encoded (a datagram the socket refused as too large)."""
+    return fit(simplejson.loads(data), limit)[0]

@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .datasets import Dataset, encode
+from .datasets import Dataset
 from .fetch import LogFetchService
 from .model import IntervalModel
 from .pipeline import Pipeline
@@ -96,7 +96,7 @@ class StateService(Service):
         queue, the position; then send."""
         if self.queue is not None:
             self.store.checkpoint(self.model, position_of(self.source), self.queue,
-                                  [encode(d) for d in datasets])
+                                  [self.sink.encode(d) for d in datasets])
             self.sink.flush()
             return
         self.store.checkpoint(self.model, position_of(self.source))

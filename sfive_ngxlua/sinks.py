@@ -38,11 +38,20 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .datasets import Dataset, encode, shrink
+from .datasets import Dataset, encode, fit, shrink
 from .stats import Stats
 
 RETRY_SECONDS = 3.0
 DRAIN_SECONDS = 5.0
+DATAGRAM_SLACK = 4096
+"""Bytes under the socket's send buffer (SO_SNDBUF) that a datagram is kept below."""
+
+
+def datagram_limit() -> int:
+    """The largest dataset a unix datagram socket of this host sends whole: a new socket's
+    send buffer (the hub port's own is the same, net.core.wmem_default) less some slack."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        return probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - DATAGRAM_SLACK
 
 
 DEFAULT_QUEUE_BYTES = 256 << 20
@@ -365,7 +374,8 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
 
     def _trim(self, data: bytes) -> None:
         if self._limit is None:
-            self._limit = self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 4096
+            self._limit = self.socket.getsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF) - DATAGRAM_SLACK
         limit = min(self._limit, len(data) - 1)
         smaller = shrink(data, limit)
         if len(smaller) >= len(data):
@@ -403,13 +413,17 @@ class _HubSink(Service):
         self._outage = False
 
     def deliver(self, dataset: Dataset) -> None:
-        self.queue.push(encode(dataset))
+        self.queue.push(self.encode(dataset))
         self.flush()
 
     def flush(self) -> None:
         """Send what the queue holds, as far as the connection takes it."""
         if self.connection is not None:
             self.connection.flush()
+
+    def encode(self, dataset: Dataset) -> bytes:
+        """What goes into the queue for a dataset: its whole wire form."""
+        return encode(dataset)
 
     def _outage_begins(self, format: str, **kw: Any) -> None:
         if not self._outage:
@@ -434,7 +448,22 @@ class HubDatagramSink(_HubSink):
         self.path = path
         self.reactor = reactor
         self.retry = retry
+        self.limit = datagram_limit()
         self._retrying: Any = None
+
+    def encode(self, dataset: Dataset) -> bytes:
+        """The dataset built to fit one datagram from the start (``datasets.fit``): the largest
+        clients while they fit, totals exact; trimmed ones are counted and logged."""
+        data, kept = fit(dataset, self.limit)
+        listed = len(dataset["data"]["clients"])
+        if kept < listed:
+            self.stats.datasets_trimmed += 1
+            self.log.warn(
+                "dataset of {clients} clients exceeds the datagram limit: client list trimmed "
+                "to {newsize} bytes ({kept} largest clients kept; totals unchanged)",
+                clients=listed, newsize=len(data), kept=kept,
+            )
+        return data
 
     @property
     def port(self) -> Optional[HubDatagramPort]:

@@ -173,9 +173,10 @@ def test_deb_contents(built: Path) -> None:
         "./usr/share/sfive-ngxlua/nginx/sfive.lua",
         "./usr/share/sfive-ngxlua/nginx/sfive.conf",
         "./usr/share/sfive-ngxlua/nginx/sfive-location.conf",
-        "./usr/share/doc/sfive-ngxlua/README.Debian",
     ):
         assert f" {path}\n" in listing, f"{path} missing from the package"
+    # compressed by dh_compress once it is over 4 kB (policy 12.3)
+    assert re.search(r" \./usr/share/doc/sfive-ngxlua/README\.Debian(\.gz)?\n", listing)
     assert "dropin.cache" not in listing
     assert "twisted/plugins/__init__.py" not in listing
     assert "/tests/" not in listing
@@ -729,3 +730,226 @@ def test_state_dir_made_private_by_the_init_script_and_removed_on_purge() -> Non
     assert re.search(r"purge\)\n(.*\n)*\s+rm -rf /var/lib/sfive-ngxlua\n", postrm)
     assert "debian/sfive-ngxlua-retire.8" in (ROOT / "debian" / f"{PKG}.manpages").read_text()
     assert "sfive-ngxlua-retire = sfive_ngxlua.retire:main" in (ROOT / "setup.cfg").read_text()
+
+
+# The confined unit (issue 14).
+
+UNIT_SOURCE = ROOT / "debian" / f"{PKG}.service"
+CONFINE = ROOT / "tests" / "helpers" / "confine.py"
+STATE_DIR = Path(f"/var/lib/{PKG}")
+RUN_DIR = Path(f"/run/{PKG}")
+# Under /run: the unit's private /tmp hides the host's /tmp (README.Debian).
+CONFINED_HUB = Path("/run/sfive-debtest")
+
+
+def security(unit: Path) -> tuple[float, dict[str, float]]:
+    """systemd-analyze's overall exposure of a unit file, and the items it counts as open."""
+    assert shutil.which("systemd-analyze"), "systemd-analyze is not installed (package systemd)"
+    result = run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    overall = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert overall, result.stdout
+    items = {m.group(1): float(m.group(2))
+             for m in re.finditer(r"^✗ (\S+)\s.*?(\d+\.\d+)\s*$", result.stdout, re.M)}
+    return float(overall.group(1)), items
+
+
+def test_unit_security_exposure_is_at_most_2_and_every_open_item_is_explained() -> None:
+    exposure, items = security(UNIT_SOURCE)
+    assert exposure <= 2.0, (exposure, items)
+    text = UNIT_SOURCE.read_text()
+    comments = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    unexplained = [name for name in items if name not in comments]
+    assert not unexplained, f"open items without a comment in the unit: {unexplained}"
+    # what the state and access-log work needs
+    assert re.search(r"^StateDirectory=sfive-ngxlua$", text, re.M)
+    assert re.search(r"^StateDirectoryMode=0700$", text, re.M)
+    (after,) = re.findall(r"^After=(.*)$", text, re.M)
+    assert {"network.target", "nginx.service", "time-sync.target"} <= set(after.split())
+    assert re.search(r"^ProtectSystem=strict$", text, re.M)  # /var/log/nginx stays readable
+
+
+def systemd_running() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def test_confined_unit_does_its_whole_job(built: Path, syslog: SyslogCapture, say) -> None:
+    """The installed unit, confined, sends exact datasets from a real nginx to the hub's
+    socket, answers on its metrics port, and writes its state directory privately.
+
+    Under systemd (PID 1) the unit itself is started. Without it (a container) the unit's
+    ExecStart runs under tests/helpers/confine.py, which applies what can be had without
+    systemd (its docstring lists what it cannot: PrivateUsers=, ProtectProc=, the cgroup
+    BPF IP and device filters, and a few seccomp-based ones)."""
+    deb = the(built, f"{PKG}_*_all.deb")
+    if installed():
+        assert run(["apt-get", "purge", "-y", PKG]).returncode == 0
+    say(f"apt-get install -y ./{deb.name} (confined unit)")
+    result = run(["apt-get", "install", "-y", f"./{deb.name}"], cwd=built, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    CONFINED_HUB.mkdir(mode=0o755, exist_ok=True)
+    hub = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        hub.bind(str(CONFINED_HUB / "pipegram"))
+        (CONFINED_HUB / "pipegram").chmod(0o666)
+        hub.settimeout(0.1)
+        exercise_confined(hub, syslog, say)
+    finally:
+        hub.close()
+        shutil.rmtree(CONFINED_HUB, ignore_errors=True)
+        # client addresses: never left behind on the test machine, whatever the purge does
+        shutil.rmtree(STATE_DIR, ignore_errors=True)
+        if installed():
+            init("stop")
+            if systemd_running():
+                run(["systemctl", "stop", PKG])
+            purge = run(["apt-get", "purge", "-y", PKG], timeout=120)
+            assert purge.returncode == 0, purge.stdout + purge.stderr
+    check_purged()
+
+
+class ConfinedService:
+    """The confined service: the unit under systemd, or its command under confine.py."""
+
+    def __init__(self, user: pwd.struct_passwd) -> None:
+        self.user = user
+        self.proc: subprocess.Popen | None = None
+        if systemd_running():
+            assert run(["systemctl", "daemon-reload"]).returncode == 0
+            started = run(["systemctl", "restart", PKG])
+            assert started.returncode == 0, started.stdout + started.stderr
+            shown = run(["systemctl", "show", "-p", "MainPID", "--value", PKG]).stdout
+            self.pid = int(shown.strip())
+            return
+        # What systemd makes before ExecStart: RuntimeDirectory= and StateDirectory=.
+        for path, mode in ((RUN_DIR, "0755"), (STATE_DIR, "0700")):
+            made = run(["install", "-d", "-o", PKG, "-g", PKG, "-m", mode, str(path)])
+            assert made.returncode == 0, made.stderr
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--uts", "--ipc", "--propagation", "private",
+             "/usr/bin/python3", str(CONFINE), f"/lib/systemd/system/{PKG}.service", PKG,
+             "--", *unit_command()],
+            cwd="/", env=CLEAN_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.pid = self.proc.pid  # unshare and confine.py exec: the same process
+
+    def poll(self) -> int | None:
+        if self.proc is not None:
+            return self.proc.poll()
+        return None if run(["systemctl", "is-active", "--quiet", PKG]).returncode == 0 else 1
+
+    def communicate(self, timeout: float = 10) -> tuple[str, None]:
+        if self.proc is not None:
+            return self.proc.communicate(timeout=timeout)[0], None
+        return run(["journalctl", "-u", PKG, "-n", "50", "--no-pager"]).stdout, None
+
+    def stop(self) -> str:
+        if self.proc is None:
+            assert run(["systemctl", "stop", PKG]).returncode == 0
+            return self.communicate()[0]
+        self.proc.terminate()
+        output = self.proc.communicate(timeout=15)[0]
+        # twistd ends itself with the signal that stopped it; systemd counts SIGTERM as clean.
+        assert self.proc.returncode in (0, -signal.SIGTERM), output
+        return output
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def check_confined(pid: int, user: pwd.struct_passwd) -> None:
+    """What the kernel says about the running service."""
+    def exec_done() -> bool:  # confine.py (with twistd3 among its arguments) has exec'd
+        words = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        return CONFINE.name not in " ".join(words) and "/usr/bin/twistd3" in words
+
+    wait_for(exec_done, time.monotonic() + 10, "the confined exec of twistd3")
+    status = status_fields(pid)
+    assert status["Uid"].split()[0] == str(user.pw_uid)
+    assert status["NoNewPrivs"] == "1"
+    assert status["Seccomp"] == "2", "no system call filter"
+    assert int(status["CapBnd"], 16) == 0 and int(status["CapEff"], 16) == 0
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    options = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        options[fields[4]] = fields[5].split(",")
+    assert "ro" in options["/"] and "ro" in options.get("/etc", options["/"])
+    assert "rw" in options[str(STATE_DIR)]
+    assert "/tmp" in options  # private /tmp
+
+
+def state_option() -> list[str]:
+    """--state-dir where the installed service has it (the state store's branch)."""
+    help_text = run(["twistd3", PKG, "--help"]).stdout
+    return ["--state-dir", str(STATE_DIR)] if "--state-dir" in help_text else []
+
+
+def check_state_modes(user: pwd.struct_passwd) -> list[str]:
+    """The state directory 0700 and every file in it 0600, the service user's; their names."""
+    info = STATE_DIR.stat()
+    assert info.st_uid == user.pw_uid and info.st_mode & 0o777 == 0o700, oct(info.st_mode)
+    names = []
+    for path in STATE_DIR.iterdir():
+        names.append(path.name)
+        mode = path.stat().st_mode & 0o777
+        assert path.stat().st_uid == user.pw_uid and mode == 0o600, (path, oct(mode))
+    return names
+
+
+def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
+    user = pwd.getpwnam(PKG)
+    unit = Path(f"/lib/systemd/system/{PKG}.service")
+    assert unit.read_text() == UNIT_SOURCE.read_text()
+    man = [] if shutil.which("man") else ["--man=no"]
+    verify = run(["systemd-analyze", "verify", *man, str(unit)])
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    exposure, _ = security(unit)
+    assert exposure <= 2.0
+    init("stop")  # the start on install used the example settings
+    if not nginx_with_lua():
+        pytest.fail("nginx with its Lua module is not installed "
+                    "(apt-get install nginx libnginx-mod-http-lua lua-cjson)")
+    nginx = Nginx()
+    try:
+        metrics = free_port()
+        state = state_option()
+        set_daemon_opts(f"-s {hub.getsockname()} -u http://127.0.0.1:{nginx.port}/sfive"
+                        f" -S test/hls/high -n {HOSTNAME} -d 1"
+                        f" --metrics tcp:{metrics}:interface=127.0.0.1 {' '.join(state)}")
+        how = "systemd" if systemd_running() else f"{CONFINE.name} (systemd is not PID 1 here)"
+        say(f"the confined unit under {how}: {' '.join(unit_command())}")
+        for attempt in (1, 2):  # the second start reads the state the first one left
+            while True:  # drop what an earlier run sent
+                try:
+                    hub.recv(1 << 20)
+                except OSError:
+                    break
+            (nginx.prefix / "access.log").write_text("")  # nginx appends: counts restart
+            service = ConfinedService(user)
+            try:
+                check_confined(service.pid, user)
+                exercise_unit_command(service, hub, nginx)
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics",
+                                            timeout=5) as r:
+                    exposition = r.read().decode()
+                assert re.search(r"^sfive_ngxlua_datasets_sent_total [1-9]", exposition, re.M)
+            finally:
+                output = service.stop()
+            assert "Traceback" not in output, output
+            if state:
+                names = check_state_modes(user)
+                assert "state.sqlite" in names, names
+                say(f"run {attempt}: state directory 0700, files 0600: {sorted(names)}")
+            else:
+                say(f"run {attempt}: this build has no --state-dir: state modes not checked")
+        if syslog.sock is not None:
+            assert not [line for line in syslog.lines if "Traceback" in line], syslog.text()
+    finally:
+        nginx.stop()
+        shutil.rmtree(RUN_DIR, ignore_errors=True)

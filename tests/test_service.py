@@ -103,10 +103,10 @@ def test_exact_datasets_interval_after_interval(tmp_path):
         got = run.hub.read()
         start = "2026-11-28T09:00:02Z"
         expected = [empty(s, start) for s in STREAMERS]
-        expected[0] = dataset(STREAMERS[0], start, [
+        expected[0] = dataset(STREAMERS[0], start, [  # largest first (SPEC 5)
+            {"ip": "10.0.0.2", "user-agent": "A", "bytes-sent": 1000},
             {"ip": "10.0.0.1", "user-agent": "A", "bytes-sent": 150},
             {"ip": "10.0.0.1", "user-agent": "B", "bytes-sent": 7},
-            {"ip": "10.0.0.2", "user-agent": "A", "bytes-sent": 1000},
         ])
         expected[7] = dataset(STREAMERS[7], start, [
             {"ip": "10.0.0.4", "user-agent": "player/1", "bytes-sent": 3}])
