@@ -885,9 +885,12 @@ def check_confined(pid: int, user: pwd.struct_passwd) -> None:
 
 
 def state_option() -> list[str]:
-    """--state-dir where the installed service has it (the state store's branch)."""
+    """--state-dir where the installed service has it and can use it: the store needs the
+    model as data (IntervalModel.snapshot, from the eventtime branch)."""
     help_text = run(["twistd3", PKG, "--help"]).stdout
-    return ["--state-dir", str(STATE_DIR)] if "--state-dir" in help_text else []
+    usable = run(["python3", "-c", "from sfive_ngxlua.model import IntervalModel; "
+                  "assert hasattr(IntervalModel, 'snapshot')"]).returncode == 0
+    return ["--state-dir", str(STATE_DIR)] if "--state-dir" in help_text and usable else []
 
 
 def check_state_modes(user: pwd.struct_passwd) -> list[str]:
@@ -900,6 +903,31 @@ def check_state_modes(user: pwd.struct_passwd) -> list[str]:
         mode = path.stat().st_mode & 0o777
         assert path.stat().st_uid == user.pw_uid and mode == 0o600, (path, oct(mode))
     return names
+
+
+def drain(hub: socket.socket) -> list[dict]:
+    """What the hub socket holds now."""
+    got: list[dict] = []
+    receive_datasets(hub, got, time.monotonic() + 2)
+    return got
+
+
+def check_metrics(port: int) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        exposition = response.read().decode()
+    assert re.search(r"^sfive_ngxlua_datasets_sent_total [1-9]", exposition, re.M), exposition
+
+
+def open_interval_requests(nginx: Nginx) -> tuple[datetime, datetime, int]:
+    """A few requests just before a stop: with --grace 3 their interval is not due for at
+    least 3 s, so the stop finds it open. Returns their time window and bytes."""
+    prefix = "/live/hls/test-high/"
+    before = nginx.bytes_sent(prefix)
+    begin = datetime.now().astimezone()
+    for _ in range(3):
+        assert nginx.get(prefix + "seg1.ts") == 200
+    end = datetime.now().astimezone()
+    return begin, end, nginx.bytes_sent(prefix) - before
 
 
 def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
@@ -919,35 +947,68 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
     try:
         metrics = free_port()
         state = state_option()
+        # With a state dir, --grace 3 keeps the interval open at the stop open for 3 s more
+        # than its end (see open_interval_requests).
+        grace = " --grace 3" if state else ""
         set_daemon_opts(f"-s {hub.getsockname()} -u http://127.0.0.1:{nginx.port}/sfive"
-                        f" -S test/hls/high -n {HOSTNAME} -d 1"
+                        f" -S test/hls/high -n {HOSTNAME} -d 1{grace}"
                         f" --metrics tcp:{metrics}:interface=127.0.0.1 {' '.join(state)}")
         how = "systemd" if systemd_running() else f"{CONFINE.name} (systemd is not PID 1 here)"
         say(f"the confined unit under {how}: {' '.join(unit_command())}")
-        for attempt in (1, 2):  # the second start reads the state the first one left
-            while True:  # drop what an earlier run sent
-                try:
-                    hub.recv(1 << 20)
-                except OSError:
-                    break
-            (nginx.prefix / "access.log").write_text("")  # nginx appends: counts restart
-            service = ConfinedService(user)
-            try:
-                check_confined(service.pid, user)
-                exercise_unit_command(service, hub, nginx)
-                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics",
-                                            timeout=5) as r:
-                    exposition = r.read().decode()
-                assert re.search(r"^sfive_ngxlua_datasets_sent_total [1-9]", exposition, re.M)
-            finally:
-                output = service.stop()
-            assert "Traceback" not in output, output
+        # First run: exact datasets from nginx, the metrics port; then (with a state dir) a
+        # few more requests and a stop while their interval is still open.
+        drain(hub)
+        service = ConfinedService(user)
+        window: tuple[datetime, datetime, int] | None = None
+        try:
+            check_confined(service.pid, user)
+            exercise_unit_command(service, hub, nginx)
+            check_metrics(metrics)
             if state:
-                names = check_state_modes(user)
-                assert "state.sqlite" in names, names
-                say(f"run {attempt}: state directory 0700, files 0600: {sorted(names)}")
-            else:
-                say(f"run {attempt}: this build has no --state-dir: state modes not checked")
+                say(f"state files while running: {check_state_modes(user)}")
+                window = open_interval_requests(nginx)
+        finally:
+            output = service.stop()
+        assert "Traceback" not in output, output
+        before_restart = drain(hub)
+        if not state:
+            say("no usable --state-dir in this build: state modes and read-back not checked")
+        else:
+            say(f"after the stop: state directory 0700, files 0600: {check_state_modes(user)}")
+        # Second run: it starts again under the same confinement and, with a state dir, reports
+        # the interval the first one saved at its stop.
+        service = ConfinedService(user)
+        restarted = datetime.now().astimezone()
+        try:
+            check_confined(service.pid, user)
+            after_restart: list[dict] = []
+            deadline = time.monotonic() + 20
+            while (not any(start_of(d) >= restarted for d in after_restart)
+                   and service.poll() is None and time.monotonic() < deadline):
+                receive_datasets(hub, after_restart, deadline)
+            assert any(start_of(d) >= restarted for d in after_restart), (
+                f"no datasets after the restart: {after_restart!r}\n{service.communicate()[0]}")
+            check_metrics(metrics)
+            if state:
+                check_state_modes(user)
+        finally:
+            output = service.stop()
+        assert "Traceback" not in output, output
+        if window is not None:
+            begin, end, sent = window
+
+            def in_window(d: dict) -> bool:
+                return (start_of(d) < end
+                        and start_of(d) + timedelta(milliseconds=d["duration-ms"]) > begin)
+
+            early = sum(d["data"]["bytes-sent"] for d in before_restart if in_window(d))
+            restored = sum(d["data"]["bytes-sent"] for d in after_restart if in_window(d))
+            assert early + restored == sent, (early, restored, sent)
+            assert restored > 0 and early == 0, (
+                f"the interval open at the stop was reported before the restart ({early} bytes)"
+                " instead of saved and reported after it")
+            say(f"the interval open at the stop ({sent} bytes) was saved, read back and "
+                "reported after the restart")
         if syslog.sock is not None:
             assert not [line for line in syslog.lines if "Traceback" in line], syslog.text()
     finally:

@@ -19,9 +19,9 @@ syscall-filter``; @default always allowed), SystemCallErrorNumber=, SystemCallAr
 native, RestrictAddressFamilies= (socket(2) families; others get the error number, where
 systemd answers EAFNOSUPPORT) and MemoryDenyWriteExecute=.
 
-What it does not: PrivateUsers= (no user namespace: the real ids are used, as they are for
-access checks under systemd too), ProtectProc=/ProcSubset= (no private /proc), IPAddressDeny=/
-IPAddressAllow= and DevicePolicy= (cgroup BPF programs), ProtectKernelLogs=, ProtectClock=,
+What it does not: PrivateUsers= (no user namespace), ProtectProc=/ProcSubset= (no private
+/proc), IPAddressDeny=/IPAddressAllow= and DevicePolicy= (cgroup BPF programs),
+ProtectKernelLogs=, ProtectClock=,
 RestrictNamespaces=, RestrictRealtime=, RestrictSUIDSGID=, LockPersonality=, PrivateMounts=
 (the namespace is private anyway), KeyringMode=.
 """
