@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IReactorTime
@@ -15,7 +15,7 @@ from .settings import Options, Settings
 from .sinks import HubDatagramSink, HubStreamSink, StdoutSink
 from .stats import Stats
 
-__all__ = ["Options", "makeService", "build", "make_sink"]
+__all__ = ["Options", "makeService", "build", "make_sink", "make_source"]
 
 
 def make_sink(settings: Settings, reactor: Any, stats: Stats,
@@ -26,6 +26,18 @@ def make_sink(settings: Settings, reactor: Any, stats: Stats,
     if settings.hub:
         return HubStreamSink(settings.hub, reactor, stats, settings.queue_limit, clock=clock)
     return StdoutSink(stats)
+
+
+def make_source(settings: Settings, reactor: Any, pipeline: Pipeline, stats: Stats,
+                clock: Optional[IReactorTime] = None,
+                on_watermark: Optional[Callable[[], Any]] = None) -> Service:
+    """The source the settings ask for: the access-log follower (--file) or the exporter."""
+    if settings.file:
+        from .follow import FileFollowService
+
+        return FileFollowService(settings, reactor, pipeline, stats, clock=clock,
+                                 on_watermark=on_watermark)
+    return LogFetchService(settings, reactor, pipeline, stats, clock=clock)
 
 
 def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
@@ -51,7 +63,7 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
     top.sink = sink
     sink.setName("sink")
     sink.setServiceParent(top)
-    fetch = LogFetchService(settings, reactor, pipeline, stats, clock=clock)
+    fetch = make_source(settings, reactor, pipeline, stats, clock)
     fetch.setName("fetch")
     fetch.setServiceParent(top)
     reporter = ReportService(settings, clock, model, sink.deliver, stats)

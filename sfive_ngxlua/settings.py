@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class Settings:
     idle_timeout: float = 60.0
     connect_timeout: float = 10.0
     metrics: Optional[str] = None
+    file: Optional[str] = None
+    flush_period: float = 1.0
 
 
 def parse_streamer_ids(specs: list[str]) -> Tuple[StreamerKey, ...]:
@@ -202,6 +205,10 @@ class Options(ModelOptions):
         ["connect-timeout", None, "10", "give up on a connection attempt after this long"],
         ["metrics", None, None,
          "serve Prometheus metrics on this server endpoint, e.g. tcp:9166:interface=127.0.0.1"],
+        ["file", None, None,
+         "follow nginx's access log in the sfive format (nginx/sfive-log.conf) instead of -u"],
+        ["flush-period", None, "1",
+         "with --file: the access_log's flush= in seconds (lines lag that much)"],
     ]
 
     def postOptions(self) -> None:
@@ -230,3 +237,16 @@ class Options(ModelOptions):
         self.settings_kwargs.update(
             url=self["url"], idle_timeout=idle, connect_timeout=connect, metrics=self["metrics"]
         )
+        self._file_options()
+
+    def _file_options(self) -> None:
+        """--file (the access-log follower) and its --flush-period."""
+        path = self["file"]
+        if path is not None:
+            if self["url"] != DEFAULT_URL:
+                raise usage.UsageError("give either --url or --file, not both")
+            if not path or path.endswith("/"):
+                raise usage.UsageError(f"--file {path!r}: must name a file")
+            path = os.path.abspath(path)
+        self.settings_kwargs.update(
+            file=path, flush_period=_seconds("--flush-period", self["flush-period"]))
