@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import simplejson
 
@@ -73,3 +73,14 @@ def shrink(data: bytes, limit: int) -> bytes:
             hi = mid - 1
     dataset["data"]["clients"] = clients[:lo]
     return encode(dataset)
+
+
+def report(intervals: List[Interval], settings: Settings, deliver: Callable[[dict], Any]) -> int:
+    """Deliver every interval's datasets in order; return how many. (Here, not in report.py, so
+    that replay to standard output needs no Twisted service machinery.)"""
+    n = 0
+    for interval in intervals:
+        for dataset in datasets(interval, settings):
+            deliver(dataset)
+            n += 1
+    return n

@@ -12,7 +12,6 @@ import re
 from typing import Dict, NamedTuple, Optional, Union
 
 import simplejson
-from dateutil.parser import isoparse
 from simplejson.scanner import make_scanner
 
 from .settings import Settings, StreamerKey, compile_nameformat
@@ -211,6 +210,8 @@ def _tail_offset(tail: str) -> Optional[int]:
 
 def _slow_seconds(when: str) -> Optional[int]:
     """Other ISO 8601 spellings (basic format, week dates); a time without offset is refused."""
+    from dateutil.parser import isoparse  # rare spellings only: not imported at start-up
+
     try:
         parsed = isoparse(when)
         if parsed.tzinfo is None or parsed.utcoffset() is None:
