@@ -9,7 +9,8 @@ import random
 import shutil
 
 import pytest
-from support import line
+import pytest_twisted
+from support import line, wait_for
 from twisted.internet import task
 
 from sfive_ngxlua import follow
@@ -353,3 +354,28 @@ def test_an_unreadable_log_is_a_warning_not_a_traceback(log):
     log.chmod(0o644)
     f.tick()
     assert f.service.current is not None
+
+
+@pytest_twisted.inlineCallbacks
+def test_inotify_on_the_real_reactor_sees_appends_and_a_rename(log, monkeypatch):
+    """With inotify the follower reads on the directory's events (the poll is an hour here)."""
+    from twisted.internet import reactor
+
+    monkeypatch.setattr(follow, "POLL_WITH_INOTIFY", 3600.0)
+    log.write_bytes(b"")
+    settings = Settings(streamers=(("foo", "hls", "high"),), file=str(log))
+    stats = Stats()
+    pipeline = Pipeline(settings, stats, IntervalModel(settings, stats, start=None))
+    service = FileFollowService(settings, reactor, pipeline, stats, inotify=True)
+    service.startService()
+    try:
+        assert service._notify is not None
+        append(log, entry(0))
+        yield wait_for(lambda: stats.lines == 1, timeout=10, what="the append")
+        os.rename(log, str(log) + ".1")
+        log.write_bytes(entry(1))
+        append(str(log) + ".1", entry(2))
+        yield wait_for(lambda: stats.lines == 3, timeout=10, what="both files read")
+        assert stats.file_rotations == 1
+    finally:
+        service.stopService()
