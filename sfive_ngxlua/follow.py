@@ -116,6 +116,7 @@ class FileFollowService(Service):
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.pipeline = pipeline
+        pipeline.parser.repair_utf8 = True  # escape=json passes invalid UTF-8 through
         self.stats = stats
         self.on_watermark = on_watermark
         self.use_inotify = inotify

@@ -276,6 +276,7 @@ class Replay:
         else:
             self.model = WindowModel(settings, self.stats, *window)
         self.pipeline = Pipeline(settings, self.stats, self.model, on_time=self._time)
+        self.pipeline.parser.repair_utf8 = True  # access logs: invalid UTF-8 as the exporter
         self.datasets = 0
 
     def _time(self, now: int) -> None:

@@ -379,3 +379,16 @@ def test_inotify_on_the_real_reactor_sees_appends_and_a_rename(log, monkeypatch)
         assert stats.file_rotations == 1
     finally:
         service.stopService()
+
+
+def test_invalid_utf8_counts_as_the_exporter_would_write_it(log):
+    """nginx's escape=json passes invalid bytes through; the exporter writes U+FFFD for each
+    invalid byte: the follower reads the line as the exporter would have written it."""
+    log.write_bytes(b"")
+    f = Follower(log)
+    raw = line("2026-11-27T20:00:00Z", url=URL, ua="ua@/1").replace(b"@", b"\xff\xe2\x82")
+    append(log, raw)
+    f.tick()
+    assert f.stats.accepted == 1 and f.stats.rejected == {}
+    (clients,) = [c for streams in f.model._open.values() for c in streams.values()]
+    assert list(clients.bytes) == [("10.0.0.1", "ua\ufffd\ufffd\ufffd/1")]
