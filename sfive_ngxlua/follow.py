@@ -183,7 +183,9 @@ class FileFollowService(Service):
         self._watch()
         interval = POLL_WITH_INOTIFY if self._notify is not None else POLL_WITHOUT_INOTIFY
         self._poll.start(interval, now=False)
-        self.check()
+        # the first read waits for the next turn of the reactor: the services started after
+        # this one (the reporter, which begins the live model) are running by then
+        self._soon = self.clock.callLater(0, self.check)
 
     def stopService(self) -> None:
         """Stop reading; the position stays (a later start resumes from it)."""
