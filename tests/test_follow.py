@@ -399,3 +399,25 @@ def test_invalid_utf8_counts_as_the_exporter_would_write_it(log):
     assert f.stats.accepted == 1 and f.stats.rejected == {}
     (clients,) = [c for streams in f.model._open.values() for c in streams.values()]
     assert list(clients.bytes) == [("10.0.0.1", "ua\ufffd\ufffd\ufffd/1")]
+
+
+def test_file_options(tmp_path, monkeypatch):
+    from twisted.python import usage
+
+    from sfive_ngxlua.service import make_source
+    from sfive_ngxlua.settings import Options
+
+    monkeypatch.chdir(tmp_path)
+    options = Options()
+    options.parseOptions(["-S", "a/hls/high", "--file", "logs/sfive.log", "--flush-period", "2"])
+    settings = options.settings()
+    assert settings.file == str(tmp_path / "logs" / "sfive.log") and settings.flush_period == 2
+    stats = Stats()
+    source = make_source(settings, None, Pipeline(settings, stats, IntervalModel(settings, stats)),
+                         stats, task.Clock())
+    assert isinstance(source, FileFollowService)
+    for args, message in ((["--file", "x.log", "-u", "http://h/sfive"], "either --url or --file"),
+                          (["--file", "x.log", "--flush-period", "-1"], "non-negative"),
+                          (["--file", ""], "must name a file")):
+        with pytest.raises(usage.UsageError, match=message):
+            Options().parseOptions(["-S", "a/hls/high", *args])
