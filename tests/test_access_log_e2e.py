@@ -199,3 +199,96 @@ def window_intervals(nginx, log):
     told = Counter((interval_of(e), e["client"], e["ua"], e["uri"], e["bytes_sent"])
                    for e in truth(nginx))
     return {key[0] for key in told - files}
+
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+HAS_STATE = any(p[0] == "state-dir" for p in Options.optParameters)
+
+
+@pytest.mark.skipif(not HAS_STATE, reason="needs --state-dir (the state store, issue 12)")
+@pytest_twisted.inlineCallbacks
+def test_twistd_with_a_state_dir_resumes_exactly_after_restart_and_sigkill(
+        nginx_factory, hubs, tmp_path):  # noqa: F811
+    """The real twistd with --file and --state-dir: rename+USR1, a SIGTERM restart, a
+    copytruncate, a SIGKILL; every interval from the first to the last exactly once, equal to
+    the truth (the state store keeps model and position in one checkpoint)."""
+    logs = tmp_path / "sfive"
+    logs.mkdir()
+    log = logs / "sfive.log"
+    nginx = nginx_factory(files=FILES, extra_http=(
+        f"    include {SOURCE_DIR}/sfive-log.conf;\n"
+        f"    access_log {log} sfive buffer=64k flush=1s;\n"))
+    hub = hubs()
+    runs = []
+
+    def twistd():
+        proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "-l", str(tmp_path / f"twistd{len(runs)}.log"),
+             "sfive-ngxlua", *STREAMER_ARGS, "--file", str(log), "-s", hub.path,
+             "--grace", GRACE, "--state-dir", str(tmp_path / "state")], cwd=tmp_path)
+        runs.append(proc)
+        return proc
+
+    def logged(text, run=None):
+        names = tmp_path.glob("twistd*.log") if run is None else [tmp_path / f"twistd{run}.log"]
+        return any(p.exists() and text in p.read_text() for p in names)
+
+    @defer.inlineCallbacks
+    def stopped(proc, sig):
+        proc.send_signal(sig)
+        yield wait_for(lambda: proc.poll() is not None, timeout=20, what="twistd to end")
+
+    try:
+        proc = twistd()
+        yield wait_for(lambda: logged("following"), timeout=30, what="twistd to follow the log")
+        yield wait_for(lambda: hub.read(), timeout=10, what="the first datasets")
+        first = min(_start(d) for d in hub.read())
+        yield viewers(nginx, "r0")
+        yield next_second()
+        os.rename(log, str(log) + ".1")
+        os.kill(nginx.process.pid, signal.SIGUSR1)
+        yield viewers(nginx, "r1")
+        yield stopped(proc, signal.SIGTERM)  # a service restart: the state is saved
+        yield viewers(nginx, "while-stopped")
+        proc = twistd()
+        yield wait_for(lambda: logged("resuming", 1), timeout=30, what="twistd to resume")
+        yield viewers(nginx, "r2")
+        yield wait_for(lambda: os.path.getsize(log) > 0, timeout=5, what="lines in the log")
+        shutil.copyfile(log, str(log) + ".c")
+        os.truncate(log, 0)
+        copied_at = time.time()
+        yield viewers(nginx, "r3")
+        yield next_second()
+        yield next_second()  # a checkpoint (every second) has the copytruncate behind it
+        yield stopped(proc, signal.SIGKILL)  # a crash
+        yield viewers(nginx, "while-dead")
+        proc = twistd()
+        yield wait_for(lambda: logged("resuming", 2), timeout=30,
+                       what="twistd to resume after the crash")
+        yield viewers(nginx, "r4")
+        yield next_second()
+        yield next_second()
+        yield viewers(nginx, "r5")
+        last = max(map(interval_of, truth(nginx)))
+        yield wait_for(lambda: any(_start(d) > last + 1 for d in hub.read()), timeout=15,
+                       what="the intervals after the last request reported")
+        yield stopped(proc, signal.SIGTERM)
+    finally:
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    datasets = [d for d in hub.read() if first <= _start(d) <= last]
+    assert all(d["duration-ms"] == 1000 for d in datasets), "a state dir reports no part"
+    got = by_interval(datasets)  # raises on two datasets for one interval and streamer
+    expected = expected_from_access_log(truth(nginx))
+    lossy = window_intervals(nginx, log)
+    assert all(abs(k - copied_at) < 3 for k in lossy), lossy
+    for key, clients in expected.items():
+        if first <= key[0] <= last and key[0] not in lossy:
+            assert got.get(key) == dict(clients), key
+    for key, clients in got.items():
+        if key[0] not in lossy:
+            assert clients == dict(expected.get(key, {})), key
+    assert logged("truncated in place")
+    assert not logged("Traceback")
