@@ -133,6 +133,8 @@ class FileFollowService(Service):
         self._last_time = -math.inf
         self._watermark = -math.inf
         self._warned: set = set()
+        self._base = os.path.basename(self.path)
+        self._writes = 0
 
     # --- the source's contract: watermark, position, resume ----------------------------------
 
@@ -220,6 +222,7 @@ class FileFollowService(Service):
                     | inotify.IN_CLOSE_WRITE)
             notify.watch(FilePath(os.path.dirname(self.path)), mask=mask,
                          callbacks=[self._changed])
+            self._writes = inotify.IN_MODIFY | inotify.IN_CLOSE_WRITE
         except Exception as e:  # no inotify here, or the directory is not there yet
             if self.use_inotify:
                 raise
@@ -228,8 +231,12 @@ class FileFollowService(Service):
             return
         self._notify = notify
 
-    def _changed(self, _watch: Any, _path: Any, _mask: int) -> None:
-        """inotify: something changed in the directory; look soon (events are coalesced)."""
+    def _changed(self, _watch: Any, path: Any, mask: int) -> None:
+        """inotify: something changed in the directory; look soon (events are coalesced).
+        Writes to other files (another log written for every request) are not looked at; the
+        log's own rotated names (``sfive.log.1``, ...) are."""
+        if mask & self._writes and not os.fsdecode(path.basename()).startswith(self._base):
+            return
         if self._soon is None and self.running:
             self._soon = self.clock.callLater(0, self.check)
 

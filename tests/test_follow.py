@@ -384,6 +384,18 @@ def test_inotify_on_the_real_reactor_sees_appends_and_a_rename(log, monkeypatch)
         append(str(log) + ".1", entry(2))
         yield wait_for(lambda: stats.lines == 3, timeout=10, what="both files read")
         assert stats.file_rotations == 1
+        from twisted.internet import inotify
+        from twisted.python.filepath import FilePath
+
+        yield wait_for(lambda: service._soon is None, what="the follower idle")
+        other = FilePath(os.fsencode(log.parent / "other.log"))
+        service._changed(None, other, inotify.IN_MODIFY)  # another log written per request
+        assert service._soon is None
+        service._changed(None, other, inotify.IN_MOVED_FROM)  # a rename may concern us
+        assert service._soon is not None
+        yield wait_for(lambda: service._soon is None, what="the follower idle")
+        service._changed(None, FilePath(os.fsencode(str(log) + ".1")), inotify.IN_MODIFY)
+        assert service._soon is not None
     finally:
         service.stopService()
 
@@ -421,3 +433,16 @@ def test_file_options(tmp_path, monkeypatch):
                           (["--file", ""], "must name a file")):
         with pytest.raises(usage.UsageError, match=message):
             Options().parseOptions(["-S", "a/hls/high", *args])
+
+
+def test_rotations_and_truncations_are_metrics_with_file(log):
+    from sfive_ngxlua.metrics import StatsCollector
+
+    f = Follower(log)
+    f.stats.file_rotations, f.stats.file_truncations = 2, 1
+    names = {m.name: m.samples[0].value for m in StatsCollector(f.settings, f.stats).collect()
+             if m.name.startswith("sfive_ngxlua_file_")}
+    assert names == {"sfive_ngxlua_file_rotations": 2, "sfive_ngxlua_file_truncations": 1}
+    exporter = Settings(streamers=f.settings.streamers)
+    assert not [m for m in StatsCollector(exporter, f.stats).collect()
+                if m.name.startswith("sfive_ngxlua_file_")]
