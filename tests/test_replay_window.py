@@ -141,3 +141,21 @@ def test_settings_are_unchanged_by_a_window():
     options = ReplayOptions()
     options.parseOptions([*ARGS, "--from", "2026-11-27T20:00:00Z"])
     assert isinstance(options.settings(), Settings)
+
+
+def test_the_window_to_the_hub(tmp_path):
+    from support import DatagramHub
+
+    lines = access_log(T0 - 20, 60)
+    (tmp_path / "sfive.log").write_bytes(b"".join(lines))
+    hub = DatagramHub(str(tmp_path / "hub.sock"))
+    try:
+        result = subprocess.run(
+            [REPLAY, *ARGS, "-s", hub.path, "--from", iso(T0), "--until", iso(T0 + 20),
+             str(tmp_path / "sfive.log")], capture_output=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        received = hub.read()
+    finally:
+        hub.close()
+    assert got(b"\n".join(json.dumps(d).encode() for d in received)) == truth(lines, T0, T0 + 20)
+    assert "outside --from/--until" in result.stderr.decode()
