@@ -328,10 +328,17 @@ class FileFollowService(Service):
 
     def _reopen(self, position: dict, now: float) -> None:
         """Find the saved files again (by device, inode and head: they may have been renamed)."""
-        for ident in list(position.get("rotated") or []) + [position.get("file")]:
+        rotated = position.get("rotated")
+        for ident in (list(rotated) if isinstance(rotated, list) else []) + [position.get("file")]:
             if not ident:
                 continue
-            f = self._find(ident, now)
+            try:
+                int(ident.get("offset") or 0)
+                f = self._find(ident, now)
+            except (AttributeError, TypeError, ValueError):
+                self.log.warn("ignoring a malformed entry in the saved position: {ident!r}",
+                              ident=ident)
+                continue
             if f is None:
                 self.stats.file_rotations += 1
                 self.log.warn(

@@ -446,3 +446,13 @@ def test_rotations_and_truncations_are_metrics_with_file(log):
     exporter = Settings(streamers=f.settings.streamers)
     assert not [m for m in StatsCollector(exporter, f.stats).collect()
                 if m.name.startswith("sfive_ngxlua_file_")]
+
+
+def test_a_malformed_position_is_a_warning_not_a_traceback(log):
+    log.write_bytes(entry(0))
+    g = Follower(log, position={"kind": "file", "path": str(log), "file": "garbage",
+                                "rotated": [{"dev": "x", "ino": [], "offset": "?"}, 3]})
+    assert g.service.running and g.service.current is not None
+    append(log, entry(1))
+    g.tick()
+    assert g.clients() == ips([0, 1])  # the file at the path, from its start
