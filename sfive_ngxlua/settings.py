@@ -196,8 +196,9 @@ class Options(ModelOptions):
 
     synopsis = "[options]"
     longdesc = (
-        "Reads the nginx-lua exporter's stream of finished requests and sends one sfive "
-        "version-1 dataset per streamer and interval to the sfive hub."
+        "Reads the nginx-lua exporter's stream of finished requests (or, with --file, nginx's "
+        "own access log in the sfive format) and sends one sfive version-1 dataset per "
+        "streamer and interval to the sfive hub."
     )
     optParameters = [
         ["url", "u", DEFAULT_URL, "URL of the nginx sfive exporter (http or https)"],
