@@ -27,7 +27,7 @@ import math
 import os
 import re
 import stat
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -335,6 +335,12 @@ class FileFollowService(Service):
             try:
                 int(ident.get("offset") or 0)
                 f = self._find(ident, now)
+                copied = False
+                if f is None:  # copytruncate while the service was down: the copy has the rest
+                    f = self._find_copy(int(ident.get("head_len") or 0), ident.get("head"),
+                                        int(ident.get("offset") or 0) - 1, now,
+                                        (ident.get("dev"), ident.get("ino")))
+                    copied = f is not None
             except (AttributeError, TypeError, ValueError):
                 self.log.warn("ignoring a malformed entry in the saved position: {ident!r}",
                               ident=ident)
@@ -355,6 +361,12 @@ class FileFollowService(Service):
                               "from its start", name=f.name, offset=offset)
                 offset = 0
             f.offset = f.line_end = offset
+            if copied:
+                self.stats.file_truncations += 1
+                self.log.warn("{path} was truncated in place (copytruncate?) while the service "
+                              "was down: reading the rest from its copy {name}; lines nginx "
+                              "wrote between the copy and the truncation are lost", path=self.path,
+                              name=f.name)
             try:
                 at_path = os.stat(self.path)
                 here = (at_path.st_dev, at_path.st_ino) == (f.dev, f.ino)
@@ -470,7 +482,10 @@ class FileFollowService(Service):
         """copytruncate (or another in-place rewrite): read the copy's rest, then start over."""
         self.stats.file_truncations += 1
         cur.splitter.reset()
-        copy = self._find_copy(cur, now)
+        copy = None
+        if cur.head is not None:
+            copy = self._find_copy(len(cur.head), _digest(cur.head), cur.line_end, now,
+                                   (cur.dev, cur.ino))
         recovered = ""
         if copy is not None:
             copy.offset = copy.line_end = cur.line_end
@@ -485,23 +500,24 @@ class FileFollowService(Service):
         cur.head = None
         cur.last_growth = now
 
-    def _find_copy(self, cur: _File, now: float) -> Optional[_File]:
-        """A file in the directory that begins with ``cur``'s head and goes on past where it was
-        read: copytruncate's copy, made just before the truncation."""
-        if cur.head is None:
+    def _find_copy(self, head_len: int, head: str, past: int, now: float,
+                   not_ino: Tuple[int, int]) -> Optional[_File]:
+        """Another file in the directory that begins with the same first line (``head_len``
+        bytes hashing to ``head``) and goes on beyond ``past``: copytruncate's copy."""
+        if head_len <= 0:
             return None
         for name in self._candidates()[1:]:
             try:
                 st = os.stat(name)
             except OSError:
                 continue
-            if st.st_size <= cur.line_end or (st.st_dev, st.st_ino) == (cur.dev, cur.ino):
+            if st.st_size <= past or (st.st_dev, st.st_ino) == not_ino:
                 continue
             f = self._open(name, now)
             if f is None:
                 continue
-            if os.pread(f.fd, len(cur.head), 0) == cur.head:
-                f.head = cur.head
+            if _digest(os.pread(f.fd, head_len, 0)) == head:
+                f.learn_head()
                 return f
             f.close()
         return None

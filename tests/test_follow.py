@@ -456,3 +456,19 @@ def test_a_malformed_position_is_a_warning_not_a_traceback(log):
     append(log, entry(1))
     g.tick()
     assert g.clients() == ips([0, 1])  # the file at the path, from its start
+
+
+def test_resume_after_a_copytruncate_while_down_reads_the_copy(log):
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0))
+    f.tick()
+    position = f.service.position()
+    f.service.stopService()
+    append(log, entry(1))
+    shutil.copyfile(log, str(log) + ".1")
+    os.truncate(log, 0)
+    append(log, entry(2))
+    g = Follower(log, position=position)
+    assert g.clients() == ips([1, 2])
+    assert g.stats.file_truncations == 1
