@@ -180,6 +180,7 @@ class NginxServer:
     workers: int = 2
     files: Mapping[str, bytes] = field(default_factory=lambda: dict(MEDIA_FILES))
     extra_server: str = ""
+    extra_http: str = ""
     env: Optional[Mapping[str, str]] = None
     port: int = 0
     process: Optional[subprocess.Popen] = None
@@ -234,6 +235,7 @@ http {{
     {ACCESS_LOG_FORMAT}
     access_log {self.access_log_path} sfive_test;
     include {p}/conf/sfive.conf;
+{self.extra_http}
     server {{
         listen 127.0.0.1:{self.port};
         server_name localhost;

@@ -64,6 +64,13 @@ class StatsCollector:
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
+        if self.settings.file:
+            yield CounterMetricFamily(PREFIX + "file_rotations", "Times the --file log was "
+                                      "renamed or deleted away (then read until quiet).",
+                                      value=s.file_rotations)
+            yield CounterMetricFamily(PREFIX + "file_truncations", "Times the --file log was "
+                                      "truncated in place (copytruncate: its window's lines "
+                                      "are lost).", value=s.file_truncations)
 
         rejected = CounterMetricFamily(PREFIX + "records_rejected", "Lines rejected, by reason.",
                                        labels=("reason",))

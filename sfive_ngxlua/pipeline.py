@@ -30,6 +30,14 @@ class Pipeline:
         self.feed_lines(self.splitter.feed(data))
         self._count_too_long()
 
+    def feed_split(self, splitter: LineSplitter, data: bytes) -> list:
+        """``feed`` through the caller's own splitter (the file follower reads several files at
+        once, each with its own partial line); returns the complete lines."""
+        lines = splitter.feed(data)
+        self.feed_lines(lines)
+        self._count_too_long(splitter)
+        return lines
+
     def feed_lines(self, lines: list) -> None:
         """Take complete lines (no line ends)."""
         stats = self.stats
@@ -54,11 +62,13 @@ class Pipeline:
         self._count_too_long()
         return self.splitter.reset()
 
-    def _count_too_long(self) -> None:
-        if self.splitter.too_long:
-            self.stats.lines += self.splitter.too_long
-            self.stats.rejected["too-long"] += self.splitter.too_long
-            self.splitter.too_long = 0
+    def _count_too_long(self, splitter: Optional[LineSplitter] = None) -> None:
+        """Count the over-long lines ``splitter`` (default: the pipeline's own) skipped."""
+        splitter = splitter if splitter is not None else self.splitter
+        if splitter.too_long:
+            self.stats.lines += splitter.too_long
+            self.stats.rejected["too-long"] += splitter.too_long
+            splitter.too_long = 0
 
     @property
     def last_seq(self) -> int | None:

@@ -8,11 +8,11 @@ and then looked up.
 from __future__ import annotations
 
 import calendar
+import codecs
 import re
 from typing import Dict, NamedTuple, Optional, Union
 
 import simplejson
-from dateutil.parser import isoparse
 from simplejson.scanner import make_scanner
 
 from .settings import Settings, StreamerKey, compile_nameformat
@@ -28,6 +28,13 @@ MAX_BYTES = 2**53
 
 _DATE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\Z")
 _TAIL = re.compile(r"(?:[.,]\d{1,9})?(?:(Z)|([+-])(\d\d):?(\d\d))\Z")
+
+def _per_byte(error: UnicodeDecodeError) -> tuple:
+    """U+FFFD for one invalid byte, then decode on from the next one (as nginx/sfive.lua)."""
+    return "\ufffd", error.start + 1
+
+
+codecs.register_error("sfive-per-byte", _per_byte)
 
 _decoder = simplejson.JSONDecoder()
 _scan = make_scanner(_decoder)
@@ -81,13 +88,19 @@ class RecordParser:
         self._seconds: Dict[str, int] = {}
         self._tails: Dict[str, int] = {}
         self.last_seq: Optional[int] = None
+        self.repair_utf8 = False
+        """nginx's access log (``escape=json``) passes invalid UTF-8 through, where the exporter
+        writes U+FFFD for each invalid byte: with this set, the parser does the same instead of
+        rejecting the line, so that the same requests count from both sources."""
 
     def parse(self, line: bytes) -> Parsed:
         """Classify one line (without its newline)."""
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return "invalid-utf8"
+            if not self.repair_utf8:
+                return "invalid-utf8"
+            text = line.decode("utf-8", "sfive-per-byte")
         try:
             obj, end = _scan(text, 0)
             if end != len(text) and not text[end:].isspace():
@@ -211,6 +224,8 @@ def _tail_offset(tail: str) -> Optional[int]:
 
 def _slow_seconds(when: str) -> Optional[int]:
     """Other ISO 8601 spellings (basic format, week dates); a time without offset is refused."""
+    from dateutil.parser import isoparse  # rare spellings only: not imported at start-up
+
     try:
         parsed = isoparse(when)
         if parsed.tzinfo is None or parsed.utcoffset() is None:

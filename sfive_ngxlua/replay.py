@@ -1,28 +1,56 @@
-"""``sfive-ngxlua-replay``: datasets for recorded exporter output (backfill after an outage).
+"""``sfive-ngxlua-replay``: datasets for recorded exporter output or nginx's access log in the
+sfive format (backfill after an outage).
 
 The same pipeline, model, datasets and sinks as the live service; time is taken from the records:
 an interval is emitted once a record at least ``grace`` past its end has been read, and the rest
-at the end of the input.
+at the end of the input. With ``--from/--until`` exactly the intervals of that window are
+emitted, each only if the input covers it completely, and lines outside it are not counted.
+
+The standard-output path imports no Twisted service or reactor machinery, so that the first line
+is read soon after the start.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib
+import importlib.util
 import os
 import sys
 import time
 from collections import deque
 from typing import IO, Any, Deque, Iterator, List, Optional, Tuple
 
-from twisted.python import usage
 
-from . import __version__
-from .datasets import Dataset
-from .model import IntervalModel
-from .pipeline import Pipeline
-from .report import report
-from .settings import ModelOptions, Settings
-from .stats import Stats
+def _lazy(name: str) -> None:
+    """Import ``name`` so that it loads on first use (importlib's LazyLoader). Twisted's
+    ``twisted.python.compat`` imports ``http.cookiejar``, which pulls in urllib.request,
+    http.client, email and ssl: some 40 ms of replay's start-up for a module it never uses."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        return
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    parent, _, child = name.rpartition(".")
+    if parent:  # so that "from http import cookiejar" finds it without touching it
+        setattr(importlib.import_module(parent), child, module)
+
+
+_lazy("http.cookiejar")
+
+from twisted.python import usage  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .datasets import Dataset, encode, report, start_time  # noqa: E402
+from .model import IntervalModel  # noqa: E402
+from .pipeline import Pipeline  # noqa: E402
+from .records import Record, RecordParser  # noqa: E402
+from .settings import ModelOptions, Settings  # noqa: E402
+from .stats import Stats  # noqa: E402
 
 CHUNK = 1 << 20
 HUB_PATIENCE = 30.0
@@ -33,11 +61,22 @@ class ReplayOptions(ModelOptions):
 
     synopsis = "[options] [FILE ...]"
     longdesc = (
-        "Replays recorded nginx-lua exporter output (FILE, '-' for standard input, .gz "
-        "decompressed) and emits one sfive dataset per streamer and interval, as JSON lines on "
-        "standard output or to the hub with --socket/--hub."
+        "Replays recorded nginx-lua exporter output or nginx access logs in the sfive format "
+        "(FILE, '-' for standard input, .gz decompressed; give rotated logs oldest first) and "
+        "emits one sfive dataset per streamer and interval, as JSON lines on standard output or "
+        "to the hub with --socket/--hub. With --from/--until, exactly the intervals of that "
+        "window that the input covers."
     )
     optFlags = [["quiet", "q", "no progress line and no summary on standard error"]]
+    optParameters = [
+        ["from", None, None,
+         "emit only the intervals from this time on (ISO 8601, e.g. 2026-11-27T20:00:00Z)"],
+        ["until", None, None, "emit only the intervals that end by this time (ISO 8601)"],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        self.window = window_of(self["from"], self["until"], self.settings())
 
     def opt_version(self) -> None:
         """print the version and exit"""
@@ -46,6 +85,119 @@ class ReplayOptions(ModelOptions):
 
     def parseArgs(self, *files: str) -> None:
         self["files"] = list(files) or ["-"]
+
+
+def window_of(start: Optional[str], until: Optional[str],
+              settings: Settings) -> Optional[Tuple[Optional[int], Optional[int]]]:
+    """``--from/--until`` as epoch seconds, checked: on interval boundaries, from before until."""
+    if start is None and until is None:
+        return None
+    parse = RecordParser(settings).seconds
+    bounds: List[Optional[int]] = []
+    for option, text in (("--from", start), ("--until", until)):
+        if text is None:
+            bounds.append(None)
+            continue
+        seconds = parse(text)
+        if seconds is None:
+            raise usage.UsageError(f"{option} {text!r}: not an ISO 8601 time with a time zone, "
+                                   f"e.g. 2026-11-27T20:00:00Z")
+        if seconds % settings.duration:
+            raise usage.UsageError(f"{option} {text!r}: not on an interval boundary (a multiple "
+                                   f"of --duration {settings.duration}s since the epoch)")
+        bounds.append(seconds)
+    lo, hi = bounds
+    if lo is not None and hi is not None and lo >= hi:
+        raise usage.UsageError(f"--from {start!r} is not before --until {until!r}")
+    return lo, hi
+
+
+class WindowModel(IntervalModel):
+    """The interval model of a replay limited to ``[lo, hi)``: records outside are counted, not
+    kept, and an interval counts as covered only if the input reaches ``grace`` past its end
+    and began ``grace`` before its start (lines interleave out of order by up to nginx's flush
+    period, which grace must cover)."""
+
+    def __init__(self, settings: Settings, stats: Stats, lo: Optional[int],
+                 hi: Optional[int]) -> None:
+        super().__init__(settings, stats, start=None)
+        self.lo = lo
+        self.hi = hi
+        self.before = 0
+        self.after = 0
+        self.earliest: Optional[int] = None
+        self.latest: Optional[int] = None
+        self.uncovered_start: Optional[Tuple[int, int]] = None
+        self.last_k = None if hi is None else hi // self.duration - 1
+        if lo is not None:
+            self.first = lo // self.duration
+            self.reported = self.first - 1
+
+    def add(self, record: Record) -> bool:
+        t = record[0]
+        if self.earliest is None:
+            self.earliest = self.latest = t
+            self._check_start(t)
+        elif t > self.latest:
+            self.latest = t
+        if self.lo is not None and t < self.lo:
+            self.before += 1
+            return False
+        if self.hi is not None and t >= self.hi:
+            self.after += 1
+            return self.reported is not None and self.reported < self.last_k
+        return super().add(record)
+
+    def _check_start(self, t: int) -> None:
+        """The input begins at ``t``: the window's intervals before ``t + grace`` are not
+        covered (their first lines are in an earlier file)."""
+        if self.lo is None:
+            return
+        covered = -(-int(t + self.grace) // self.duration)
+        if covered > self.first:
+            self.uncovered_start = (self.first * self.duration, covered * self.duration)
+            self.first = covered
+            self.reported = covered - 1
+
+    def close_due(self, now: float) -> list:
+        if self.hi is not None:
+            now = min(now, self.hi + self.grace)
+        return super().close_due(now)
+
+    def close_all(self, now: Optional[float] = None) -> list:
+        """End of input: the intervals the input covers, nothing beyond."""
+        if self.latest is None:
+            return []
+        return self.close_due(self.latest)
+
+    def uncovered(self) -> List[str]:
+        """What of the window the input did not cover, as phrases for the summary."""
+        out = []
+        d = self.duration
+        if self.uncovered_start is not None:
+            a, b = self.uncovered_start
+            out.append(f"the input begins at {start_time(self.earliest)}: intervals "
+                       f"{start_time(a)} to {start_time(b)} not emitted")
+        end = None if self.reported is None else (self.reported + 1) * d
+        if self.hi is not None and (end is None or end < self.hi):
+            where = "has no line in the window" if self.latest is None else \
+                f"ends at {start_time(self.latest)}"
+            out.append(f"the input {where}: intervals {start_time(end or self.lo or 0)} to "
+                       f"{start_time(self.hi)} not emitted")
+        return out
+
+
+class _Stdout:
+    """Datasets as JSON lines on a binary stream (the service's StdoutSink without Twisted)."""
+
+    def __init__(self, stats: Stats, stream: Optional[IO[bytes]] = None) -> None:
+        self.stats = stats
+        self.stream = stream if stream is not None else sys.__stdout__.buffer
+
+    def deliver(self, dataset: Dataset) -> None:
+        self.stream.write(encode(dataset))
+        self.stream.flush()
+        self.stats.datasets_sent += 1
 
 
 class Progress:
@@ -114,12 +266,17 @@ def chunks(inputs: List[Tuple[str, IO[bytes]]], errors: List[str]) -> Iterator[T
 class Replay:
     """Runs one replay into a sink (anything with ``deliver(dataset)``)."""
 
-    def __init__(self, settings: Settings, sink: Any, stats: Optional[Stats] = None) -> None:
+    def __init__(self, settings: Settings, sink: Any, stats: Optional[Stats] = None,
+                 window: Optional[Tuple[Optional[int], Optional[int]]] = None) -> None:
         self.settings = settings
         self.sink = sink
         self.stats = stats if stats is not None else Stats()
-        self.model = IntervalModel(settings, self.stats, start=None)
+        if window is None:
+            self.model = IntervalModel(settings, self.stats, start=None)
+        else:
+            self.model = WindowModel(settings, self.stats, *window)
         self.pipeline = Pipeline(settings, self.stats, self.model, on_time=self._time)
+        self.pipeline.parser.repair_utf8 = True  # access logs: invalid UTF-8 as the exporter
         self.datasets = 0
 
     def _time(self, now: int) -> None:
@@ -134,12 +291,17 @@ class Replay:
         self.datasets += report(self.model.close_all(), self.settings, self.sink.deliver)
 
 
-def summary(stats: Stats, datasets: int) -> str:
+def summary(stats: Stats, datasets: int, model: Optional[IntervalModel] = None) -> str:
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(stats.rejected.items())) or "none"
+    window = ""
+    if isinstance(model, WindowModel):
+        window = (f", {model.before + model.after} outside --from/--until ({model.before} "
+                  f"before, {model.after} after)")
+        window += "".join(f"; {phrase}" for phrase in model.uncovered())
     return (f"sfive-ngxlua-replay: {stats.lines} lines, {stats.accepted} accepted, "
             f"{sum(stats.rejected.values())} rejected ({rejected}), {stats.late} late, "
             f"{stats.before_start} before the first interval, {stats.folded} folded into "
-            f"overflow, {stats.lost} lost in exporter gaps, {datasets} datasets")
+            f"overflow, {stats.lost} lost in exporter gaps, {datasets} datasets{window}")
 
 
 def _total_size(files: List[str]) -> Optional[int]:
@@ -150,34 +312,34 @@ def _total_size(files: List[str]) -> Optional[int]:
 
 
 def run(settings: Settings, files: List[str], quiet: bool = False,
-        out: Optional[IO[bytes]] = None, err: IO[str] = sys.stderr) -> int:
+        out: Optional[IO[bytes]] = None, err: IO[str] = sys.stderr,
+        window: Optional[Tuple[Optional[int], Optional[int]]] = None) -> int:
     """Replay ``files`` to standard output (or ``out``); return the exit status."""
-    from .sinks import StdoutSink
-
     inputs, errors = open_inputs(files)
     if errors:
         return _ended(errors, None, 0, err, status=2)
-    replay = Replay(settings, StdoutSink(Stats(), out))
+    replay = Replay(settings, _Stdout(Stats(), out), window=window)
     progress = Progress(err, _total_size(files), not quiet)
     for done, data in chunks(inputs, errors):
         replay.feed(data)
         progress.update(done, replay.stats)
     replay.finish()
     progress.done()
-    return _ended(errors, None if quiet else replay.stats, replay.datasets, err)
+    return _ended(errors, None if quiet else replay.stats, replay.datasets, err, model=replay.model)
 
 
 def _ended(errors: List[str], stats: Optional[Stats], datasets: int, err: IO[str],
-           status: int = 1) -> int:
+           status: int = 1, model: Optional[IntervalModel] = None) -> int:
     """Say what went wrong and (unless ``stats`` is None) the summary; the exit status."""
     for e in errors:
         err.write(f"sfive-ngxlua-replay: {e}\n")
     if stats is not None:
-        err.write(summary(stats, datasets) + "\n")
+        err.write(summary(stats, datasets, model) + "\n")
     return status if errors else 0
 
 
-def run_to_hub(settings: Settings, files: List[str], quiet: bool = False) -> int:
+def run_to_hub(settings: Settings, files: List[str], quiet: bool = False,
+               window: Optional[Tuple[Optional[int], Optional[int]]] = None) -> int:
     """Replay to the hub through the service's sinks, pausing while the hub's queue is full."""
     from twisted.internet import task
     from twisted.internet.defer import ensureDeferred
@@ -185,7 +347,7 @@ def run_to_hub(settings: Settings, files: List[str], quiet: bool = False) -> int
     status: List[int] = []
     try:
         task.react(lambda reactor: ensureDeferred(_to_hub(reactor, settings, files, quiet,
-                                                          status)))
+                                                          status, window)))
     except SystemExit as e:
         if e.code not in (0, None):
             return 1
@@ -193,7 +355,8 @@ def run_to_hub(settings: Settings, files: List[str], quiet: bool = False) -> int
 
 
 async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: bool,
-                  status: List[int]) -> None:
+                  status: List[int],
+                  window: Optional[Tuple[Optional[int], Optional[int]]] = None) -> None:
     from twisted.internet import task
 
     from .service import make_sink
@@ -207,7 +370,7 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
     sink = make_sink(settings, reactor, stats)
     sink.startService()
     pending: Deque[Dataset] = deque()
-    replay = Replay(settings, CallableSink(pending.append), stats)
+    replay = Replay(settings, CallableSink(pending.append), stats, window=window)
     progress = Progress(sys.stderr, _total_size(files), not quiet)
 
     async def hand_over() -> bool:
@@ -237,7 +400,8 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
     progress.done()
     if stats.queued:
         errors.append(f"{stats.queued} datasets were not delivered to the hub")
-    status.append(_ended(errors, None if quiet else stats, replay.datasets, sys.stderr))
+    status.append(_ended(errors, None if quiet else stats, replay.datasets, sys.stderr,
+                         model=replay.model))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -251,8 +415,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     settings = options.settings()
     files = options["files"]
     if settings.socket or settings.hub:
-        sys.exit(run_to_hub(settings, files, options["quiet"]))
+        sys.exit(run_to_hub(settings, files, options["quiet"], options.window))
     try:
-        sys.exit(run(settings, files, options["quiet"]))
+        sys.exit(run(settings, files, options["quiet"], window=options.window))
     except BrokenPipeError:
         sys.exit(1)

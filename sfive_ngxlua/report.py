@@ -9,20 +9,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .datasets import datasets, start_time
+from .datasets import report, start_time
 from .model import Interval, IntervalModel
 from .settings import Settings
 from .stats import Stats
-
-
-def report(intervals: List[Interval], settings: Settings, deliver: Callable[[dict], Any]) -> int:
-    """Deliver every interval's datasets in order; return how many."""
-    n = 0
-    for interval in intervals:
-        for dataset in datasets(interval, settings):
-            deliver(dataset)
-            n += 1
-    return n
 
 
 class ReportService(Service):

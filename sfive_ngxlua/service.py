@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import simplejson
 from twisted.application.service import MultiService, Service
@@ -21,7 +21,7 @@ from .sinks import DatasetQueue, DiskQueue, HubDatagramSink, HubStreamSink, Stdo
 from .stats import Stats
 from .store import StateLocked, StateStore
 
-__all__ = ["Options", "makeService", "build", "make_sink", "StateService"]
+__all__ = ["Options", "makeService", "build", "make_sink", "StateService", "make_source"]
 
 CHECKPOINT_SECONDS = 1.0
 CHECKPOINT_BUDGET = 0.05
@@ -136,6 +136,18 @@ def resume(source: Any, position: Optional[dict]) -> None:
         source.pipeline.parser.last_seq = position["seq"]
 
 
+def make_source(settings: Settings, reactor: Any, pipeline: Pipeline, stats: Stats,
+                clock: Optional[IReactorTime] = None,
+                on_watermark: Optional[Callable[[], Any]] = None) -> Service:
+    """The source the settings ask for: the access-log follower (--file) or the exporter."""
+    if settings.file:
+        from .follow import FileFollowService
+
+        return FileFollowService(settings, reactor, pipeline, stats, clock=clock,
+                                 on_watermark=on_watermark)
+    return LogFetchService(settings, reactor, pipeline, stats, clock=clock)
+
+
 def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
           clock: Optional[IReactorTime] = None, stats: Optional[Stats] = None) -> MultiService:
     """Compose fetcher, model, reporter and sink (and the state store, with a state dir).
@@ -166,7 +178,7 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
     top.stats = stats
     top.model = model
     top.sink = sink
-    fetch = LogFetchService(settings, reactor, pipeline, stats, clock=clock)
+    fetch = make_source(settings, reactor, pipeline, stats, clock)
     state = None
     if store is not None:
         state = StateService(store, model, fetch, sink, clock)

@@ -41,6 +41,8 @@ class Settings:
     idle_timeout: float = 60.0
     connect_timeout: float = 10.0
     metrics: Optional[str] = None
+    file: Optional[str] = None
+    flush_period: float = 1.0
 
 
 def parse_streamer_ids(specs: list[str]) -> Tuple[StreamerKey, ...]:
@@ -211,8 +213,9 @@ class Options(ModelOptions):
 
     synopsis = "[options]"
     longdesc = (
-        "Reads the nginx-lua exporter's stream of finished requests and sends one sfive "
-        "version-1 dataset per streamer and interval to the sfive hub."
+        "Reads the nginx-lua exporter's stream of finished requests (or, with --file, nginx's "
+        "own access log in the sfive format) and sends one sfive version-1 dataset per "
+        "streamer and interval to the sfive hub."
     )
     optParameters = [
         ["url", "u", DEFAULT_URL, "URL of the nginx sfive exporter (http or https)"],
@@ -223,6 +226,10 @@ class Options(ModelOptions):
         ["state-dir", None, None,
          "keep the open intervals, the exporter position and the hub queue in this directory "
          "across restarts and crashes [default: none, all in memory]"],
+        ["file", None, None,
+         "follow nginx's access log in the sfive format (nginx/sfive-log.conf) instead of -u"],
+        ["flush-period", None, "1",
+         "with --file: the access_log's flush= in seconds (lines lag that much)"],
     ]
 
     def postOptions(self) -> None:
@@ -259,3 +266,16 @@ class Options(ModelOptions):
             url=self["url"], idle_timeout=idle, connect_timeout=connect, metrics=self["metrics"],
             state_dir=state_dir,
         )
+        self._file_options()
+
+    def _file_options(self) -> None:
+        """--file (the access-log follower) and its --flush-period."""
+        path = self["file"]
+        if path is not None:
+            if self["url"] != DEFAULT_URL:
+                raise usage.UsageError("give either --url or --file, not both")
+            if not path or path.endswith("/"):
+                raise usage.UsageError(f"--file {path!r}: must name a file")
+            path = os.path.abspath(path)
+        self.settings_kwargs.update(
+            file=path, flush_period=_seconds("--flush-period", self["flush-period"]))

@@ -37,6 +37,8 @@ class Stats:
     exporter_connected: bool = False
     hub_connected: bool = False
     hub_reconnects: int = 0
+    file_rotations: int = 0
+    file_truncations: int = 0
     last_report: Optional[float] = None
     state_errors: int = 0
     streams: Dict[StreamerKey, StreamFigures] = field(default_factory=dict)

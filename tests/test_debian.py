@@ -1014,3 +1014,20 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
     finally:
         nginx.stop()
         shutil.rmtree(RUN_DIR, ignore_errors=True)
+def test_deb_ships_the_access_log_source(built: Path) -> None:
+    """The access-log pieces: the log format next to the exporter's snippets, the logrotate
+    example (rename and create as www-data:sfive-ngxlua, never copytruncate), the --file
+    variant in the default file."""
+    deb = the(built, f"{PKG}_*_all.deb")
+    listing = run(["dpkg-deb", "-c", str(deb)]).stdout
+    for path in ("./usr/share/sfive-ngxlua/nginx/sfive-log.conf",
+                 "./usr/share/doc/sfive-ngxlua/examples/sfive-log.logrotate"):
+        assert f" {path}\n" in listing, f"{path} missing from the package"
+    unpacked = built / "unpacked-access-log"
+    run(["dpkg-deb", "-x", str(deb), str(unpacked)])
+    stanza = (unpacked / "usr/share/doc/sfive-ngxlua/examples/sfive-log.logrotate").read_text()
+    rules = [ln.strip() for ln in stanza.splitlines() if not ln.lstrip().startswith("#")]
+    assert "create 0640 www-data sfive-ngxlua" in rules and "copytruncate" not in rules
+    assert "invoke-rc.d nginx rotate >/dev/null 2>&1 || true" in rules
+    default = (unpacked / "etc/default/sfive-ngxlua").read_text()
+    assert re.search(r'^#DAEMON_OPTS=".*--file /var/log/nginx/sfive/sfive\.log', default, re.M)

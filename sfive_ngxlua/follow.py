@@ -1,0 +1,529 @@
+"""nginx's own access log as a source: follow a file as nginx appends to it, across rotations.
+
+The file holds lines in the exporter's format (nginx/sfive-log.conf), so they go into the same
+Pipeline as the exporter's stream. Only complete lines are parsed: each open file has its own
+LineSplitter, and the position kept for the state store is the end of the last complete line.
+
+A file is known by its device, inode and first line (its "head"), never by its path alone:
+
+- rename and create (logrotate's default, then USR1 to nginx): the renamed file is kept open and
+  read while nginx's workers, one after another, reopen their logs; it is let go once it has
+  been quiet for longer than the flush period (plus a second of slack), the new file at the path
+  being read meanwhile from its start;
+- copytruncate: the file shrinks under the reader (or its head changes): counted, logged, read
+  again from its start; what the copy holds beyond the position is read from the copy, and the
+  lines nginx wrote between the copy and the truncation are lost, by the nature of copytruncate;
+- deleted and created again, absent at start: waited for, read from the start once it is there.
+
+Changes are noticed through inotify on the file's directory where Twisted has it, and by polling
+on the injected clock anyway (every second with inotify, as a safety net; four times a second
+without).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import stat
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .lines import LineSplitter
+from .pipeline import Pipeline
+from .settings import Settings
+from .stats import Stats
+
+CHUNK = 1 << 20
+"""Bytes read at once."""
+BUDGET = 8 * CHUNK
+"""Bytes read per turn of the reactor while reading a backlog, so the rest of the service runs."""
+HEAD = 256
+"""A file's identity includes its first line, up to this many bytes."""
+ROTATED_SLACK = 1.0
+"""Seconds a rotated file must be quiet beyond the flush period before it is let go."""
+POLL_WITH_INOTIFY = 1.0
+POLL_WITHOUT_INOTIFY = 0.25
+
+_TIME = re.compile(rb'"time":"([^"]{19,40})"')
+
+
+def _digest(head: bytes) -> str:
+    return hashlib.blake2b(head, digest_size=8).hexdigest()
+
+
+class _File:
+    """One open log file: identity, read position, end of the last complete line, own splitter."""
+
+    def __init__(self, name: str, fd: int, st: os.stat_result, now: float,
+                 max_line: int) -> None:
+        self.name = name
+        self.fd = fd
+        self.dev = st.st_dev
+        self.ino = st.st_ino
+        self.offset = 0
+        self.line_end = 0
+        self.splitter = LineSplitter(max_line)
+        self.head: Optional[bytes] = None
+        self.last_growth = now
+
+    def learn_head(self) -> None:
+        """Remember the first line (up to HEAD bytes) once the file has it."""
+        data = os.pread(self.fd, HEAD, 0)
+        nl = data.find(b"\n")
+        if nl >= 0:
+            self.head = data[: nl + 1]
+        elif len(data) == HEAD:
+            self.head = data
+
+    def head_matches(self) -> bool:
+        """Whether the file still begins as it did (False: truncated or rewritten in place)."""
+        return self.head is None or os.pread(self.fd, len(self.head), 0) == self.head
+
+    def ident(self) -> dict:
+        head = self.head or b""
+        return {"dev": self.dev, "ino": self.ino, "head": _digest(head), "head_len": len(head),
+                "offset": self.line_end}
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FileFollowService(Service):
+    """Follows ``settings.file`` into a Pipeline for as long as the service runs.
+
+    ``clock`` drives the polling and the quiet timers (a ``task.Clock`` in tests); ``inotify``
+    None uses inotify where the reactor and the platform have it, False only polls.
+    """
+
+    log = Logger()
+
+    def __init__(self, settings: Settings, reactor: Any, pipeline: Pipeline, stats: Stats,
+                 clock: Optional[IReactorTime] = None,
+                 on_watermark: Optional[Callable[[], Any]] = None,
+                 inotify: Optional[bool] = None) -> None:
+        if not settings.file:
+            raise ValueError("FileFollowService needs settings.file")
+        self.path = os.path.abspath(settings.file)
+        self.flush_period = settings.flush_period
+        self.reactor = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
+        self.pipeline = pipeline
+        pipeline.parser.repair_utf8 = True  # escape=json passes invalid UTF-8 through
+        self.stats = stats
+        self.on_watermark = on_watermark
+        self.use_inotify = inotify
+        self.max_line = settings.max_line_length
+        self.current: Optional[_File] = None
+        self.rotated: List[_File] = []
+        self._resume: Optional[dict] = None
+        self._notify: Any = None
+        self._poll = LoopingCall(self.check)
+        self._poll.clock = self.clock
+        self._soon: Optional[IDelayedCall] = None
+        self._caught_up = False
+        self._caught_up_at = -math.inf
+        self._last_time = -math.inf
+        self._watermark = -math.inf
+        self._warned: set = set()
+        self._base = os.path.basename(self.path)
+        self._writes = 0
+
+    # --- the source's contract: watermark, position, resume ----------------------------------
+
+    def watermark(self, now: float) -> float:
+        """Event time up to which every line is in the model: while caught up with every open
+        file, the clock minus the flush period (nginx writes a line at most that long after its
+        request); while reading a backlog, the last line's time minus the flush period (workers
+        interleave out of order by up to that much); -inf before the first look at the file."""
+        if self._caught_up:
+            base = now if self._notify is not None else self._caught_up_at
+        else:
+            base = self._last_time
+        self._watermark = max(self._watermark, base - self.flush_period)
+        return self._watermark
+
+    def position(self) -> dict:
+        """Where the model stands in the log, for the state store: the file at the path and the
+        rotated ones still read, each by device, inode and first line, with the offset just after
+        the last complete line fed to the pipeline."""
+        if not self.running and self._resume is not None:
+            return self._resume
+        return {"kind": "file", "path": self.path,
+                "file": self.current.ident() if self.current is not None else None,
+                "rotated": [f.ident() for f in self.rotated]}
+
+    def resume(self, position: dict) -> None:
+        """Continue from a saved position when the service starts (instead of the file's end)."""
+        if not isinstance(position, dict) or position.get("kind") != "file":
+            self.log.warn("ignoring a saved position that is not a file's: {position!r}",
+                          position=position)
+            return
+        if position.get("path") != self.path:
+            self.log.warn("the saved position is for {saved}, not {path}: starting at the end "
+                          "of {path}", saved=position.get("path"), path=self.path)
+            return
+        self._resume = position
+
+    # --- service ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        now = self.clock.seconds()
+        if self._resume is not None:
+            self._reopen(self._resume, now)
+        else:
+            self._open_at_end(now)
+        self._resume = None
+        self._watch()
+        interval = POLL_WITH_INOTIFY if self._notify is not None else POLL_WITHOUT_INOTIFY
+        self._poll.start(interval, now=False)
+        # the first read waits for the next turn of the reactor: the services started after
+        # this one (the reporter, which begins the live model) are running by then
+        self._soon = self.clock.callLater(0, self.check)
+
+    def stopService(self) -> None:
+        """Stop reading; the position stays (a later start resumes from it)."""
+        self._resume = self.position()
+        super().stopService()
+        if self._poll.running:
+            self._poll.stop()
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        self._soon = None
+        if self._notify is not None:
+            self._notify.loseConnection()
+            self._notify = None
+        for f in self._files():
+            f.close()
+        self.current = None
+        self.rotated = []
+        self._caught_up = False
+        self.stats.exporter_connected = False
+
+    def _watch(self) -> None:
+        if self.use_inotify is False:
+            return
+        try:
+            from twisted.internet import inotify
+            from twisted.python.filepath import FilePath
+
+            notify = inotify.INotify(self.reactor)
+            notify.startReading()
+            mask = (inotify.IN_MODIFY | inotify.IN_CREATE | inotify.IN_DELETE
+                    | inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO | inotify.IN_ATTRIB
+                    | inotify.IN_CLOSE_WRITE)
+            notify.watch(FilePath(os.path.dirname(self.path)), mask=mask,
+                         callbacks=[self._changed])
+            self._writes = inotify.IN_MODIFY | inotify.IN_CLOSE_WRITE
+        except Exception as e:  # no inotify here, or the directory is not there yet
+            if self.use_inotify:
+                raise
+            self.log.info("not watching {dir} with inotify ({why}); polling every {poll}s",
+                          dir=os.path.dirname(self.path), why=e, poll=POLL_WITHOUT_INOTIFY)
+            return
+        self._notify = notify
+
+    def _changed(self, _watch: Any, path: Any, mask: int) -> None:
+        """inotify: something changed in the directory; look soon (events are coalesced).
+        Writes to other files (another log written for every request) are not looked at; the
+        log's own rotated names (``sfive.log.1``, ...) are."""
+        if mask & self._writes and not os.fsdecode(path.basename()).startswith(self._base):
+            return
+        if self._soon is None and self.running:
+            self._soon = self.clock.callLater(0, self.check)
+
+    # --- following ----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Look at the path, read what every open file gained, let quiet rotated files go."""
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        self._soon = None
+        if not self.running:
+            return
+        now = self.clock.seconds()
+        self._follow_path(now)
+        budget = BUDGET
+        for f in self._files():
+            budget -= self._read(f, now, budget)
+            if budget <= 0:
+                break
+        self._retire_quiet(now)
+        self._caught_up = budget > 0
+        if self._caught_up:
+            self._caught_up_at = now
+        else:
+            self._soon = self.clock.callLater(0, self.check)
+        self.stats.exporter_connected = self.current is not None
+        if self.on_watermark is not None:
+            self.on_watermark()
+
+    def _files(self) -> Iterator[_File]:
+        """Rotated files first: they hold the older lines."""
+        yield from list(self.rotated)
+        if self.current is not None:
+            yield self.current
+
+    def _follow_path(self, now: float) -> None:
+        try:
+            st: Optional[os.stat_result] = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            self._warn_once("stat", "cannot look at {path}: {why}", why=e.strerror)
+            return
+        cur = self.current
+        if cur is not None:
+            if st is not None and (st.st_dev, st.st_ino) == (cur.dev, cur.ino):
+                if st.st_size < cur.offset or not cur.head_matches():
+                    self._truncated(cur, now)
+                return
+            self._rotated_away(cur, now, "deleted" if st is None else "rotated")
+        if st is None:
+            self._warn_once("absent", "{path} is not there (yet): waiting for it", info=True)
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self._warn_once("notfile", "{path} is not a regular file: waiting")
+            return
+        f = self._open(self.path, now)
+        if f is not None:
+            self.current = f
+            self._warned.discard("absent")
+            self.log.info("following {path} from its start", path=self.path)
+
+    def _open(self, name: str, now: float) -> Optional[_File]:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self._warn_once("open", "cannot read {path}: {why} (see README.Debian: the "
+                            "service's user must be able to read the log)", why=e.strerror)
+            return None
+        self._warned.discard("open")
+        return _File(name, fd, os.fstat(fd), now, self.max_line)
+
+    def _open_at_end(self, now: float) -> None:
+        """A start without a saved position: from the end of the file's last complete line (the
+        live model counts from its first full interval on, so older lines would not count)."""
+        f = self._open(self.path, now)
+        if f is None:
+            return
+        size = os.fstat(f.fd).st_size
+        tail = os.pread(f.fd, min(size, self.max_line + 2), max(0, size - self.max_line - 2))
+        nl = tail.rfind(b"\n")
+        f.offset = f.line_end = size - len(tail) + nl + 1 if nl >= 0 else size
+        f.learn_head()
+        self.current = f
+        self.log.info("following {path} from its end (offset {offset})", path=self.path,
+                      offset=f.offset)
+
+    def _reopen(self, position: dict, now: float) -> None:
+        """Find the saved files again (by device, inode and head: they may have been renamed)."""
+        rotated = position.get("rotated")
+        for ident in (list(rotated) if isinstance(rotated, list) else []) + [position.get("file")]:
+            if not ident:
+                continue
+            try:
+                int(ident.get("offset") or 0)
+                f = self._find(ident, now)
+                copied = False
+                if f is None:  # copytruncate while the service was down: the copy has the rest
+                    f = self._find_copy(int(ident.get("head_len") or 0), ident.get("head"),
+                                        int(ident.get("offset") or 0) - 1, now,
+                                        (ident.get("dev"), ident.get("ino")))
+                    copied = f is not None
+            except (AttributeError, TypeError, ValueError):
+                self.log.warn("ignoring a malformed entry in the saved position: {ident!r}",
+                              ident=ident)
+                continue
+            if f is None:
+                self.stats.file_rotations += 1
+                self.log.warn(
+                    "the file followed before (inode {ino}, at offset {offset}) is gone: the "
+                    "lines it got after that are lost (sfive-ngxlua-replay --from/--until over "
+                    "the rotated logs fills the hole)", ino=ident.get("ino"),
+                    offset=ident.get("offset"))
+                continue
+            size = os.fstat(f.fd).st_size
+            offset = int(ident.get("offset") or 0)
+            if offset > size:
+                self.stats.file_truncations += 1
+                self.log.warn("{name} is shorter than the saved offset {offset}: reading it "
+                              "from its start", name=f.name, offset=offset)
+                offset = 0
+            f.offset = f.line_end = offset
+            if copied:
+                self.stats.file_truncations += 1
+                self.log.warn("{path} was truncated in place (copytruncate?) while the service "
+                              "was down: reading the rest from its copy {name}; lines nginx "
+                              "wrote between the copy and the truncation are lost", path=self.path,
+                              name=f.name)
+            try:
+                at_path = os.stat(self.path)
+                here = (at_path.st_dev, at_path.st_ino) == (f.dev, f.ino)
+            except OSError:
+                here = False
+            if here and self.current is None:
+                self.current = f
+            else:
+                self.rotated.append(f)
+            self.log.info("resuming {name} at offset {offset}", name=f.name, offset=offset)
+
+    def _find(self, ident: dict, now: float) -> Optional[_File]:
+        """The file with this device, inode and head, at the path or elsewhere in its directory."""
+        want = (ident.get("dev"), ident.get("ino"))
+        for name in self._candidates():
+            try:
+                st = os.stat(name)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) != want:
+                continue
+            f = self._open(name, now)
+            if f is None or (f.dev, f.ino) != want:
+                if f is not None:
+                    f.close()
+                continue
+            head_len = int(ident.get("head_len") or 0)
+            if _digest(os.pread(f.fd, head_len, 0)) != ident.get("head"):
+                f.close()
+                continue
+            f.learn_head()
+            return f
+        return None
+
+    def _candidates(self) -> List[str]:
+        """The path, then the other regular files in its directory (rotated names)."""
+        directory = os.path.dirname(self.path)
+        names = [self.path]
+        try:
+            with os.scandir(directory) as entries:
+                names += sorted(e.path for e in entries
+                                if e.path != self.path and e.is_file(follow_symlinks=False))
+        except OSError:
+            pass
+        return names
+
+    def _read(self, f: _File, now: float, budget: int) -> int:
+        """Feed what ``f`` gained (at most about ``budget`` bytes); return the bytes read."""
+        got = 0
+        while got < budget:
+            try:
+                data = os.pread(f.fd, CHUNK, f.offset)
+            except OSError as e:
+                self._warn_once("read", "error reading {name}: {why}", name=f.name, why=e.strerror)
+                break
+            if not data:
+                break
+            got += len(data)
+            start = f.offset
+            f.offset += len(data)
+            nl = data.rfind(b"\n")
+            if nl >= 0:
+                f.line_end = start + nl + 1
+            f.last_growth = now
+            lines = self.pipeline.feed_split(f.splitter, data)
+            if f.head is None:
+                f.learn_head()
+            if lines:
+                self._note_time(lines, now)
+            if len(data) < CHUNK:
+                break
+        return got
+
+    def _note_time(self, lines: List[bytes], now: float) -> None:
+        """The time of the last line that has one (not beyond the clock: a hostile line's future
+        time must not move the watermark)."""
+        for line in reversed(lines[-16:]):
+            m = _TIME.search(line)
+            if m is None:
+                continue
+            t = self.pipeline.parser.seconds(m.group(1).decode("ascii", "replace"))
+            if t is not None and t <= now:
+                self._last_time = max(self._last_time, t)
+                return
+
+    def _rotated_away(self, cur: _File, now: float, how: str) -> None:
+        """The path no longer names ``cur``: keep reading it while nginx may still write it."""
+        self.current = None
+        cur.last_growth = now
+        self.rotated.append(cur)
+        self.stats.file_rotations += 1
+        self.log.info("{path} was {how}: reading the old file (inode {ino}) until it has been "
+                      "quiet for {quiet:g}s", path=self.path, how=how, ino=cur.ino,
+                      quiet=self.flush_period + ROTATED_SLACK)
+
+    def _retire_quiet(self, now: float) -> None:
+        quiet = self.flush_period + ROTATED_SLACK
+        for f in list(self.rotated):
+            if now - f.last_growth <= quiet:
+                continue
+            self.rotated.remove(f)
+            dropped = f.splitter.reset()
+            if dropped:
+                self.stats.lines += 1
+                self.stats.reject("invalid-json")
+                self.log.warn("{name} (inode {ino}) ended in a partial line of {n} bytes: "
+                              "discarded", name=f.name, ino=f.ino, n=dropped)
+            self.log.info("done with the old file (inode {ino}) at offset {offset}",
+                          ino=f.ino, offset=f.line_end)
+            f.close()
+
+    def _truncated(self, cur: _File, now: float) -> None:
+        """copytruncate (or another in-place rewrite): read the copy's rest, then start over."""
+        self.stats.file_truncations += 1
+        cur.splitter.reset()
+        copy = None
+        if cur.head is not None:
+            copy = self._find_copy(len(cur.head), _digest(cur.head), cur.line_end, now,
+                                   (cur.dev, cur.ino))
+        recovered = ""
+        if copy is not None:
+            copy.offset = copy.line_end = cur.line_end
+            self.rotated.append(copy)
+            recovered = f"; what was not read yet is read from its copy {copy.name}"
+        self.log.warn(
+            "{path} was truncated in place (copytruncate?) after offset {offset}: lines nginx "
+            "wrote between the copy and the truncation are lost{recovered}; rotate by renaming "
+            "instead (logrotate without copytruncate, then USR1 to nginx)", path=self.path,
+            offset=cur.line_end, recovered=recovered)
+        cur.offset = cur.line_end = 0
+        cur.head = None
+        cur.last_growth = now
+
+    def _find_copy(self, head_len: int, head: str, past: int, now: float,
+                   not_ino: Tuple[int, int]) -> Optional[_File]:
+        """Another file in the directory that begins with the same first line (``head_len``
+        bytes hashing to ``head``) and goes on beyond ``past``: copytruncate's copy."""
+        if head_len <= 0:
+            return None
+        for name in self._candidates()[1:]:
+            try:
+                st = os.stat(name)
+            except OSError:
+                continue
+            if st.st_size <= past or (st.st_dev, st.st_ino) == not_ino:
+                continue
+            f = self._open(name, now)
+            if f is None:
+                continue
+            if _digest(os.pread(f.fd, head_len, 0)) == head:
+                f.learn_head()
+                return f
+            f.close()
+        return None
+
+    def _warn_once(self, key: str, text: str, info: bool = False, **kw: Any) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        (self.log.info if info else self.log.warn)(text, path=self.path, **kw)

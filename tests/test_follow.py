@@ -1,0 +1,474 @@
+"""The access-log follower on a temporary directory with a fake clock (polling, no inotify):
+appends cut anywhere, rotations while behind, copytruncate, deletion, absence, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+
+import pytest
+import pytest_twisted
+from support import line, wait_for
+from twisted.internet import task
+
+from sfive_ngxlua import follow
+from sfive_ngxlua.follow import FileFollowService
+from sfive_ngxlua.model import IntervalModel
+from sfive_ngxlua.pipeline import Pipeline
+from sfive_ngxlua.settings import Settings
+from sfive_ngxlua.stats import Stats
+
+URL = "/live/hls/foo-high/1.ts"
+
+
+def entry(n: int, second: int = 0) -> bytes:
+    """A distinct access-log line (the client tells which one it is)."""
+    return line(f"2026-11-27T20:00:{second:02d}Z", url=URL, client=f"10.0.{n // 250}.{n % 250}")
+
+
+class Follower:
+    """A FileFollowService on a Clock, recording every complete line the pipeline gets."""
+
+    def __init__(self, path, flush=1.0, position=None, on_watermark=None, start=True):
+        self.settings = Settings(streamers=(("foo", "hls", "high"),), file=str(path),
+                                 flush_period=flush)
+        self.clock = task.Clock()
+        self.clock.advance(1_800_000_000)
+        self.stats = Stats()
+        self.model = IntervalModel(self.settings, self.stats)
+        self.pipeline = Pipeline(self.settings, self.stats, self.model)
+        self.lines: list[bytes] = []
+        feed = self.pipeline.feed_lines
+
+        def record(lines):
+            self.lines.extend(lines)
+            feed(lines)
+
+        self.pipeline.feed_lines = record
+        self.service = FileFollowService(self.settings, None, self.pipeline, self.stats,
+                                         clock=self.clock, inotify=False,
+                                         on_watermark=on_watermark)
+        if position is not None:
+            self.service.resume(position)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self.service.startService()
+        self.clock.advance(0)  # the first look comes on the next turn of the reactor
+
+    def clients(self) -> list[str]:
+        return [ln.split(b'"client":"')[1].split(b'"')[0].decode() for ln in self.lines]
+
+    def tick(self, seconds: float = follow.POLL_WITHOUT_INOTIFY) -> None:
+        self.clock.advance(seconds)
+
+
+def ips(numbers) -> list[str]:
+    return [f"10.0.{n // 250}.{n % 250}" for n in numbers]
+
+
+def append(path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+@pytest.fixture
+def log(tmp_path):
+    return tmp_path / "sfive.log"
+
+
+def test_appends_cut_anywhere_give_every_line_once_and_never_half(log):
+    log.write_bytes(b"")
+    f = Follower(log)
+    data = b"".join(entry(n) for n in range(200))
+    rng = random.Random(7)
+    cuts = sorted(rng.sample(range(1, len(data)), 150))
+    for a, b in zip([0] + cuts, cuts + [len(data)]):
+        append(log, data[a:b])
+        f.tick()
+    assert f.clients() == ips(range(200))
+    assert f.stats.rejected == {} and f.stats.accepted == 200
+    assert f.service.position()["file"]["offset"] == len(data)
+
+
+def test_a_start_without_position_begins_after_the_last_complete_line(log):
+    log.write_bytes(entry(0) + entry(1) + entry(2)[:20])
+    f = Follower(log)
+    assert f.lines == []
+    append(log, entry(2)[20:] + entry(3))
+    f.tick()
+    assert f.clients() == ips([2, 3])
+
+
+def test_absent_at_start_then_created_is_read_from_its_start(log):
+    f = Follower(log)
+    f.tick()
+    assert f.service.current is None
+    assert f.service.watermark(f.clock.seconds()) > -math.inf  # a missing log holds nothing
+    log.write_bytes(entry(0) + entry(1))
+    f.tick()
+    assert f.clients() == ips([0, 1])
+
+
+def test_rename_and_create_reads_the_old_file_until_quiet_and_the_new_one(log):
+    log.write_bytes(b"")
+    f = Follower(log, flush=1.0)
+    append(log, entry(0) + entry(1))
+    f.tick()
+    os.rename(log, str(log) + ".1")
+    f.tick()
+    assert f.stats.file_rotations == 1 and len(f.service.rotated) == 1
+    # nginx reopens: the new file gets lines while a worker still writes the old one
+    log.write_bytes(entry(10))
+    append(str(log) + ".1", entry(2))
+    f.tick()
+    f.tick(1.5)  # the old file keeps being read while it is written within the flush period
+    append(str(log) + ".1", entry(3)[:30])
+    f.tick()
+    append(str(log) + ".1", entry(3)[30:])
+    append(log, entry(11))
+    f.tick()
+    assert sorted(f.clients()) == sorted(ips([0, 1, 2, 3, 10, 11]))
+    assert len(f.service.rotated) == 1
+    f.tick(follow.ROTATED_SLACK + 1.0 + 0.1)  # quiet for longer than flush + slack: let go
+    assert f.service.rotated == []
+    append(str(log) + ".1", entry(4))  # nothing writes there any more; it is not read
+    append(log, entry(12))
+    f.tick()
+    assert sorted(f.clients()) == sorted(ips([0, 1, 2, 3, 10, 11, 12]))
+    assert len(f.lines) == len(set(f.lines))
+
+
+def test_rotation_while_behind_loses_nothing(log):
+    """Between two looks: lines appended, renamed, the old file written again, a new file."""
+    log.write_bytes(entry(0))
+    f = Follower(log)
+    append(log, entry(1))
+    f.tick()
+    append(log, entry(2) + entry(3)[:10])
+    os.rename(log, str(log) + ".1")
+    append(str(log) + ".1", entry(3)[10:] + entry(4))
+    log.write_bytes(entry(20) + entry(21))
+    f.tick()
+    assert f.clients() == ips([1, 2, 3, 4, 20, 21])  # the old file's older lines first
+
+
+def test_two_rotations_while_behind(log):
+    """The old file renamed twice (sfive.log.1 -> .2) while the follower was not looking."""
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0))
+    f.tick()
+    append(log, entry(1))
+    os.rename(log, str(log) + ".1")
+    os.rename(str(log) + ".1", str(log) + ".2")
+    log.write_bytes(entry(5))
+    f.tick()
+    assert f.clients() == ips([0, 1, 5])
+
+
+def test_copytruncate_is_detected_counted_and_the_copy_read(log, tmp_path):
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0) + entry(1))
+    f.tick()
+    append(log, entry(2) + entry(3)[:25])  # not read yet when logrotate copies
+    shutil.copyfile(log, str(log) + ".1")
+    append(log, entry(3)[25:] + entry(99))  # the window: written after the copy, truncated away
+    os.truncate(log, 0)
+    append(log, entry(4) + entry(5))
+    f.tick()
+    assert f.stats.file_truncations == 1
+    assert f.clients() == ips([0, 1, 2, 4, 5])  # 3 was cut by the copy, 99 lost in the window
+    assert f.stats.rejected == {}
+    f.tick(3)
+    append(log, entry(6))
+    f.tick()
+    assert f.clients()[-1] == ips([6])[0]
+
+
+def test_truncated_and_regrown_past_the_offset_is_still_noticed(log):
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0) + entry(1))
+    f.tick()
+    os.truncate(log, 0)
+    append(log, entry(7) + entry(8) + entry(9))  # longer than before: only the head tells
+    f.tick()
+    assert f.stats.file_truncations == 1
+    assert f.clients() == ips([0, 1, 7, 8, 9])
+
+
+def test_deleted_and_created_again(log):
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0))
+    f.tick()
+    os.unlink(log)
+    f.tick()
+    assert f.service.current is None
+    log.write_bytes(entry(1))
+    f.tick()
+    f.tick(3)
+    assert f.clients() == ips([0, 1])
+    assert f.service.rotated == []
+
+
+def test_position_and_resume_continue_after_the_last_complete_line(log):
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0) + entry(1) + entry(2)[:15])
+    f.tick()
+    position = f.service.position()
+    assert position["kind"] == "file" and position["path"] == str(log)
+    st = os.stat(log)
+    assert (position["file"]["dev"], position["file"]["ino"]) == (st.st_dev, st.st_ino)
+    assert position["file"]["offset"] == len(entry(0) + entry(1))
+    f.service.stopService()
+    assert f.service.position() == position
+    append(log, entry(2)[15:] + entry(3))
+    g = Follower(log, position=position)
+    assert g.clients() == ips([2, 3])
+
+
+def test_resume_after_a_rotation_while_down(log):
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0))
+    f.tick()
+    position = f.service.position()
+    f.service.stopService()
+    append(log, entry(1))
+    os.rename(log, str(log) + ".1")
+    log.write_bytes(entry(2))
+    g = Follower(log, position=position)
+    assert g.clients() == ips([1, 2])
+    g.tick(3)
+    assert g.service.rotated == []
+    assert g.service.position()["rotated"] == []
+
+
+def test_resume_with_a_rotated_file_in_the_position(log):
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0))
+    f.tick()
+    os.rename(log, str(log) + ".1")
+    log.write_bytes(entry(10))
+    f.tick()
+    position = f.service.position()
+    assert len(position["rotated"]) == 1
+    f.service.stopService()
+    append(str(log) + ".1", entry(1))  # a worker's last buffer reached the old file
+    append(log, entry(11))
+    g = Follower(log, position=position)
+    assert g.clients() == ips([1, 11])
+
+
+def test_a_file_that_is_not_the_saved_one_is_read_from_its_start(log):
+    """Same path, but the saved head does not match (the inode was reused, or the file was
+    rewritten): the saved position does not apply."""
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0) + entry(1))
+    f.tick()
+    position = f.service.position()
+    f.service.stopService()
+    position["file"]["head"] = "0" * 16
+    g = Follower(log, position=position)
+    assert g.clients() == ips([0, 1])
+
+
+def test_a_position_for_another_path_is_ignored(log, tmp_path):
+    log.write_bytes(entry(0))
+    g = Follower(log, position={"kind": "file", "path": str(tmp_path / "other.log"),
+                                "file": None, "rotated": []})
+    assert g.lines == []
+    g = Follower(log, position={"kind": "exporter", "ring": None, "seq": 3})
+    assert g.lines == []
+
+
+def test_watermark_while_caught_up_and_while_reading_a_backlog(log, monkeypatch):
+    monkeypatch.setattr(follow, "BUDGET", 4096)
+    monkeypatch.setattr(follow, "CHUNK", 1024)
+    log.write_bytes(b"")
+    f = Follower(log, flush=1.0, start=False)
+    assert f.service.watermark(f.clock.seconds()) == -math.inf
+    f.start()
+    now = f.clock.seconds()
+    assert f.service.watermark(now) == now - 1.0
+    f.tick(5)
+    assert f.service.watermark(f.clock.seconds()) == f.clock.seconds() - 1.0
+    position = f.service.position()
+    f.service.stopService()
+    # the service was down for an hour: a backlog, read a budget per turn of the reactor
+    base = 1_800_000_000 - 3600
+    append(log, b"".join(
+        line(_iso(base + n // 20), url=URL, client=f"10.1.0.{n % 200}") for n in range(400)))
+    calls = []
+    g = Follower(log, flush=1.0, position=position, on_watermark=lambda: calls.append(1),
+                 start=False)
+    g.service.startService()
+    g.service.check()  # one turn of the reactor: one budget's worth
+    assert g.service._caught_up is False and calls
+    mark = g.service.watermark(g.clock.seconds())
+    assert base - 1 <= mark < base + 20 - 1  # the last line read so far, minus the flush period
+    g.service.check()
+    assert g.service.watermark(g.clock.seconds()) > mark
+    while not g.service._caught_up:
+        g.clock.advance(0)
+    assert len(g.lines) == 400
+    assert g.service.watermark(g.clock.seconds()) == g.clock.seconds() - 1.0
+
+
+def _iso(seconds: int) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(seconds))
+
+
+def test_a_future_time_does_not_move_the_watermark(log, monkeypatch):
+    monkeypatch.setattr(follow, "BUDGET", 1)
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, line(_iso(2_000_000_000), url=URL))
+    f.service.check()
+    assert f.service.watermark(f.clock.seconds()) < f.clock.seconds()
+
+
+def test_stop_parses_no_partial_line_and_restarts_from_the_position(log):
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0) + entry(1)[:10])
+    f.tick()
+    f.service.stopService()
+    assert f.clients() == ips([0])
+    append(log, entry(1)[10:])
+    f.start()
+    assert f.clients() == ips([0, 1])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_log_is_a_warning_not_a_traceback(log):
+    log.write_bytes(entry(0))
+    log.chmod(0)
+    f = Follower(log)
+    f.tick()
+    assert f.service.current is None
+    log.chmod(0o644)
+    f.tick()
+    assert f.service.current is not None
+
+
+@pytest_twisted.inlineCallbacks
+def test_inotify_on_the_real_reactor_sees_appends_and_a_rename(log, monkeypatch):
+    """With inotify the follower reads on the directory's events (the poll is an hour here)."""
+    from twisted.internet import reactor
+
+    monkeypatch.setattr(follow, "POLL_WITH_INOTIFY", 3600.0)
+    log.write_bytes(b"")
+    settings = Settings(streamers=(("foo", "hls", "high"),), file=str(log))
+    stats = Stats()
+    pipeline = Pipeline(settings, stats, IntervalModel(settings, stats, start=None))
+    service = FileFollowService(settings, reactor, pipeline, stats, inotify=True)
+    service.startService()
+    try:
+        assert service._notify is not None
+        append(log, entry(0))
+        yield wait_for(lambda: stats.lines == 1, timeout=10, what="the append")
+        os.rename(log, str(log) + ".1")
+        log.write_bytes(entry(1))
+        append(str(log) + ".1", entry(2))
+        yield wait_for(lambda: stats.lines == 3, timeout=10, what="both files read")
+        assert stats.file_rotations == 1
+        from twisted.internet import inotify
+        from twisted.python.filepath import FilePath
+
+        yield wait_for(lambda: service._soon is None, what="the follower idle")
+        other = FilePath(os.fsencode(log.parent / "other.log"))
+        service._changed(None, other, inotify.IN_MODIFY)  # another log written per request
+        assert service._soon is None
+        service._changed(None, other, inotify.IN_MOVED_FROM)  # a rename may concern us
+        assert service._soon is not None
+        yield wait_for(lambda: service._soon is None, what="the follower idle")
+        service._changed(None, FilePath(os.fsencode(str(log) + ".1")), inotify.IN_MODIFY)
+        assert service._soon is not None
+    finally:
+        service.stopService()
+
+
+def test_invalid_utf8_counts_as_the_exporter_would_write_it(log):
+    """nginx's escape=json passes invalid bytes through; the exporter writes U+FFFD for each
+    invalid byte: the follower reads the line as the exporter would have written it."""
+    log.write_bytes(b"")
+    f = Follower(log)
+    raw = line("2026-11-27T20:00:00Z", url=URL, ua="ua@/1").replace(b"@", b"\xff\xe2\x82")
+    append(log, raw)
+    f.tick()
+    assert f.stats.accepted == 1 and f.stats.rejected == {}
+    (clients,) = [c for streams in f.model._open.values() for c in streams.values()]
+    assert list(clients.bytes) == [("10.0.0.1", "ua\ufffd\ufffd\ufffd/1")]
+
+
+def test_file_options(tmp_path, monkeypatch):
+    from twisted.python import usage
+
+    from sfive_ngxlua.service import make_source
+    from sfive_ngxlua.settings import Options
+
+    monkeypatch.chdir(tmp_path)
+    options = Options()
+    options.parseOptions(["-S", "a/hls/high", "--file", "logs/sfive.log", "--flush-period", "2"])
+    settings = options.settings()
+    assert settings.file == str(tmp_path / "logs" / "sfive.log") and settings.flush_period == 2
+    stats = Stats()
+    source = make_source(settings, None, Pipeline(settings, stats, IntervalModel(settings, stats)),
+                         stats, task.Clock())
+    assert isinstance(source, FileFollowService)
+    for args, message in ((["--file", "x.log", "-u", "http://h/sfive"], "either --url or --file"),
+                          (["--file", "x.log", "--flush-period", "-1"], "non-negative"),
+                          (["--file", ""], "must name a file")):
+        with pytest.raises(usage.UsageError, match=message):
+            Options().parseOptions(["-S", "a/hls/high", *args])
+
+
+def test_rotations_and_truncations_are_metrics_with_file(log):
+    from sfive_ngxlua.metrics import StatsCollector
+
+    f = Follower(log)
+    f.stats.file_rotations, f.stats.file_truncations = 2, 1
+    names = {m.name: m.samples[0].value for m in StatsCollector(f.settings, f.stats).collect()
+             if m.name.startswith("sfive_ngxlua_file_")}
+    assert names == {"sfive_ngxlua_file_rotations": 2, "sfive_ngxlua_file_truncations": 1}
+    exporter = Settings(streamers=f.settings.streamers)
+    assert not [m for m in StatsCollector(exporter, f.stats).collect()
+                if m.name.startswith("sfive_ngxlua_file_")]
+
+
+def test_a_malformed_position_is_a_warning_not_a_traceback(log):
+    log.write_bytes(entry(0))
+    g = Follower(log, position={"kind": "file", "path": str(log), "file": "garbage",
+                                "rotated": [{"dev": "x", "ino": [], "offset": "?"}, 3]})
+    assert g.service.running and g.service.current is not None
+    append(log, entry(1))
+    g.tick()
+    assert g.clients() == ips([0, 1])  # the file at the path, from its start
+
+
+def test_resume_after_a_copytruncate_while_down_reads_the_copy(log):
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0))
+    f.tick()
+    position = f.service.position()
+    f.service.stopService()
+    append(log, entry(1))
+    shutil.copyfile(log, str(log) + ".1")
+    os.truncate(log, 0)
+    append(log, entry(2))
+    g = Follower(log, position=position)
+    assert g.clients() == ips([1, 2])
+    assert g.stats.file_truncations == 1
