@@ -54,9 +54,10 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
     fetch = LogFetchService(settings, reactor, pipeline, stats, clock=clock)
     fetch.setName("fetch")
     fetch.setServiceParent(top)
-    reporter = ReportService(settings, clock, model, sink.deliver, stats)
+    reporter = ReportService(settings, clock, model, sink.deliver, stats, source=fetch)
     reporter.setName("report")
     reporter.setServiceParent(top)
+    fetch.on_watermark = reporter.check
     if settings.metrics:
         from .metrics import MetricsService
 
