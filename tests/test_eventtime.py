@@ -268,3 +268,26 @@ def test_a_backward_clock_step_of_an_hour_drops_nothing(ran):
     assert s.stats.before_start == 0 and s.stats.late == 12
     s.to(T0 + 10 + ran + 11)  # caught up: the loop reports again, the late records with it
     assert sum(s.bytes().values()) == 100 * 13
+
+
+def test_a_gap_is_logged_with_the_time_range_up_to_the_next_record_or_heartbeat():
+    from helpers.faults import heartbeat, line
+    from helpers.faults import settings as fault_settings
+
+    from sfive_ngxlua.pipeline import Pipeline
+
+    logs = LogCapture()
+    globalLogPublisher.addObserver(logs)
+    try:
+        stats = Stats()
+        s = fault_settings()
+        pipeline = Pipeline(s, stats, IntervalModel(s, stats, start=T0))
+        pipeline.feed(line(T0 + 3, seq=4))
+        pipeline.feed(b'{"lost":3,"seq":8}\n' + heartbeat(7, T0 + 9.25))
+        [text] = logs.matching("the exporter lost")
+        assert "lost 3 records (sequence 5 to 7)" in text
+        assert "between 2027-01-15T08:00:03Z and 2027-01-15T08:00:10Z" in text
+        assert stats.lost == 3 and stats.heartbeats == 1 and stats.lines == 2
+        assert pipeline.heartbeat.time == T0 + 9.25 and pipeline.last_seq == 7
+    finally:
+        globalLogPublisher.removeObserver(logs)
