@@ -132,11 +132,17 @@ def test_an_unreachable_exporter_holds_intervals_instead_of_sending_them_empty()
 
 
 def test_past_max_delay_what_is_known_is_reported_and_later_records_are_late():
+    logs = LogCapture()
+    globalLogPublisher.addObserver(logs)
     src = Source(T0 + 11.0)
     s = Setup(src, max_delay=30.0)
     s.add(T0 + 10)
     s.to(T0 + 51)  # T0+10 is due at 21 by the clock; 21 + 30 = 51: reported with what is known
+    globalLogPublisher.removeObserver(logs)
     assert s.starts() == [hms(10)] and s.bytes() == {hms(10): 100}
+    [warning] = logs.matching("without all of the exporter's records")
+    assert f"the interval starting at 2027-01-15T{hms(10)}Z" in warning
+    assert "waited --max-delay 30s (watermark 40.0s behind)" in warning
     assert s.stats.held == 3  # T0+20, 30, 40 (due 31, 41, 51) are still held
     s.to(T0 + 71)
     assert s.starts() == [hms(10), hms(20), hms(30)]
