@@ -193,6 +193,7 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
     reporter = _reporter(settings, clock, model, sink, stats, state)
     reporter.setName("report")
     reporter.setServiceParent(top)
+    fetch.on_watermark = reporter.check
     if settings.metrics:
         from .metrics import MetricsService
 
