@@ -28,13 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from twisted.logger import Logger
 
 from .datasets import datasets, encode, start_time
-from .model import IntervalModel
-
-try:
-    from .model import StateMismatch
-except ImportError:  # SHIM until the eventtime branch's "model as data" lands
-    class StateMismatch(Exception):  # type: ignore[no-redef]
-        pass
+from .model import IntervalModel, StateMismatch
 from .settings import Settings
 from .stats import Stats
 
