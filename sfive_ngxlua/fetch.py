@@ -5,11 +5,23 @@ headers that do not come within the connect timeout, a body that goes idle for l
 idle timeout, or the stream's end all lead to a new attempt after an exponential backoff with
 jitter (reset after every good connection). It resumes after the last exporter sequence number
 it read (``?after=N``), so records still in the exporter's ring are not lost to a reconnect.
+
+Protocol v2 (SPEC section 1): it asks ``v=2`` and, once it knows the exporter's ring, sends
+``ring=ID``. An exporter that answers ``X-Sfive-Protocol: 2`` names its ring (``X-Sfive-Ring``)
+and sends heartbeats; a ring other than the one the fetcher knew means nginx was restarted, and
+the exporter then streams the new ring from its first record (so the sequence tracking starts
+again). An exporter without these headers (v1) gets today's requests and behaviour.
+
+The event-time watermark (``watermark(now)``): v2, the last heartbeat's time, connected or
+not; v1, ``now`` while connected and the time it lost the connection while not; before any
+answer, -inf. ``on_watermark`` (if set) is called whenever it may have moved.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import math
+import re
+from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import treq
@@ -29,6 +41,18 @@ from .settings import Settings
 from .stats import Stats
 
 USER_AGENT = f"sfive-ngxlua/{__version__}".encode("ascii")
+PROTOCOL = 2
+"""The exporter stream protocol this fetcher asks for."""
+_RING_ID = re.compile(r"[0-9a-fA-F]{1,64}\Z")
+
+
+def _header(response: Any, name: bytes) -> Optional[str]:
+    """A response header's last value as text, or None."""
+    values = response.headers.getRawHeaders(name)
+    if not values:
+        return None
+    value = values[-1]
+    return (value.decode("latin-1") if isinstance(value, bytes) else value).strip()
 
 
 def split_credentials(url: str) -> Tuple[str, Optional[Tuple[str, str]], str]:
@@ -94,8 +118,15 @@ class LogFetchService(Service):
 
     def __init__(self, settings: Settings, reactor: Any, pipeline: Pipeline, stats: Stats,
                  clock: Optional[IReactorTime] = None, client: Any = None,
-                 retry_policy: Optional[Callable[[int], float]] = None) -> None:
+                 retry_policy: Optional[Callable[[int], float]] = None,
+                 on_watermark: Optional[Callable[[], Any]] = None) -> None:
         self.clock: IReactorTime = clock if clock is not None else reactor
+        self.on_watermark = on_watermark
+        self.ring: Optional[str] = None
+        """The exporter ring's identity (protocol v2), once known."""
+        self.protocol = 0
+        """The protocol of the current (or last) stream: 1, 2, or 0 before any."""
+        self._v1_watermark = -math.inf
         self.pipeline = pipeline
         self.stats = stats
         self.idle_timeout = settings.idle_timeout
@@ -131,13 +162,44 @@ class LogFetchService(Service):
         if self.body is not None and self.body.transport is not None:
             self.body.transport.stopProducing()
 
+    def watermark(self, now: float) -> float:
+        """Event time up to which every record is in the model (-inf: nothing known)."""
+        if self.protocol == 2:
+            beat = self.pipeline.heartbeat
+            return -math.inf if beat is None else beat.time
+        if self.protocol == 1 and self.body is not None:
+            return now
+        return self._v1_watermark
+
+    def position(self) -> Dict[str, Any]:
+        """Where the stream stands, for a checkpoint (JSON-able)."""
+        return {"kind": "exporter", "ring": self.ring, "seq": self.pipeline.last_seq}
+
+    def resume(self, position: Dict[str, Any]) -> None:
+        """Continue from a checkpointed ``position()`` (before the service starts)."""
+        if position.get("kind") != "exporter":
+            raise ValueError(f"not an exporter position: {position!r}")
+        ring, seq = position.get("ring"), position.get("seq")
+        if ring is not None and not (isinstance(ring, str) and _RING_ID.match(ring)):
+            raise ValueError(f"not a ring identity: {ring!r}")
+        if seq is not None and type(seq) is not int:
+            raise ValueError(f"not a sequence number: {seq!r}")
+        self.ring = ring
+        self.pipeline.parser.last_seq = seq
+
+    def _moved(self) -> None:
+        if self.on_watermark is not None:
+            self.on_watermark()
+
     def _connect(self) -> None:
         self._retry = None
-        params = {}
+        params = {"v": str(PROTOCOL)}
+        if self.ring is not None:
+            params["ring"] = self.ring
         if self.pipeline.last_seq is not None:
             params["after"] = str(self.pipeline.last_seq)
         self.log.info("fetching {url}{resume}", url=self.safe_url,
-                      resume=f" after sequence {params['after']}" if params else "")
+                      resume=f" after sequence {params['after']}" if "after" in params else "")
         d = self._request = self.client.get(
             self.url, params=params, headers={b"User-Agent": [USER_AGENT]}, auth=self.auth,
             unbuffered=True, timeout=self.connect_timeout, reactor=self.clock,
@@ -153,13 +215,40 @@ class LogFetchService(Service):
             return
         self.failures = 0
         self.stats.exporter_connected = True
-        self.log.info("{what} to {url}", url=self.safe_url,
-                      what="reconnected" if self._had_connection else "connected")
+        self._handshake(response)
+        self.log.info("{what} to {url}{how}", url=self.safe_url,
+                      what="reconnected" if self._had_connection else "connected",
+                      how=f" (protocol 2, ring {self.ring})" if self.protocol == 2 else "",
+                      protocol=self.protocol, ring=self.ring)
         self._had_connection = True
         self.body = _Body(self)
         self._last_data = self.clock.seconds()
         self._watchdog = self.clock.callLater(self.idle_timeout, self._check_idle)
         response.deliverBody(self.body)
+        self._moved()
+
+    def _handshake(self, response: Any) -> None:
+        """Read the protocol headers: v2 and its ring, or v1 (none)."""
+        protocol = _header(response, b"X-Sfive-Protocol")
+        ring = _header(response, b"X-Sfive-Ring")
+        if protocol != "2" or ring is None or not _RING_ID.match(ring):
+            if protocol is not None and protocol != "1":
+                self.log.warn("exporter {url}: unknown protocol {protocol!r} (ring {ring!r}); "
+                              "reading it as protocol 1", url=self.safe_url,
+                              protocol=protocol, ring=ring)
+            self.protocol = self.stats.exporter_protocol = 1
+            return
+        self.protocol = self.stats.exporter_protocol = 2
+        if self.ring is not None and ring != self.ring:
+            self.log.warn(
+                "exporter {url}: a new ring {ring} (was {old}): nginx was restarted; reading "
+                "the new ring from its first record", url=self.safe_url, ring=ring,
+                old=self.ring)
+            self.pipeline.parser.last_seq = None
+        self.ring = ring
+        size = _header(response, b"X-Sfive-Ring-Size")
+        if size is not None and size.isdigit() and int(size) > 0:
+            self.stats.ring_size = int(size)
 
     def _failed(self, failure: Failure) -> None:
         self._request = None
@@ -173,6 +262,7 @@ class LogFetchService(Service):
     def _data(self, data: bytes) -> None:
         self._last_data = self.clock.seconds()
         self.pipeline.feed(data)
+        self._moved()
 
     def _check_idle(self) -> None:
         idle = self.clock.seconds() - self._last_data
@@ -189,6 +279,7 @@ class LogFetchService(Service):
             return
         self.body = None
         self.stats.exporter_connected = False
+        self._v1_watermark = self.clock.seconds()
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None

@@ -61,6 +61,10 @@ class StatsCollector:
             ("hub_reconnects", "Reconnection attempts to the sfive hub.", s.hub_reconnects),
             ("state_errors", "State store troubles (--state-dir): a corrupt file moved aside, "
              "a failed write (the state kept in memory).", s.state_errors),
+            ("heartbeats", "Exporter heartbeat lines read (protocol 2; not in lines).",
+             s.heartbeats),
+            ("intervals_held_early", "Held intervals reported before the watermark passed "
+             "them, because the held intervals reached their cap.", s.held_early),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
@@ -83,6 +87,25 @@ class StatsCollector:
                                     value=int(s.hub_connected))
             yield GaugeMetricFamily(PREFIX + "hub_queue_length",
                                     "Datasets waiting for the sfive hub.", value=s.queued)
+        yield GaugeMetricFamily(PREFIX + "exporter_protocol",
+                                "The exporter's stream protocol (1 or 2; 0 before it answered).",
+                                value=s.exporter_protocol)
+        yield GaugeMetricFamily(PREFIX + "intervals_held",
+                                "Intervals due by the clock but held until the exporter's "
+                                "records for them are in (at most --max-delay).", value=s.held)
+        optional = (
+            ("watermark_lag_seconds", "How far the event-time watermark is behind the clock; "
+             "absent while unknown.", s.watermark_lag),
+            ("ring_size_records", "Records the exporter's ring holds, if it says.", s.ring_size),
+            ("ring_history_seconds", "Seconds of traffic the exporter's ring holds at the last "
+             "interval's rate: how long an outage or restart may last before records are lost.",
+             s.ring_history),
+        )
+        for name, doc, value in optional:
+            family = GaugeMetricFamily(PREFIX + name, doc)
+            if value is not None:
+                family.add_metric((), value)
+            yield family
         last = GaugeMetricFamily(PREFIX + "last_report_timestamp_seconds",
                                  "When the last interval was reported (Unix time); absent "
                                  "before the first report.")

@@ -1,14 +1,18 @@
 """The interval model: records in, finished wall-clock intervals out. Plain data, no I/O.
 
 Interval k covers ``[k*D, (k+1)*D)`` in UTC epoch seconds. A record goes into the interval of its
-own time. Interval k is due at ``(k+1)*D + grace``. Records older than the first interval are
-dropped (counted as before-start); records for an interval already reported go into the oldest
-open one (counted as late), so no accepted byte is lost.
+own time. Interval k is due at ``(k+1)*D + grace`` (the reporter passes the event-time
+watermark as ``now``). Records older than the first interval are dropped (counted as
+before-start; live, only those up to START_WINDOW older: a clock stepped back is no reason to
+drop); records for an interval already reported go into the oldest open one (counted as late),
+so no accepted byte is lost.
 
 The model is plain data: ``snapshot()`` dumps it as JSON-able data, ``restore()`` makes it again
 in another process (``StateMismatch`` if it was made under other settings), and
 ``take_changes()`` hands out only what changed since the last call, for incremental
-checkpoints. Dirty tracking costs one set add per counted record.
+checkpoints. Dirty tracking, on from the first of these calls, costs one set add per counted
+record; a model nobody takes changes from (replay, a service without a state store) pays
+nothing.
 """
 
 from __future__ import annotations
@@ -27,8 +31,15 @@ ClientKey = Tuple[str, str]
 
 OVERFLOW_CLIENT: ClientKey = ("*", "(other clients beyond --max-clients)")
 
-FUTURE_HORIZON = 3600
-"""Seconds a record may lie ahead of the reported intervals before it is refused."""
+FUTURE_HORIZON = 7200
+"""Seconds a record may lie ahead of the reported intervals before it is refused: two hours,
+so that a wall-clock step of an hour (NTP at boot) does not refuse the records after it."""
+
+START_WINDOW = 120
+"""A live model drops records from before its first interval (the service started within the
+interval before it, which it cannot count whole) only if they are at most this many seconds
+older than that interval; older ones come from a wall clock stepped back past the service's
+start, and count as late (kept) instead."""
 
 FORMAT = 1
 """The snapshot layout's version; ``restore`` refuses any other."""
@@ -240,7 +251,8 @@ class IntervalModel:
             self.first = k
             self.reported = k - 1
         elif k <= self.reported:
-            if k < self.first:
+            if k < self.first and (not self._live
+                                   or (self.first - k - 1) * self.duration < START_WINDOW):
                 self.stats.before_start += 1
                 return None
             self.stats.late += 1

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
+from twisted.logger import Logger
+
+from .datasets import start_time
 from .lines import LineSplitter
 from .model import IntervalModel
-from .records import Gap, Record, RecordParser
+from .records import Gap, Heartbeat, Record, RecordParser
 from .settings import Settings
 from .stats import Stats
 
 
 class Pipeline:
-    """Feeds exporter output into the interval model and counts every line's fate in ``stats``."""
+    """Feeds exporter output into the interval model and counts every line's fate in ``stats``.
+
+    Heartbeat lines (protocol v2) are counted apart from the record lines (``stats.heartbeats``,
+    not in ``stats.lines``); the last one is ``heartbeat``, the fetcher's watermark. Records the
+    exporter's ring lost (a gap line) are logged with the time range they belong to: from the
+    last record read before the gap to the first record (or heartbeat) after it.
+    """
+
+    log = Logger()
 
     def __init__(self, settings: Settings, stats: Stats, model: IntervalModel,
                  on_time: Optional[Callable[[int], None]] = None) -> None:
@@ -24,6 +35,10 @@ class Pipeline:
         self.model = model
         self.parser = RecordParser(settings)
         self.splitter = LineSplitter(settings.max_line_length)
+        self.heartbeat: Optional[Heartbeat] = None
+        self.last_time: Optional[int] = None
+        """The time of the last record read (accepted or not)."""
+        self._gap: Optional[Tuple[int, int, Optional[int]]] = None
 
     def feed(self, data: bytes) -> None:
         """Take a chunk of the stream, cut anywhere."""
@@ -37,21 +52,60 @@ class Pipeline:
         add = self.model.add
         on_time = self.on_time
         due = math.inf if on_time is None else -math.inf
+        gap = self._gap is not None
+        last = None
         stats.lines += len(lines)
         for line in lines:
             result = parse(line)
             if type(result) is Record:
+                last = result
+                if gap:
+                    self._gap_ends(result.time)
+                    gap = False
                 if add(result) and result.time >= due:
                     on_time(result.time)
                     due = self.model.due_at
             elif type(result) is str:
                 stats.rejected[result] += 1
+            elif type(result) is Heartbeat:
+                stats.lines -= 1
+                stats.heartbeats += 1
+                self.heartbeat = result
+                if gap:
+                    self._gap_ends(result.time)
+                    gap = False
             elif type(result) is Gap:
                 stats.lost += result.lost
+                if last is not None:
+                    self.last_time = last.time
+                self._gap_begins(result)
+                gap = True
+        if last is not None:
+            self.last_time = last.time
+
+    def _gap_begins(self, gap: Gap) -> None:
+        if self._gap is not None:
+            self._gap_ends(None)
+        self._gap = (gap.lost, gap.seq, self.last_time)
+
+    def _gap_ends(self, after: Optional[float]) -> None:
+        """Log the records lost in a gap with the time range they belong to."""
+        assert self._gap is not None
+        lost, seq, before = self._gap
+        self._gap = None
+        self.log.warn(
+            "the exporter lost {lost} records (sequence {first_seq} to {last_seq}): requests "
+            "logged between {since} and {until} are missing from the intervals; nginx's "
+            "access log has them", lost=lost, first_seq=seq - lost, last_seq=seq - 1,
+            since="(unknown)" if before is None else start_time(int(before)),
+            until="(unknown)" if after is None else start_time(math.ceil(after)),
+            before=before, after=after)
 
     def cut(self) -> int:
         """The stream broke: discard the partial line (never parse half a record)."""
         self._count_too_long()
+        if self._gap is not None:
+            self._gap_ends(None)
         return self.splitter.reset()
 
     def _count_too_long(self) -> None:

@@ -1,4 +1,4 @@
-"""One exporter line to a record, a gap notice, or the reason it was rejected.
+"""One exporter line to a record, a gap notice, a heartbeat, or the reason it was rejected.
 
 This is the per-line hot path of both the live service and replay. Live traffic repeats
 timestamps (to the second), time zone suffixes and URLs heavily, so each of those is parsed once
@@ -50,9 +50,21 @@ class Gap(NamedTuple):
     seq: int
 
 
+class Heartbeat(NamedTuple):
+    """Protocol v2: the subscriber has everything up to ``seq``, and every record whose time is
+    before ``time`` (epoch seconds) has been delivered at or before it: the event-time
+    watermark."""
+
+    seq: int
+    time: float
+
+
 _new_record = tuple.__new__
-Parsed = Union[Record, Gap, str]
-"""A Record, a Gap, or a rejection reason."""
+Parsed = Union[Record, Gap, Heartbeat, str]
+"""A Record, a Gap, a Heartbeat, or a rejection reason."""
+
+MAX_HEARTBEAT = 2.0**40
+"""Heartbeat times beyond this (year 36812) are refused as wrong-type."""
 
 REASONS = (
     "invalid-utf8",
@@ -108,6 +120,8 @@ class RecordParser:
                 if type(lost) is int and lost > 0:
                     self.last_seq = seq - 1
                     return Gap(lost, seq)
+                if "hb" in obj:
+                    return self._heartbeat(seq, obj["hb"])
             self.last_seq = seq
         try:
             url = obj["url"]
@@ -144,6 +158,12 @@ class RecordParser:
         else:
             seconds = head - offset
         return _new_record(Record, (seconds, streamer, client, ua, sent))
+
+    def _heartbeat(self, seq: int, when: object) -> Union[Heartbeat, str]:
+        if type(when) not in (int, float) or not 0 <= when < MAX_HEARTBEAT:  # type: ignore
+            return "wrong-type"
+        self.last_seq = seq
+        return Heartbeat(seq, float(when))  # type: ignore[arg-type]
 
     def _streamer(self, url: str) -> Union[StreamerKey, str]:
         m = self._match(url)

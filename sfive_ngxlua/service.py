@@ -118,22 +118,8 @@ class StateService(Service):
 
 
 def position_of(source: Any) -> Optional[dict]:
-    """The source's position (``source.position()``)."""
-    position = getattr(source, "position", None)
-    if position is not None:
-        return position()
-    return {"kind": "exporter", "ring": None, "seq": source.pipeline.last_seq}
-
-
-def resume(source: Any, position: Optional[dict]) -> None:
-    """Start the source where the saved position says (``source.resume(position)``)."""
-    if not position:
-        return
-    resume = getattr(source, "resume", None)
-    if resume is not None:
-        resume(position)
-    elif position.get("seq") is not None:
-        source.pipeline.parser.last_seq = position["seq"]
+    """The source's position, for a checkpoint."""
+    return source.position()
 
 
 def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
@@ -172,15 +158,24 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
         state = StateService(store, model, fetch, sink, clock)
         state.setName("state")
         state.setServiceParent(top)
-        resume(fetch, store.position())
+        position = store.position()
+        if position:
+            try:
+                fetch.resume(position)
+            except ValueError as e:
+                store.log.warn("state in {dir}: the saved position does not fit this source "
+                               "({why}); reading from now", dir=store.directory, why=e)
     top.store = store
     sink.setName("sink")
     sink.setServiceParent(top)
     fetch.setName("fetch")
     fetch.setServiceParent(top)
-    reporter = _reporter(settings, clock, model, sink, stats, state)
+    reporter = ReportService(settings, clock, model, sink.deliver, stats, source=fetch,
+                             commit=state.commit if state is not None else None)
+    reporter.keep_open = state is not None
     reporter.setName("report")
     reporter.setServiceParent(top)
+    fetch.on_watermark = reporter.check
     if settings.metrics:
         from .metrics import MetricsService
 
@@ -188,38 +183,6 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
         metrics.setName("metrics")
         metrics.setServiceParent(top)
     return top
-
-
-def _reporter(settings: Settings, clock: IReactorTime, model: IntervalModel, sink: Any,
-              stats: Stats, state: Optional[StateService]) -> ReportService:
-    if state is None:
-        return ReportService(settings, clock, model, sink.deliver, stats)
-    return _SavingReporter(settings, clock, model, sink.deliver, stats, state.commit)
-
-
-class _SavingReporter(ReportService):
-    """SHIM until the ``eventtime`` branch's ReportService(commit=..., ...) lands: all datasets
-    of the intervals closed at once go to ``commit``; the stop reports only what is due."""
-
-    def __init__(self, settings: Settings, clock: IReactorTime, model: IntervalModel,
-                 deliver: Any, stats: Stats, commit: Any) -> None:
-        super().__init__(settings, clock, model, lambda dataset: None, stats)
-        self.commit = commit
-
-    def _emit(self, intervals: list) -> None:
-        from .datasets import datasets
-
-        if intervals:
-            self.commit([d for i in intervals for d in datasets(i, self.settings)])
-        super()._emit(intervals)
-
-    def stopService(self) -> None:
-        Service.stopService(self)
-        if self._start is not None and self._start.active():
-            self._start.cancel()
-        if self.loop.running:
-            self.loop.stop()
-        self._emit(self.model.close_due(self.clock.seconds()))
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

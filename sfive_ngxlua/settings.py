@@ -29,6 +29,7 @@ class Settings:
     nameformat: str = DEFAULT_NAMEFORMAT
     statuses: FrozenSet[int] = frozenset({200, 206})
     grace: float = 1.0
+    max_delay: float = 300.0
     max_clients: int = 50000
     max_ua_length: int = 512
     max_line_length: int = 65536
@@ -146,6 +147,9 @@ class ModelOptions(usage.Options):
          "regex over the URL with named groups content, format, quality"],
         ["status", None, "200,206", "HTTP status codes that count, comma separated"],
         ["grace", None, "1", "seconds to wait after an interval's end before reporting it"],
+        ["max-delay", None, "300",
+         "seconds an interval is held while the exporter's records for it are not in (it is "
+         "unreachable, or its backlog is being read); then it is reported with what is known"],
         ["max-clients", None, "50000",
          "distinct clients kept per interval and streamer; more are folded into one entry"],
         ["max-ua-length", None, "512", "user agents are truncated to this many characters"],
@@ -192,6 +196,7 @@ class ModelOptions(usage.Options):
             nameformat=self["nameformat"],
             statuses=_statuses(self["status"]),
             grace=_seconds("--grace", self["grace"]),
+            max_delay=_seconds("--max-delay", self["max-delay"]),
             max_clients=_positive_int("--max-clients", self["max-clients"]),
             max_ua_length=_positive_int("--max-ua-length", self["max-ua-length"]),
             max_line_length=_positive_int("--max-line-length", self["max-line-length"]),

@@ -39,6 +39,21 @@ class Stats:
     hub_reconnects: int = 0
     last_report: Optional[float] = None
     state_errors: int = 0
+    heartbeats: int = 0
+    exporter_protocol: int = 0
+    """1 or 2 once an exporter answered (2: it sends heartbeats and its ring's identity)."""
+    ring_size: Optional[int] = None
+    """Records the exporter's ring holds, if it says (X-Sfive-Ring-Size)."""
+    ring_history: Optional[float] = None
+    """Seconds of traffic the ring holds at the last interval's request rate: how long an
+    outage or a restart may last before records are lost."""
+    held: int = 0
+    """Intervals due by the clock but not yet by the watermark (the exporter is unreachable
+    or its backlog is being read)."""
+    held_early: int = 0
+    """Held intervals reported before the watermark passed them: the held cap was reached."""
+    watermark_lag: Optional[float] = None
+    """Seconds between the clock and the watermark at the last report check."""
     streams: Dict[StreamerKey, StreamFigures] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:
@@ -69,6 +84,10 @@ class Stats:
             "trimmed": self.datasets_trimmed,
             "reconnects": self.exporter_reconnects,
             "hub_reconnects": self.hub_reconnects,
+            "held": self.held,
+            "held_early": self.held_early,
+            "lag": "-" if self.watermark_lag is None else f"{self.watermark_lag:.1f}s",
+            "history": "-" if self.ring_history is None else f"{self.ring_history:.0f}s",
             "clients": sum(f.clients for f in self.streams.values()),
             "bytes": sum(f.bytes for f in self.streams.values()),
         }

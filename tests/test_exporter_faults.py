@@ -11,14 +11,18 @@ import base64
 import datetime
 import ipaddress
 
+import pytest
 import pytest_twisted
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers.faults import T0, Exporter, line, settings
+from helpers.faults import T0, Exporter, Running, heartbeat, line, settings
 from support import wait_for
-from twisted.internet import ssl
+from twisted.internet import reactor, ssl
+from twisted.internet._resolver import HostResolution
+from twisted.internet.interfaces import IHostnameResolver
+from zope.interface import implementer
 
 pytest_plugins = ("helpers.fixtures",)
 
@@ -71,8 +75,34 @@ async def test_connection_refused_backs_off_then_counts_after_reconnect(service,
         await back.stop()
 
 
+@implementer(IHostnameResolver)
+class _NoInvalidNames:
+    """The reactor's resolver, except that ``.invalid`` names (RFC 6761) have no addresses
+    at once, as a resolver that knows the special-use names answers, without asking DNS."""
+
+    def __init__(self, real: IHostnameResolver) -> None:
+        self.real = real
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,  # noqa: ANN001,ANN201,N803
+                        transportSemantics="TCP"):  # noqa: N803
+        if not hostName.rstrip(".").endswith(".invalid"):
+            return self.real.resolveHostName(receiver, hostName, portNumber, addressTypes,
+                                             transportSemantics)
+        resolution = HostResolution(hostName)
+        receiver.resolutionBegan(resolution)
+        receiver.resolutionComplete()
+        return resolution
+
+
+@pytest.fixture
+def no_dns_for_invalid():
+    real = reactor.installNameResolver(_NoInvalidNames(reactor.nameResolver))
+    yield
+    reactor.installNameResolver(real)
+
+
 @pytest_twisted.ensureDeferred
-async def test_dns_failure_is_retried_with_backoff(service, logs):
+async def test_dns_failure_is_retried_with_backoff(service, logs, no_dns_for_invalid):
     run = service(settings(url="http://sfive-exporter.invalid:8080/sfive"))
     await next_attempt(run, logs, 1)
     await wait_for(lambda: len(reconnect_events(logs)) >= 2)
@@ -126,7 +156,7 @@ async def test_idle_body_is_dropped_and_resumed_after_last_seq(service, exporter
     await next_attempt(run, logs, 1)
     assert logs.matching("exporter sent nothing for 30s; reconnecting")
     await wait_for(lambda: len(exporter.requests) == 2)
-    assert exporter.requests[1].args == {b"after": [b"42"]}
+    assert exporter.requests[1].args == {b"v": [b"2"], b"after": [b"42"]}
     exporter.send(line(T0 + 3, seq=43))
     await wait_for(lambda: run.stats.accepted == 3)
     assert not run.stats.rejected
@@ -146,7 +176,7 @@ async def test_cut_mid_line_discards_the_partial_line(service, exporter, logs):
     assert not run.stats.rejected, "the partial line was not parsed"
 
     await wait_for(lambda: len(exporter.requests) == 2)
-    assert exporter.requests[1].args == {b"after": [b"1"]}
+    assert exporter.requests[1].args == {b"v": [b"2"], b"after": [b"1"]}
     exporter.send(cut_one[:5], cut_one[5:] + line(T0 + 3, seq=3))
     await wait_for(lambda: run.stats.accepted == 3)
     assert not run.stats.rejected
@@ -234,3 +264,129 @@ async def test_https_with_private_ca_and_basic_auth_never_logs_the_password(
     assert len(logs.events) > 5
     for secret in secrets:
         assert secret not in text
+
+
+# -- protocol 2 (SPEC section 1): ring identity, heartbeats, the watermark -------------------
+
+RING = "00c0ffee00c0ffee"
+OTHER_RING = "00000000deadbeef"
+
+
+@pytest_twisted.ensureDeferred
+async def test_v2_heartbeats_are_the_watermark_and_keep_the_connection_alive(service, logs):
+    exporter = Exporter(ring=RING, ring_size=10000).listen()
+    try:
+        run = service(settings(url=exporter.url(), idle_timeout=30.0))
+        assert run.fetch.watermark(run.clock.seconds()) == float("-inf")
+        await wait_for(lambda: run.stats.exporter_connected)
+        assert exporter.requests[0].args == {b"v": [b"2"]}, "from now: no ring, no after"
+        assert (run.fetch.protocol, run.fetch.ring, run.stats.ring_size) == (2, RING, 10000)
+        assert logs.matching(f"(protocol 2, ring {RING})")
+        assert run.fetch.watermark(run.clock.seconds()) == float("-inf"), "no heartbeat yet"
+        exporter.send(line(T0 + 1, seq=1), heartbeat(1, T0 + 1.5))
+        await wait_for(lambda: run.stats.heartbeats == 1)
+        assert run.stats.lines == 1 and run.stats.accepted == 1, "a heartbeat is no record line"
+        assert run.fetch.watermark(T0 + 99) == T0 + 1.5
+        for n in range(3):  # nothing but heartbeats for 3 x 29 s: still one connection
+            run.clock.advance(29.0)
+            exporter.send(heartbeat(1, T0 + 1.5 + 29 * (n + 1)))
+            await wait_for(lambda n=n: run.stats.heartbeats == n + 2)
+        assert run.fetch.body is not None and len(exporter.requests) == 1
+        assert run.stats.exporter_reconnects == 0
+        exporter.send(heartbeat(2, T0 + 90.0))
+        await wait_for(lambda: run.fetch.pipeline.last_seq == 2)
+        exporter.cut()
+        await wait_for(lambda: not run.stats.exporter_connected)
+        assert run.fetch.watermark(T0 + 500) == T0 + 90.0, "disconnected: the last heartbeat"
+        assert run.fetch.position() == {"kind": "exporter", "ring": RING, "seq": 2}
+        await next_attempt(run, logs, 1)
+        await wait_for(lambda: len(exporter.requests) == 2)
+        assert exporter.requests[1].args == {b"v": [b"2"], b"ring": [RING.encode()],
+                                             b"after": [b"2"]}
+    finally:
+        await exporter.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_ring_is_read_from_its_first_record(service, logs):
+    exporter = Exporter(ring=RING).listen()
+    try:
+        run = service(settings(url=exporter.url()))
+        await wait_for(lambda: run.stats.exporter_connected)
+        exporter.send(line(T0 + 1, seq=41))
+        await wait_for(lambda: run.stats.accepted == 1)
+        exporter.ring = OTHER_RING  # nginx restarted: a new dict, a new ring
+        exporter.cut()
+        await next_attempt(run, logs, 1)
+        await wait_for(lambda: run.fetch.ring == OTHER_RING)
+        assert exporter.requests[1].args == {b"v": [b"2"], b"ring": [RING.encode()],
+                                             b"after": [b"41"]}
+        assert logs.matching(f"a new ring {OTHER_RING} (was {RING}): nginx was restarted")
+        assert run.fetch.pipeline.last_seq is None, "the new ring's numbers start again"
+        exporter.send(line(T0 + 2, seq=1), line(T0 + 3, seq=2))
+        await wait_for(lambda: run.stats.accepted == 3)
+        assert run.fetch.position() == {"kind": "exporter", "ring": OTHER_RING, "seq": 2}
+        run.clock.advance(T0 + 11 - run.clock.seconds())
+        assert not run.datasets, "protocol 2: held until a heartbeat says the records are in"
+        exporter.send(heartbeat(2, T0 + 11.0))
+        await wait_for(lambda: run.datasets)
+        assert run.datasets[0]["data"]["bytes-sent"] == 300
+    finally:
+        await exporter.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_v1_exporter_keeps_the_wall_clock_rule(service, exporter, logs):
+    run = service(settings(url=exporter.url()))
+    await wait_for(lambda: run.stats.exporter_connected)
+    assert exporter.requests[0].args == {b"v": [b"2"]}
+    assert run.fetch.protocol == 1 and run.fetch.ring is None
+    assert run.fetch.watermark(T0 + 7) == T0 + 7, "connected: now"
+    exporter.send(line(T0 + 1, seq=5))
+    await wait_for(lambda: run.stats.accepted == 1)
+    run.clock.advance(2.0)
+    exporter.cut()
+    await wait_for(lambda: not run.stats.exporter_connected)
+    assert run.fetch.watermark(T0 + 50) == T0 + 2, "disconnected: when it lost the connection"
+    await next_attempt(run, logs, 1)
+    await wait_for(lambda: len(exporter.requests) == 2)
+    assert exporter.requests[1].args == {b"v": [b"2"], b"after": [b"5"]}, "no ring: as today"
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_continues_from_a_checkpointed_position(logs):
+    exporter = Exporter(ring=RING).listen()
+    run = Running(settings(url=exporter.url()))
+    try:
+        with pytest.raises(ValueError):
+            run.fetch.resume({"kind": "file", "path": "/x"})
+        with pytest.raises(ValueError):
+            run.fetch.resume({"kind": "exporter", "ring": "not hex!", "seq": 3})
+        run.fetch.resume({"kind": "exporter", "ring": RING, "seq": 77})
+        run.start()
+        await wait_for(lambda: exporter.requests)
+        assert exporter.requests[0].args == {b"v": [b"2"], b"ring": [RING.encode()],
+                                             b"after": [b"77"]}
+        assert logs.matching("after sequence 77")
+    finally:
+        await run.stop()
+        await exporter.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_the_ring_lost_are_logged_with_their_time_range(service, exporter, logs):
+    run = service(settings(url=exporter.url()))
+    await wait_for(lambda: run.stats.exporter_connected)
+    exporter.send(line(T0 + 1, seq=1) + b'{"lost":5,"seq":7}\n')
+    await wait_for(lambda: run.stats.lost == 5)
+    assert not logs.matching("the exporter lost"), "the range ends with the next record"
+    exporter.send(line(T0 + 4, seq=7))
+    await wait_for(lambda: logs.matching("the exporter lost"))
+    [text] = logs.matching("the exporter lost")
+    assert "lost 5 records (sequence 2 to 6)" in text
+    assert "between 2027-01-15T08:00:01Z and 2027-01-15T08:00:04Z" in text
+    exporter.send(b'{"lost":2,"seq":10}\n')
+    await wait_for(lambda: run.stats.lost == 7)
+    exporter.cut()
+    await wait_for(lambda: len(logs.matching("the exporter lost")) == 2)
+    assert "between 2027-01-15T08:00:04Z and (unknown)" in logs.matching("the exporter lost")[1]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sfive_ngxlua.records import Gap, Record, RecordParser
+from sfive_ngxlua.records import Gap, Heartbeat, Record, RecordParser
 from sfive_ngxlua.settings import Settings
 
 SETTINGS = Settings(streamers=(("av", "hls", "high"), ("av", "dash", "low")), hostname="h")
@@ -107,6 +107,30 @@ def test_sequence_numbers_and_gap_lines():
     assert parser.last_seq == 8
     assert parse({"lost": 5, "seq": 14}, parser) == Gap(5, 14)
     assert parser.last_seq == 13, "seq 14 itself is still to come: resume after 13"
+
+
+def test_heartbeat_lines_are_the_watermark_and_move_the_sequence():
+    parser = RecordParser(SETTINGS)
+    assert parse(b'{"seq":12,"hb":1795856400.125}', parser) == Heartbeat(12, 1795856400.125)
+    assert parser.last_seq == 12, "everything up to S has been delivered: resume after S"
+    assert parse({"seq": 13, "hb": 1795856401}, parser) == Heartbeat(13, 1795856401.0)
+    assert type(parse({"seq": 13, "hb": 1795856401}, parser).time) is float
+
+
+@pytest.mark.parametrize("line, reason", [
+    ({"seq": 1, "hb": "1795856400"}, "wrong-type"), ({"seq": 1, "hb": None}, "wrong-type"),
+    ({"seq": 1, "hb": True}, "wrong-type"), ({"seq": 1, "hb": -1}, "wrong-type"),
+    ({"seq": 1, "hb": 1e300}, "wrong-type"), (b'{"seq":1,"hb":NaN}', "invalid-json"),
+    (b'{"seq":1,"hb":Infinity}', "invalid-json"),
+])
+def test_bad_heartbeats_are_rejected_and_do_not_move_the_sequence(line, reason):
+    parser = RecordParser(SETTINGS)
+    assert parse(line, parser) == reason
+    assert parser.last_seq is None
+
+
+def test_a_heartbeat_without_a_sequence_number_is_no_heartbeat():
+    assert parse({"hb": 1795856400}) == "missing-field"
 
 
 def test_caches_do_not_change_answers():

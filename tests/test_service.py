@@ -135,7 +135,7 @@ def test_exporter_restart_resumes_after_the_last_sequence_number(tmp_path):
         assert not run.requests
         run.clock.advance(3)
         yield wait_for(lambda: run.requests)
-        assert run.exporter.resource.seen_args[-1] == {b"after": [b"42"]}
+        assert run.exporter.resource.seen_args[-1] == {b"v": [b"2"], b"after": [b"42"]}
         run.send(line(iso(T0 + 3), seq=43, sent=4))
         yield wait_for(lambda: run.stats.lines == 3)
         assert sum(run.stats.rejected.values()) == 0, "the cut partial line was parsed"
@@ -235,6 +235,7 @@ def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
                     stats=stats)
     service.startService()
     try:
+        yield wait_for(lambda: stats.exporter_connected)  # before that, intervals are held
         clock.advance(3)
         clock.advance(2)
         assert calls[:8] == ["2026-11-28T09:00:00Z"] * 8
