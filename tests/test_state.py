@@ -729,3 +729,31 @@ def test_any_stream_cut_by_checkpoints_crashes_and_restarts_gives_the_same_datas
         assert _canonical(got) == _canonical(expected)
 
     run()
+
+
+@needs_model
+def test_retire_command_line_to_standard_output(tmp_path):
+    """The console script: a saved interval comes out as JSON lines, the state is removed;
+    a missing directory is a usage error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store, s, stats = opened(tmp_path)
+    model = IntervalModel(s, stats, start=T0)
+    model.add(rec(T0 + 1, sent=42))
+    store.now = lambda: T0 + 3
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    store.close()
+    command = str(Path(sys.executable).parent / "sfive-ngxlua-retire")
+    done = subprocess.run([command, "--state-dir", s.state_dir], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = [simplejson.loads(line) for line in done.stdout.splitlines()]
+    assert [d["data"]["bytes-sent"] for d in lines] == [42, 0, 0]
+    assert lines[0]["duration-ms"] == 3000
+    assert "1 saved intervals as 3 datasets" in done.stderr and "removed" in done.stderr
+    assert os.listdir(s.state_dir) == []
+    missing = subprocess.run([command, "--state-dir", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 64 and "no such directory" in missing.stderr
