@@ -19,11 +19,12 @@ from .report import ReportService
 from .settings import Options, Settings
 from .sinks import DatasetQueue, DiskQueue, HubDatagramSink, HubStreamSink, StdoutSink
 from .stats import Stats
-from .store import StateLocked, StateStore
+from .store import StateLocked, StateStore, StateUnusable
 
 __all__ = ["Options", "makeService", "build", "make_sink", "StateService"]
 
 CHECKPOINT_SECONDS = 1.0
+log = Logger()
 CHECKPOINT_BUDGET = 0.05
 """Share of the reactor's time checkpoints may take: a checkpoint that took longer than this
 share of its period (e.g. tens of thousands of clients changing every second) stretches the
@@ -137,7 +138,13 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
     stats = stats if stats is not None else Stats()
     store = queue = None
     if settings.state_dir:
-        store = StateStore(settings.state_dir, settings, stats, clock)
+        try:
+            store = StateStore(settings.state_dir, settings, stats, clock)
+        except StateUnusable as e:
+            stats.state_errors += 1
+            log.error("{why}; running without a saved state (a restart loses the running "
+                      "interval and the hub queue)", why=e)
+    if store is not None:
         if sink is None and (settings.socket or settings.hub):
             queue = DiskQueue(store, settings.queue_limit, stats, settings.queue_bytes)
     if sink is None:

@@ -64,6 +64,10 @@ class StateLocked(Exception):
     """Another process holds the state directory's lock."""
 
 
+class StateUnusable(Exception):
+    """The state directory or its database cannot be used at all (permissions, I/O)."""
+
+
 def _settings_record(settings: Settings) -> dict:
     """What the saved state's meaning depends on (and what its datasets are reported under)."""
     return {"duration": settings.duration, "streamers": [list(s) for s in settings.streamers],
@@ -99,10 +103,17 @@ class StateStore:
         self.pending: List[bytes] = []
         """Datasets of a saved state that did not fit, for a sink without a queue."""
         self._in_transaction = False
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._private(directory, 0o700)
-        self._lock_fd = self._lock()
-        self.db = self._open()
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self._private(directory, 0o700)
+            self._lock_fd = self._lock()
+        except OSError as e:
+            raise StateUnusable(f"state directory {directory}: {e.strerror or e}") from None
+        try:
+            self.db = self._open()
+        except (sqlite3.Error, OSError) as e:
+            os.close(self._lock_fd)
+            raise StateUnusable(f"state database {self.path} cannot be opened: {e}") from None
 
     # -- opening --------------------------------------------------------------------------
 
@@ -138,9 +149,9 @@ class StateStore:
         """The database, made or upgraded; a file that cannot be read is moved aside."""
         try:
             return self._connect()
+        except sqlite3.OperationalError:
+            raise  # cannot open, I/O, locked, full: not the file's fault; never moved aside
         except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
-                raise
             aside = self._move_aside("corrupt")
             self.stats.state_errors += 1
             self.log.error(

@@ -757,3 +757,12 @@ def test_retire_command_line_to_standard_output(tmp_path):
     missing = subprocess.run([command, "--state-dir", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 64 and "no such directory" in missing.stderr
+
+
+def test_an_unusable_state_dir_is_one_error_line_and_the_service_runs_without(tmp_path, logs):
+    (tmp_path / "file").write_text("not a directory")
+    s = settings(state_dir=str(tmp_path / "file" / "state"), socket=str(tmp_path / "hub"))
+    top = build(s, reactor, clock=clock_at())
+    assert top.store is None and top.stats.state_errors == 1
+    (line,) = logs.matching("running without a saved state")
+    assert "state directory" in line
