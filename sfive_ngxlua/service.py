@@ -85,8 +85,13 @@ class StateService(Service):
         """The model's changes and the position they cover, in one transaction; the period
         adapts so that checkpoints take at most ``CHECKPOINT_BUDGET`` of the time."""
         started = time.perf_counter()
-        ok = self.store.checkpoint(self.model, position_of(self.source), self.queue)
-        self.store.scrub_wal()
+        try:
+            ok = self.store.checkpoint(self.model, position_of(self.source), self.queue)
+            self.store.scrub_wal()
+        except Exception:
+            self.log.failure("checkpoint failed; trying again at the next one")
+            self.store.need_full = True
+            ok = False
         cost = time.perf_counter() - started
         self.loop.interval = min(CHECKPOINT_MAX_SECONDS,
                                  max(self.period, cost / CHECKPOINT_BUDGET))
