@@ -9,6 +9,10 @@ count ("Collected") does not (set PYTHONHASHSEED=0). Replays the first --lines g
 ``--imports-only`` does everything but the replay, so the difference of the two counts divided
 by --lines is the cost per line. ``--track`` feeds the model with change tracking on (as under
 a state store) instead of through replay: model.add only, on records parsed beforehand.
+
+``--changes N`` (no callgrind needed) times the model's side of a checkpoint instead: 8
+streamers, N clients in one interval, then take_changes() with every client changed, with 1%
+changed, with none, and snapshot(); best of 5, CPU milliseconds.
 """
 
 from __future__ import annotations
@@ -47,6 +51,52 @@ def model_only(path: str, track: bool, feed: bool) -> None:
             add(record)
 
 
+def changes(clients: int) -> None:
+    """CPU milliseconds of take_changes() and snapshot() on a model of ``clients`` clients."""
+    import time
+
+    from sfive_ngxlua.model import IntervalModel
+    from sfive_ngxlua.records import Record
+    from sfive_ngxlua.settings import Settings
+    from sfive_ngxlua.stats import Stats
+
+    streamers = tuple((f"c{i}", "hls", "high") for i in range(8))
+    model = IntervalModel(Settings(streamers=streamers, hostname="h", duration=15), Stats())
+    model.take_changes()
+    records = [Record(1_800_000_000, streamers[n % 8], f"10.{n >> 16}.{n >> 8 & 255}.{n & 255}",
+                      "Mozilla/5.0 (X11; Linux x86_64) player/1.0", 1000) for n in range(clients)]
+
+    def best(fn) -> float:
+        out = []
+        for _ in range(5):
+            c0 = time.process_time()
+            fn()
+            out.append(time.process_time() - c0)
+        return min(out) * 1000
+
+    def all_changed() -> None:
+        for r in records:
+            model.add(r)
+
+    def some_changed() -> None:
+        for r in records[:: 100]:
+            model.add(r)
+
+    figures = {}
+    for name, touch in (("all", all_changed), ("1%", some_changed), ("none", lambda: None)):
+        runs = []
+        for _ in range(5):
+            touch()
+            c0 = time.process_time()
+            taken = model.take_changes()
+            runs.append(time.process_time() - c0)
+        figures[name] = (min(runs) * 1000, len(taken.clients))
+    snap = best(model.snapshot)
+    print(f"clients={clients} streamers=8 " + " ".join(
+        f"take_changes[{k} changed: {n} rows]={ms:.1f}ms" for k, (ms, n) in figures.items())
+        + f" snapshot={snap:.1f}ms")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lines", type=int, default=50000)
@@ -54,7 +104,12 @@ def main() -> int:
     p.add_argument("--model-only", action="store_true",
                    help="time model.add alone (records parsed beforehand)")
     p.add_argument("--track", action="store_true", help="with --model-only: tracking on")
+    p.add_argument("--changes", type=int, metavar="N",
+                   help="time take_changes()/snapshot() with N clients instead")
     a = p.parse_args()
+    if a.changes:
+        changes(a.changes)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "input.log")
         gen.write(path, a.lines)

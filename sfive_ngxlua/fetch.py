@@ -232,9 +232,10 @@ class LogFetchService(Service):
         protocol = _header(response, b"X-Sfive-Protocol")
         ring = _header(response, b"X-Sfive-Ring")
         if protocol != "2" or ring is None or not _RING_ID.match(ring):
-            if protocol is not None and protocol != "1":
-                self.log.warn("exporter {url}: unknown protocol {protocol!r} (ring {ring!r}); "
-                              "reading it as protocol 1", url=self.safe_url,
+            if protocol not in (None, "1"):
+                self.log.warn("exporter {url}: protocol {protocol!r} with ring {ring!r} is not "
+                              "one this service reads; reading it as protocol 1",
+                              url=self.safe_url,
                               protocol=protocol, ring=ring)
             self.protocol = self.stats.exporter_protocol = 1
             return

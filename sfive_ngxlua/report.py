@@ -64,7 +64,10 @@ class ReportService(Service):
     the clock went back are for intervals already reported (or older than the first), so they
     count as late into the oldest open interval, which is reported when the clock reaches its
     end again. Neither crashes or drops a record: a dataset with traffic may come late or
-    merged, never lost.
+    merged, never lost. (Only the service's clock stepping, with the exporter on another
+    host: stepped back, the heartbeats still close the intervals on time; stepped forward,
+    ``now - max_delay`` closes the coming hour's intervals at once, and their records count
+    as late into the interval after them.)
     """
 
     log = Logger()

@@ -354,6 +354,18 @@ async def test_a_v1_exporter_keeps_the_wall_clock_rule(service, exporter, logs):
 
 
 @pytest_twisted.ensureDeferred
+async def test_protocol_2_without_a_valid_ring_is_read_as_protocol_1(service, logs):
+    exporter = Exporter(ring="not-hex").listen()
+    try:
+        run = service(settings(url=exporter.url()))
+        await wait_for(lambda: run.stats.exporter_connected)
+        assert run.fetch.protocol == 1 and run.fetch.ring is None
+        assert logs.matching("protocol '2' with ring 'not-hex' is not one this service reads")
+    finally:
+        await exporter.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_resume_continues_from_a_checkpointed_position(logs):
     exporter = Exporter(ring=RING).listen()
     run = Running(settings(url=exporter.url()))

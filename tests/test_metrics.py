@@ -266,3 +266,28 @@ def test_endpoint_in_use_refuses_to_start():
         assert service.port is None
     finally:
         taken.close()
+
+
+def test_event_time_series_show_the_held_intervals_the_lag_and_the_ring():
+    settings = Settings(streamers=tuple(STREAMERS), metrics="tcp:0:interface=127.0.0.1")
+    stats = Stats()
+    service = MetricsService(settings, reactor, stats)
+    got = scrape_registry(service)
+    assert got[("sfive_ngxlua_exporter_protocol", frozenset())] == 0
+    assert got[("sfive_ngxlua_intervals_held", frozenset())] == 0
+    assert got[("sfive_ngxlua_intervals_held_early_total", frozenset())] == 0
+    assert got[("sfive_ngxlua_heartbeats_total", frozenset())] == 0
+    names = {name for name, _ in got}
+    for unknown in ("watermark_lag_seconds", "ring_size_records", "ring_history_seconds"):
+        assert f"sfive_ngxlua_{unknown}" not in names, "absent while unknown"
+
+    stats.exporter_protocol, stats.heartbeats, stats.held, stats.held_early = 2, 40, 3, 1
+    stats.watermark_lag, stats.ring_size, stats.ring_history = 31.5, 10000, 250.0
+    got = scrape_registry(service)
+    assert got[("sfive_ngxlua_exporter_protocol", frozenset())] == 2
+    assert got[("sfive_ngxlua_heartbeats_total", frozenset())] == 40
+    assert got[("sfive_ngxlua_intervals_held", frozenset())] == 3
+    assert got[("sfive_ngxlua_intervals_held_early_total", frozenset())] == 1
+    assert got[("sfive_ngxlua_watermark_lag_seconds", frozenset())] == 31.5
+    assert got[("sfive_ngxlua_ring_size_records", frozenset())] == 10000
+    assert got[("sfive_ngxlua_ring_history_seconds", frozenset())] == 250.0

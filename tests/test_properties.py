@@ -238,3 +238,201 @@ def test_a_stop_counts_every_client_of_the_merged_intervals_once(records, max_cl
     assert data["client-count"] == len({c for _, c, _ in records})
     assert data["bytes-sent"] == sum(sent for _, _, sent in records)
     assert sum(c["bytes-sent"] for c in data["clients"]) == data["bytes-sent"]
+
+
+# -- checkpoints, crashes and restarts (issue 11) -----------------------------------------------
+
+
+class _Died(Exception):
+    """The process died inside a commit: nothing of that transaction is kept."""
+
+
+class _Store:
+    """The state store's contract in memory: a replica of the model built from take_changes(),
+    the position and the committed datasets, each commit all or nothing."""
+
+    def __init__(self, streamers) -> None:
+        self.streamers = streamers
+        self.head = None  # (first, reported, live)
+        self.open: dict = {}
+        self.seq = None
+        self.datasets: list = []
+
+    def commit(self, changes, seq, datasets=()) -> None:
+        opened = {k: {i: (dict(c), set(f)) for i, (c, f) in v.items()}
+                  for k, v in self.open.items()}
+        for k in changes.dropped:
+            opened.pop(k, None)
+        for k, i, ip, ua, sent in changes.clients:
+            opened.setdefault(k, {}).setdefault(i, ({}, set()))[0][(ip, ua)] = sent
+        for k, i, h in changes.folded:
+            opened.setdefault(k, {}).setdefault(i, ({}, set()))[1].add(h)
+        self.open, self.seq = opened, seq
+        self.head = (changes.first, changes.reported, changes.live)
+        self.datasets = self.datasets + list(datasets)
+
+    def snapshot(self) -> dict:
+        first, reported, live = self.head
+        return {"format": 1, "duration": D, "streamers": [list(s) for s in self.streamers],
+                "first": first, "reported": reported, "live": live,
+                "open": {str(k): {str(i): {"clients": [[ip, ua, b] for (ip, ua), b in c.items()],
+                                            "folded": sorted(f)}
+                                  for i, (c, f) in v.items()} for k, v in self.open.items()}}
+
+
+class _Process:
+    """One run of the service's core: pipeline, model, reporter (commit hook), on one clock;
+    the source's watermark is the last heartbeat, as for a protocol 2 exporter."""
+
+    def __init__(self, s, clock, store=None, log=None) -> None:
+        from sfive_ngxlua.model import IntervalModel
+        from sfive_ngxlua.pipeline import Pipeline
+        from sfive_ngxlua.report import ReportService
+
+        self.store, self.log, self.dead, self.fail_next = store, log, False, False
+        stats = Stats()
+        if store is None or store.head is None:
+            self.model = IntervalModel(s, stats)
+        else:
+            self.model = IntervalModel.restore(s, stats, store.snapshot())
+        self.pipeline = Pipeline(s, stats, self.model)
+        if store is not None:
+            self.pipeline.parser.last_seq = store.seq
+        self.report = ReportService(s, clock, self.model, None, stats, source=self,
+                                    commit=self.commit, held_cap=10**9)
+        self.report.startService()
+        if store is not None and store.head is None:
+            self.checkpoint()  # the store writes the new state at start
+
+    def kill(self) -> None:
+        """The process is gone: none of its timers runs again."""
+        if self.report._start is not None and self.report._start.active():
+            self.report._start.cancel()
+        if self.report.loop.running:
+            self.report.loop.stop()
+
+    def watermark(self, now: float) -> float:
+        beat = self.pipeline.heartbeat
+        return float("-inf") if beat is None else beat.time
+
+    def commit(self, batch) -> None:
+        if self.store is None:
+            self.log.extend(batch)
+            return
+        if self.fail_next:
+            self.dead = True
+            raise _Died()
+        self.store.commit(self.model.take_changes(), self.pipeline.last_seq, batch)
+
+    def checkpoint(self) -> None:
+        self.store.commit(self.model.take_changes(), self.pipeline.last_seq)
+
+    def feed(self, line: bytes) -> None:
+        self.pipeline.feed(line + b"\n")
+        self.report.check()
+
+
+def _normal(datasets):
+    out = []
+    for d in datasets:
+        d = simplejson.loads(simplejson.dumps(d))
+        d["data"]["clients"].sort(key=lambda c: (c["ip"], c["user-agent"]))
+        out.append(d)
+    return out
+
+
+exporter_records = st.lists(st.tuples(
+    st.integers(0, 39),  # time, T0-relative
+    st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3", "2001:db8::7"]),
+    st.sampled_from(["curl", "VLC"]),
+    st.sampled_from(CONFIGURED),
+    st.integers(0, 10**6),
+    st.one_of(st.just(0), st.just(0), st.just(0), st.integers(1, 15)),  # how late it comes
+), max_size=30)
+operations = st.lists(st.tuples(
+    st.integers(0, 80),
+    st.sampled_from(["tick", "tick", "checkpoint", "crash", "restart", "crash-in-commit"]),
+    st.integers(0, 6),
+), max_size=25)
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(records=exporter_records, beats=st.lists(st.integers(0, 40), max_size=25),
+       ops=operations, max_clients=st.sampled_from([1, 1, 2, 50000]))
+def test_checkpoints_crashes_and_restarts_give_the_datasets_of_one_uninterrupted_run(
+        records, beats, ops, max_clients):
+    """Any record stream, cut by checkpoints (take_changes applied to a replica), crashes
+    (restore from the replica, the records after its sequence number fed again) and restarts
+    (a stop that keeps the running interval, a checkpoint, a restore), at any points, gives
+    the datasets of one uninterrupted run. Reporting follows the heartbeats (the exporter's
+    promise, which some records break: those are late), never the wall clock."""
+    s = make_settings(streamers=CONFIGURED, duration=D, grace=1.0, max_clients=max_clients,
+                      max_delay=10**7)
+    ordered = sorted(records, key=lambda r: r[0])
+    items = []  # (seq of a record or None, line) in stream order: records and heartbeats
+    for n, (t, ip, ua, streamer, sent, late) in enumerate(ordered, start=1):
+        for b in beats:
+            if b == n - 1:  # heartbeat: every record still to come is at or after T
+                items.append((None, simplejson.dumps({"seq": n - 1, "hb": T0 + t - 0.5})
+                               .encode()))
+        items.append((n, simplejson.dumps({
+            "seq": n, "time": iso(T0 + t - late), "client": ip, "ua": ua,
+            "url": URLS[streamer], "status": 200, "bytes-sent": sent}).encode()))
+    last = len(ordered)
+    end = simplejson.dumps({"seq": last, "hb": T0 + 200.0}).encode()  # everything is in
+    plan: dict = {}
+    for at, op, dt in ops:
+        plan.setdefault(at % (len(items) + 1), []).append((op, dt))
+
+    # one uninterrupted run
+    clock, want = clock_at(T0 - 5), []
+    proc = _Process(s, clock, log=want)
+    for n, (_, line) in enumerate(items + [(None, end)]):
+        for op, dt in plan.get(n, ()):
+            if op == "tick":
+                clock.advance(dt / 2)
+        proc.feed(line)
+    proc.report.stopService()
+
+    # the same stream, cut by checkpoints, crashes and restarts
+    clock, store = clock_at(T0 - 5), _Store(CONFIGURED)
+    proc = _Process(s, clock, store=store)
+    n = 0
+    stream = items + [(None, end)]
+    while n < len(stream):
+        for op, dt in plan.pop(n, ()):
+            if op == "tick":
+                clock.advance(dt / 2)
+            elif op == "checkpoint":
+                proc.checkpoint()
+            elif op == "crash-in-commit":
+                proc.fail_next = True
+            elif op == "restart":
+                proc.report.keep_open = True
+                proc.report.stopService()
+                if not proc.dead:
+                    proc.checkpoint()
+                proc.dead = True
+            elif op == "crash":
+                proc.dead = True
+            if proc.dead:
+                break
+        if not proc.dead:
+            proc.feed(stream[n][1])
+            n += 1
+        if proc.dead:
+            proc.kill()
+            proc = _Process(s, clock, store=store)
+            n = _after(stream, store.seq)  # the exporter streams what follows it
+    proc.report.stopService()
+
+    assert _normal(store.datasets) == _normal(want)
+
+
+def _after(stream, seq) -> int:
+    """The index of the first line the exporter sends after ``seq``: the line after that
+    record (a heartbeat after it comes again: it promises no more than before)."""
+    if seq is None:
+        return 0
+    return next((i + 1 for i, (s, _) in enumerate(stream) if s == seq), 0)

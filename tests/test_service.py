@@ -5,7 +5,7 @@ intervals pass when the test says so.
 """
 
 import pytest_twisted
-from support import DatagramHub, ExporterServer, line, wait_for
+from support import DatagramHub, ExporterServer, heartbeat, line, wait_for
 from twisted.internet import reactor, task
 
 from sfive_ngxlua.service import build
@@ -244,3 +244,46 @@ def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
     finally:
         yield service.stopService()
         yield exporter.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_v2_exporter_away_holds_the_intervals_and_its_backlog_counts_in_them(tmp_path):
+    """Protocol 2 through the composed service: intervals go when the heartbeat passes them
+    (not at the next tick); while the exporter is away they are held, not sent empty; the
+    backlog it sends after the reconnect is counted in its own intervals, not late."""
+    run = Running(tmp_path)
+    run.exporter.resource.ring = "0123456789abcdef"
+    run.exporter.resource.ring_size = 1000
+    fetch = run.service.getServiceNamed("fetch")
+    try:
+        yield wait_for(lambda: run.requests)
+        run.exporter.resource.cut()  # the first answer was v1 (no ring yet): now a v2 one
+        yield wait_for(lambda: run.stats.exporter_reconnects == 1)
+        run.clock.advance(fetch._retry.getTime() - run.clock.seconds())
+        yield wait_for(lambda: run.stats.exporter_protocol == 2 and run.requests)
+        run.send(line(iso(T0 + 2), seq=1, sent=1) + heartbeat(1, T0 + 2.5))
+        yield wait_for(lambda: run.stats.heartbeats == 1)
+        run.clock.advance(T0 + 5 - run.clock.seconds())  # T0+2..4 is due by the clock
+        assert run.hub.read() == [] and run.stats.held == 1
+        run.send(heartbeat(1, T0 + 5.0))
+        yield wait_for(lambda: len(run.hub.read()) == 8)  # on_watermark, no tick needed
+        assert run.hub.read()[0]["data"]["bytes-sent"] == 1
+
+        run.exporter.resource.cut()  # away for 10 s while viewers go on
+        yield wait_for(lambda: not run.stats.exporter_connected)
+        run.clock.advance(10)
+        assert len(run.hub.read()) == 8, "held, not sent empty"
+        assert run.stats.held == 5
+        yield wait_for(lambda: run.requests)  # the backoff's retry (1-2 s) came due
+        assert run.exporter.resource.seen_args[-1] == {
+            b"v": [b"2"], b"ring": [b"0123456789abcdef"], b"after": [b"1"]}
+        run.send(b"".join(line(iso(T0 + t), seq=t, sent=t) for t in range(4, 15))
+                 + heartbeat(14, T0 + 15.0))
+        yield wait_for(lambda: len(run.hub.read()) == 8 * 6)
+        got = [d for d in run.hub.read() if d["streamer-id"]["content-id"] == "C1"
+               and d["streamer-id"]["format"] == "hls" and d["streamer-id"]["quality"] == "high"]
+        assert [d["data"]["bytes-sent"] for d in got] == [1, 4 + 5, 6 + 7, 8 + 9, 10 + 11,
+                                                          12 + 13]
+        assert run.stats.late == 0 and run.stats.held == 0
+    finally:
+        yield run.stop()
