@@ -23,8 +23,9 @@ from .store import StateLocked, StateStore, StateUnusable
 
 __all__ = ["Options", "makeService", "build", "make_sink", "StateService"]
 
-CHECKPOINT_SECONDS = 1.0
 log = Logger()
+
+CHECKPOINT_SECONDS = 1.0
 CHECKPOINT_BUDGET = 0.05
 """Share of the reactor's time checkpoints may take: a checkpoint that took longer than this
 share of its period (e.g. tens of thousands of clients changing every second) stretches the
@@ -86,7 +87,7 @@ class StateService(Service):
         adapts so that checkpoints take at most ``CHECKPOINT_BUDGET`` of the time."""
         started = time.perf_counter()
         try:
-            ok = self.store.checkpoint(self.model, position_of(self.source), self.queue)
+            ok = self.store.checkpoint(self.model, self.source.position(), self.queue)
             self.store.scrub_wal()
         except Exception:
             self.log.failure("checkpoint failed; trying again at the next one")
@@ -101,11 +102,11 @@ class StateService(Service):
         """The report's transaction: the closed intervals' changes, their datasets into the
         queue, the position; then send."""
         if self.queue is not None:
-            self.store.checkpoint(self.model, position_of(self.source), self.queue,
+            self.store.checkpoint(self.model, self.source.position(), self.queue,
                                   [encode(d) for d in datasets])
             self.sink.flush()
             return
-        self.store.checkpoint(self.model, position_of(self.source))
+        self.store.checkpoint(self.model, self.source.position())
         for dataset in datasets:
             self.sink.deliver(dataset)
 
@@ -114,18 +115,13 @@ class StateService(Service):
         if self.loop.running:
             self.loop.stop()
         try:
-            if self.store.checkpoint(self.model, position_of(self.source), self.queue):
+            if self.store.checkpoint(self.model, self.source.position(), self.queue):
                 self.log.info("state saved in {dir}: the running interval is reported after "
                               "the restart", dir=self.store.directory)
             self.store.scrub = True
             self.store.scrub_wal()
         finally:
             self.store.close()
-
-
-def position_of(source: Any) -> Optional[dict]:
-    """The source's position, for a checkpoint."""
-    return source.position()
 
 
 def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
