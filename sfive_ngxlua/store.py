@@ -146,9 +146,13 @@ class StateStore:
                 f"state directory {self.directory} is in use by another sfive-ngxlua "
                 f"(pid {holder}); one state directory serves one service: stop the other one "
                 "or give this one its own --state-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._lock_fd = fd
+        self._write_pid()
         return fd
+
+    def _write_pid(self) -> None:
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode("ascii"), 0)
 
     def _open(self) -> sqlite3.Connection:
         """The database, made or upgraded; a file that cannot be read is moved aside."""
@@ -225,8 +229,10 @@ class StateStore:
             self.db = None
 
     def attach(self) -> None:
-        """Open the connection again after ``detach`` (in the process that runs)."""
+        """Open the connection again after ``detach`` (in the process that runs, whose pid the
+        lock file then names)."""
         if self.db is None:
+            self._write_pid()
             self.db = self._connect()
 
     def close(self) -> None:
