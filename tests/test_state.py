@@ -768,3 +768,23 @@ def test_an_unusable_state_dir_is_one_error_line_and_the_service_runs_without(tm
     assert top.store is None and top.stats.state_errors == 1
     (line,) = logs.matching("running without a saved state")
     assert "state directory" in line
+
+
+def test_state_dir_and_queue_bytes_options(tmp_path):
+    from twisted.python import usage
+
+    def parse(*args):
+        options = Options()
+        options.parseOptions(["-S", "a/hls/high", *args])
+        return options.settings()
+
+    assert parse().state_dir is None and parse().queue_bytes == 256 << 20
+    assert parse("--queue-bytes", "64K").queue_bytes == 64 << 10
+    assert parse("--queue-bytes", "3000").queue_bytes == 3000
+    assert parse("--state-dir", "rel/dir").state_dir == os.path.abspath("rel/dir")
+    for bad in ("0", "-1", "1T", "M", "1.5M"):
+        with pytest.raises(usage.UsageError, match="--queue-bytes must be a positive number"):
+            parse("--queue-bytes", bad)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(usage.UsageError, match="not a directory"):
+        parse("--state-dir", str(tmp_path / "f"))
