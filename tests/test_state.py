@@ -788,3 +788,22 @@ def test_state_dir_and_queue_bytes_options(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(usage.UsageError, match="not a directory"):
         parse("--state-dir", str(tmp_path / "f"))
+
+
+@needs_model
+def test_a_saved_model_of_another_format_is_kept_aside_never_mixed_in(tmp_path, logs):
+    store, s, stats = opened(tmp_path)
+    model = IntervalModel(s, stats, start=T0)
+    model.add(rec(T0 + 1))
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    store.db.execute("UPDATE meta SET value = ? WHERE key = 'model'", (simplejson.dumps(
+        {"format": 0, "first": T0 // 10, "reported": T0 // 10 - 1, "live": True}),))
+    store.close()
+    store2, _, stats2 = opened(tmp_path)
+    assert store2.restore(stats2, DiskQueue(store2, 10, stats2)) is None
+    (line,) = logs.matching("cannot be reported as saved")
+    assert "format 0" in line
+    aside = [n for n in os.listdir(tmp_path / "state") if ".unusable-" in n]
+    assert aside and stats2.state_errors == 1
+    assert store2.restore(stats2) is None and store2.position() is None
+    store2.close()
