@@ -93,6 +93,7 @@ class ReportService(Service):
         self.loop.clock = clock
         self._start: Optional[IDelayedCall] = None
         self._lines_at: Optional[tuple] = None
+        self._expired = False
 
     def startService(self) -> None:
         super().startService()
@@ -133,7 +134,15 @@ class ReportService(Service):
         forces out; update the held and lag figures."""
         now = self.clock.seconds()
         mark = now if self.source is None else self.source.watermark(now)
+        by_mark = self.model.due(mark) if math.isfinite(mark) else 0
         intervals = self.model.close_due(max(mark, now - self.max_delay))
+        if len(intervals) > by_mark and not self._expired:
+            self._expired = True  # once per outage
+            self.log.warn(
+                "reporting the interval starting at {start} without all of the exporter's "
+                "records: waited --max-delay {max_delay:g}s (watermark {lag}); records that "
+                "come later count as late", start=start_time(intervals[by_mark].start),
+                max_delay=self.max_delay, lag=_lag(now, mark))
         held = self.model.due(now)
         while held and self._held_entries(held) > self.held_cap:
             intervals.extend(self.model.close_due(self.model.due_at))
@@ -144,6 +153,8 @@ class ReportService(Service):
                           "to its end are not in yet (watermark {lag})",
                           start=start_time((self.model.reported + 1) * self.settings.duration),
                           lag=_lag(now, mark))
+        if not held:
+            self._expired = False
         self.stats.held = held
         self.stats.watermark_lag = now - mark if math.isfinite(mark) else None
         self._emit(intervals)

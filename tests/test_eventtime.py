@@ -132,11 +132,17 @@ def test_an_unreachable_exporter_holds_intervals_instead_of_sending_them_empty()
 
 
 def test_past_max_delay_what_is_known_is_reported_and_later_records_are_late():
+    logs = LogCapture()
+    globalLogPublisher.addObserver(logs)
     src = Source(T0 + 11.0)
     s = Setup(src, max_delay=30.0)
     s.add(T0 + 10)
     s.to(T0 + 51)  # T0+10 is due at 21 by the clock; 21 + 30 = 51: reported with what is known
+    globalLogPublisher.removeObserver(logs)
     assert s.starts() == [hms(10)] and s.bytes() == {hms(10): 100}
+    [warning] = logs.matching("without all of the exporter's records")
+    assert f"the interval starting at 2027-01-15T{hms(10)}Z" in warning
+    assert "waited --max-delay 30s (watermark 40.0s behind)" in warning
     assert s.stats.held == 3  # T0+20, 30, 40 (due 31, 41, 51) are still held
     s.to(T0 + 71)
     assert s.starts() == [hms(10), hms(20), hms(30)]
@@ -268,3 +274,26 @@ def test_a_backward_clock_step_of_an_hour_drops_nothing(ran):
     assert s.stats.before_start == 0 and s.stats.late == 12
     s.to(T0 + 10 + ran + 11)  # caught up: the loop reports again, the late records with it
     assert sum(s.bytes().values()) == 100 * 13
+
+
+def test_a_gap_is_logged_with_the_time_range_up_to_the_next_record_or_heartbeat():
+    from helpers.faults import heartbeat, line
+    from helpers.faults import settings as fault_settings
+
+    from sfive_ngxlua.pipeline import Pipeline
+
+    logs = LogCapture()
+    globalLogPublisher.addObserver(logs)
+    try:
+        stats = Stats()
+        s = fault_settings()
+        pipeline = Pipeline(s, stats, IntervalModel(s, stats, start=T0))
+        pipeline.feed(line(T0 + 3, seq=4))
+        pipeline.feed(b'{"lost":3,"seq":8}\n' + heartbeat(7, T0 + 9.25))
+        [text] = logs.matching("the exporter lost")
+        assert "lost 3 records (sequence 5 to 7)" in text
+        assert "between 2027-01-15T08:00:03Z and 2027-01-15T08:00:10Z" in text
+        assert stats.lost == 3 and stats.heartbeats == 1 and stats.lines == 2
+        assert pipeline.heartbeat.time == T0 + 9.25 and pipeline.last_seq == 7
+    finally:
+        globalLogPublisher.removeObserver(logs)
