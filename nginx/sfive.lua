@@ -44,6 +44,7 @@ local GC_KEY = "gc"            -- first seq of the oldest batch not yet deleted
 local GC_LOCK = "gclock"       -- > 0 while a worker deletes old batches
 local GC_TIME = "gctime"       -- when that worker began
 local BATCH = "b"              -- a batch's key: "b" .. its first seq
+local LAST = "e"               -- "e" .. a batch's first seq: its last seq
 local FORMAT_KEY = "format"    -- how the ring is laid out: FORMAT
 local FORMAT = 2
 local PROTOCOL = 2
@@ -269,9 +270,28 @@ local function warn_once(key, ...)
     end
 end
 
--- The last seq of a batch (the last line's: '{"seq":' starts lines only, strings are escaped).
+-- The last seq of a batch: the last line's ('{"seq":' starts lines only, strings are escaped),
+-- looked for from the end (a pattern over the whole batch would cost more than the rest).
 local function batch_last(batch)
-    return tonumber(match(batch, '.*{"seq":(%d+),'))
+    local len, window = #batch, 512
+    while true do
+        local from = len > window and len - window or 1
+        local at, p = nil, from
+        while true do
+            p = find(batch, '\n{"seq":', p, true)
+            if not p then
+                break
+            end
+            at, p = p, p + 1
+        end
+        if at then
+            return tonumber(match(batch, "^%d+", at + 8))
+        end
+        if from == 1 then
+            return tonumber(match(batch, '^{"seq":(%d+)'))
+        end
+        window = window * 4
+    end
 end
 
 -- Deleting batches that fell out of the ring: one worker at a time (GC_LOCK, an incr on a key
@@ -296,14 +316,18 @@ local function collect(dict, newest)
             gc_due = first
             break
         end
-        local batch = dict:get(BATCH .. first)
-        if batch then
-            local last = batch_last(batch) or first
+        local last = dict:get(LAST .. first)
+        if last == nil then
+            local batch = dict:get(BATCH .. first)
+            last = batch and (batch_last(batch) or first)
+        end
+        if last then
             if last > limit then
                 gc_due = last
                 break
             end
             dict:delete(BATCH .. first)
+            dict:delete(LAST .. first)
             first = last + 1
         else
             -- never stored (a full dict, a worker that died between incr and safe_set) or not
@@ -316,7 +340,7 @@ local function collect(dict, newest)
                 break
             end
             local s, stop = first + 1, min(first + MAX_BATCH, limit)
-            while s <= stop and dict:get(BATCH .. s) == nil do
+            while s <= stop and dict:get(LAST .. s) == nil and dict:get(BATCH .. s) == nil do
                 s = s + 1
             end
             first = s
@@ -324,6 +348,20 @@ local function collect(dict, newest)
     end
     dict:set(GC_KEY, first)
     dict:incr(GC_LOCK, -1)
+end
+
+-- The JSON text of strings seen lately (at most CACHE_MAX, then it starts again).
+local CACHE_MAX = 2000
+local cached, ncached = {}, 0
+
+local function cache(s)
+    if ncached >= CACHE_MAX then
+        cached, ncached = {}, 0
+    end
+    local text = json_text(s)
+    cached[s] = text
+    ncached = ncached + 1
+    return text
 end
 
 -- This worker's buffer: SLOTS pieces per record, laid out so that one table.concat makes the
@@ -361,6 +399,9 @@ local function flush()
     -- gap line for it) instead of evicting the ring's identity, its counters or older records
     local ok
     ok, err = dict:safe_set(BATCH .. first, concat(buf, "", 1, n * SLOTS))
+    if ok then
+        dict:safe_set(LAST .. first, last)  -- for the deletion, which then need not read the batch
+    end
     if not ok then
         if err == "no memory" then
             warn_once("small", "lua_shared_dict '", config.dict, "' is too small for ",
@@ -408,8 +449,19 @@ function M.log()
     buf[base + 5] = MS[ms] or "999"
     buf[base + 6] = offset_client
     buf[base + 7] = var.remote_addr or ""  -- nginx's own text of an address: nothing to escape
-    buf[base + 9] = json_text(var.http_user_agent)
-    buf[base + 11] = json_text(var.uri)
+    -- user agents and URLs come back again and again (players, segments fetched by every
+    -- viewer): each is checked for escaping once, then found in a small cache
+    local ua, uri = var.http_user_agent or "", var.uri or ""
+    local text = cached[ua]
+    if text == nil then
+        text = cache(ua)
+    end
+    buf[base + 9] = text
+    text = cached[uri]
+    if text == nil then
+        text = cache(uri)
+    end
+    buf[base + 11] = text
     local status = var.status
     if status == nil or byte(status, 1) == 48 then
         status = "0"  -- "000": no status was set
@@ -687,7 +739,7 @@ function M.serve()
         if sent < batch_max then
             ngx.sleep(config.poll_interval)
         else
-            ngx.sleep(0)
+            ngx.sleep(0.001)  -- more is waiting; let the worker's other events run first
         end
     end
 end
