@@ -101,7 +101,7 @@ async def _retire(options: RetireOptions, reactor: Any, err: Any, out: Any) -> i
         return 2
     queue = DiskQueue(store, sys.maxsize, stats, max_bytes=sys.maxsize)
     queued = len(queue)
-    intervals, datasets = store.report_saved(queue, "retiring this node")
+    intervals, datasets = store.report_saved(queue, "is being retired")
     total = len(queue)
     try:
         if settings.socket or settings.hub:
