@@ -118,6 +118,14 @@ def many_clients(clients: int, segment: int, seconds: int) -> None:
         position = {"kind": "exporter", "ring": None, "seq": clients + second}
         costs.append(timed(lambda p=position: store.checkpoint(model, p)))
     report(f"{clients} clients, steady ({clients // segment} changed/s)", costs)
+    full = []
+    for second in range(3):
+        for i in range(second % segment, clients, segment):
+            model.add(Record(t + second, streamer, ip(i), UA.format(i), 1_500_000))
+        store.need_full = True  # what a non-incremental checkpoint (the whole model) costs
+        position = {"kind": "exporter", "ring": None, "seq": clients + seconds + second}
+        full.append(timed(lambda p=position: store.checkpoint(model, p)))
+    report(f"{clients} clients, full rewrite instead", full)
     started = time.perf_counter()
     cost = timed(lambda: store.checkpoint(
         model, None, queue,

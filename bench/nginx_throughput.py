@@ -33,7 +33,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -174,8 +174,10 @@ def progress(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def wrk_script(directory: Path, delay_ms: Optional[int]) -> Path:
-    paths = ", ".join(json.dumps("/" + p) for p in SEGMENTS)
+def wrk_script(directory: Path, delay_ms: Optional[int],
+               paths: Optional[Iterable[str]] = None) -> Path:
+    """A wrk script cycling through paths (default: the segments), with a delay if given."""
+    paths = ", ".join(json.dumps("/" + p) for p in (SEGMENTS if paths is None else paths))
     delay = f"delay = function() return {delay_ms} end" if delay_ms else ""
     script = directory / f"wrk-{delay_ms or 0}.lua"
     script.write_text(WRK_SCRIPT % {"paths": paths, "delay": delay})

@@ -146,11 +146,12 @@ def pid_alive(pid: int) -> bool:
 
 
 def snippet_text(ring_size: Optional[int] = None, knobs: Optional[Mapping[str, Any]] = None,
-                 dict_size: Optional[str] = None, module_dir: Path = SOURCE_DIR) -> str:
-    """The shipped sfive.conf, edited as an operator would: module path, dict size, knobs."""
-    text = SNIPPET.read_text()
+                 dict_size: Optional[str] = None, source_dir: Path = SOURCE_DIR) -> str:
+    """The shipped sfive.conf (of source_dir), edited as an operator would: module path (to
+    source_dir's sfive.lua), dict size, knobs."""
+    text = (source_dir / "sfive.conf").read_text()
     assert INSTALLED_MODULE_DIR in text, "sfive.conf no longer names the install dir"
-    text = text.replace(INSTALLED_MODULE_DIR, f"{module_dir}/")
+    text = text.replace(INSTALLED_MODULE_DIR, f"{source_dir}/")
     if dict_size is not None:
         text, count = re.subn(r"^lua_shared_dict sfive \w+;", f"lua_shared_dict sfive {dict_size};",
                               text, flags=re.M)
@@ -182,6 +183,12 @@ class NginxServer:
     extra_server: str = ""
     extra_http: str = ""
     env: Optional[Mapping[str, str]] = None
+    #: where sfive.conf and sfive.lua come from (another revision's copy, for the benchmarks)
+    source_dir: Path = SOURCE_DIR
+    #: None: include the exporter's sfive.conf; else this text goes in http { } instead
+    http_config: Optional[str] = None
+    #: write the JSON access log the tests compare against (off for CPU measurements)
+    test_log: bool = True
     port: int = 0
     process: Optional[subprocess.Popen] = None
 
@@ -208,7 +215,11 @@ class NginxServer:
             target = self.prefix / "html" / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
-        snippet = snippet_text(self.ring_size, self.knobs, self.dict_size)
+        if self.http_config is None:
+            snippet = snippet_text(self.ring_size, self.knobs, self.dict_size,
+                                   source_dir=self.source_dir)
+        else:
+            snippet = self.http_config
         (self.prefix / "conf" / "sfive.conf").write_text(snippet)
 
     def _config(self) -> str:
@@ -233,7 +244,7 @@ http {{
     }}
     default_type application/octet-stream;
     {ACCESS_LOG_FORMAT}
-    access_log {self.access_log_path} sfive_test;
+    access_log {f"{self.access_log_path} sfive_test" if self.test_log else "off"};
     include {p}/conf/sfive.conf;
 {self.extra_http}
     server {{

@@ -2,14 +2,19 @@
 --
 -- Log phase (M.log): every finished request becomes one JSON line
 --   {"seq":N,"time":"...","client":"...","ua":"...","url":"...","status":200,"bytes-sent":1234}
--- stored in a ring of `ring_size` slots in an ngx.shared dict (slot = seq % ring_size). The
--- sequence number comes from an atomic incr, so all workers share one ordered stream.
+-- Each worker buffers its lines (at most batch_size, at most flush_interval seconds: a timer,
+-- which also runs when the worker exits) and then hands the whole batch to the ring, an
+-- ngx.shared dict, with one incr by N (the sequence numbers: all workers share one ordered
+-- stream) and one safe_set of the batch under "b<first seq>". So the dict's lock is taken per
+-- batch, not per request. Batches whose records are more than ring_size records old are deleted
+-- (by whichever worker flushes, one at a time).
 --
--- Content phase (M.serve): streams the ring to a subscriber, from "now" or from ?after=N, with
--- its own cursor, so any number of subscribers each see every line in order. A subscriber that
--- fell behind the ring gets a gap line {"lost":K,"seq":S} (records S-K .. S-1 are gone, S comes
--- next). Memory stays bounded: the ring overwrites its oldest slots, and a slow subscriber only
--- holds one batch (ngx.flush(true) waits for the socket without blocking the worker).
+-- Content phase (M.serve): streams the ring to a subscriber, from "now" or from ?after=N (also
+-- in the middle of a batch), with its own cursor, so any number of subscribers each see every
+-- line in order. A subscriber that fell behind the ring gets a gap line {"lost":K,"seq":S}
+-- (records S-K .. S-1 are gone, S comes next). Memory stays bounded: old batches are deleted,
+-- and a slow subscriber only holds one write (ngx.flush(true) waits for the socket without
+-- blocking the worker).
 --
 -- Protocol 2 (GET /sfive?v=2[&after=N][&ring=ID]): every response carries X-Sfive-Protocol: 2
 -- and X-Sfive-Ring: ID, the ring's identity (16 hex digits, made once per shared dict with
@@ -27,18 +32,27 @@ local shared = ngx.shared
 local byte, find, format, gsub, match, sub =
     string.byte, string.find, string.format, string.gsub, string.match, string.sub
 local concat = table.concat
-local floor = math.floor
+local floor, min = math.floor, math.min
 local os_date = os.date
 local pairs, tonumber, tostring, type = pairs, tonumber, tostring, type
 
 local M = { _VERSION = "1.0" }
 
-local SEQ_KEY = "seq"
-local RING_KEY = "ring"
+local SEQ_KEY = "seq"          -- the newest sequence number taken
+local RING_KEY = "ring"        -- the ring's identity
+local GC_KEY = "gc"            -- first seq of the oldest batch not yet deleted
+local GC_LOCK = "gclock"       -- > 0 while a worker deletes old batches
+local GC_TIME = "gctime"       -- when that worker began
+local BATCH = "b"              -- a batch's key: "b" .. its first seq
+local LAST = "e"               -- "e" .. a batch's first seq: its last seq
+local FORMAT_KEY = "format"    -- how the ring is laid out: FORMAT
+local FORMAT = 2
 local PROTOCOL = 2
+local MAX_BATCH = 1000         -- batch_size at most: a reader looks this far for a batch's start
 
--- How long after its time a record may become visible in the ring at most (a worker's cached
--- clock lags the real one by its event-loop iteration): heartbeats promise T = now - this.
+-- How long after its time a record may become visible in the ring at most, beyond the
+-- buffering (a worker's cached clock lags the real one by its event-loop iteration, a timer
+-- fires late on a busy worker): heartbeats promise T = now - flush_interval - this.
 local CLOCK_SLACK = 0.3
 
 local config = {
@@ -50,6 +64,8 @@ local config = {
     heartbeat_interval = 0.25,  -- seconds between heartbeat lines to a v=2 subscriber, at most
     drain_quiet = 0.2,       -- at a worker's exit, a stream ends once no record came for this long
     drain_max = 2,           -- ... or after this long at most
+    batch_size = 256,        -- most records a worker buffers before it hands them to the ring
+    flush_interval = 0.05,   -- most seconds a record waits in its worker's buffer
 }
 
 local function check(cond, msg)
@@ -82,6 +98,10 @@ function M.configure(opts)
           "drain_quiet must be a number of seconds >= 0")
     check(type(config.drain_max) == "number" and config.drain_max >= 0,
           "drain_max must be a number of seconds >= 0")
+    check(is_int(config.batch_size, 1) and config.batch_size <= MAX_BATCH,
+          "batch_size must be an integer from 1 to " .. MAX_BATCH)
+    check(type(config.flush_interval) == "number" and config.flush_interval > 0
+          and config.flush_interval <= 1, "flush_interval must be a number of seconds in (0, 1]")
     local dict = shared[config.dict]
     check(dict ~= nil, "lua_shared_dict '" .. config.dict
           .. "' is not declared; add 'lua_shared_dict " .. config.dict .. " 64m;' to http {}")
@@ -107,15 +127,27 @@ local function random_hex(bytes)
 end
 
 --- The ring's identity, made once per shared dict (dict:add: a reload keeps it, a restart of
---- nginx makes a new dict and so a new identity). Also makes sure the sequence counter exists,
---- so that neither key is ever created later, when a full dict could only make room by evicting.
+--- nginx makes a new dict and so a new identity). Also makes sure the counters exist, so that
+--- no key but batches is ever created later, when a full dict could only make room by evicting
+--- (batches are stored with safe_set, which never evicts).
 function M.ring_id(dict)
     dict = dict or shared[config.dict]
     local id = dict:get(RING_KEY)
-    if id then
+    if id and dict:get(FORMAT_KEY) == FORMAT then
         return id
     end
+    if ngx.get_phase() == "init" and (id or dict:get(SEQ_KEY)) then
+        -- a reload from an exporter that laid the ring out otherwise (one slot per record):
+        -- start a new ring (a new identity tells the service) rather than keep slots nobody
+        -- would ever delete
+        dict:flush_all()
+        dict:flush_expired()
+    end
+    dict:add(FORMAT_KEY, FORMAT)
     dict:add(SEQ_KEY, 0)
+    dict:add(GC_KEY, 1)
+    dict:add(GC_LOCK, 0)
+    dict:add(GC_TIME, 0)
     dict:add(RING_KEY, random_hex(8))  -- fails harmlessly if another worker was first
     return dict:get(RING_KEY)
 end
@@ -129,23 +161,19 @@ function M.settings()
     return copy
 end
 
--- Time: ISO 8601, local time with offset, millisecond precision. The date part is formatted
--- once per second.
-local last_sec, last_date, last_offset
+-- Time: ISO 8601, local time with offset, millisecond precision, as the line's pieces. The
+-- date and the offset are formatted once per second, the milliseconds come from a table.
+local last_sec, date_dot, offset_client
+local MS = {}
+for i = 0, 999 do
+    MS[i] = format("%03d", i)
+end
 
-local function iso_time(now)
-    local sec = floor(now)
-    if sec ~= last_sec then
-        last_date = os_date("%Y-%m-%dT%H:%M:%S", sec)
-        local z = os_date("%z", sec)
-        last_offset = sub(z, 1, 3) .. ":" .. sub(z, 4, 5)
-        last_sec = sec
-    end
-    local ms = floor((now - sec) * 1000 + 0.5)
-    if ms > 999 then
-        ms = 999
-    end
-    return format("%s.%03d%s", last_date, ms, last_offset)
+local function set_second(sec)
+    date_dot = os_date("%Y-%m-%dT%H:%M:%S", sec) .. "."
+    local z = os_date("%z", sec)
+    offset_client = sub(z, 1, 3) .. ":" .. sub(z, 4, 5) .. '","client":"'
+    last_sec = sec
 end
 
 -- JSON strings. Headers and URIs are arbitrary bytes: invalid UTF-8 becomes U+FFFD so that
@@ -213,9 +241,10 @@ local function utf8_clean(s)
     return concat(parts)
 end
 
-local function json_string(s)
+-- The text of a JSON string without its quotes (most strings come back as they are).
+local function json_text(s)
     if s == nil then
-        return '""'
+        return ""
     end
     if find(s, '[%z\1-\31"\\\128-\255]') then
         if find(s, "[\128-\255]") then
@@ -223,7 +252,11 @@ local function json_string(s)
         end
         s = gsub(s, '[%z\1-\31"\\]', escape_char)
     end
-    return '"' .. s .. '"'
+    return s
+end
+
+local function json_string(s)
+    return '"' .. json_text(s) .. '"'
 end
 
 M.json_string = json_string
@@ -237,43 +270,225 @@ local function warn_once(key, ...)
     end
 end
 
---- Log phase: append the finished request to the ring. Never yields, never blocks.
-function M.log()
+-- The last seq of a batch: the last line's ('{"seq":' starts lines only, strings are escaped),
+-- looked for from the end (a pattern over the whole batch would cost more than the rest).
+local function batch_last(batch)
+    local len, window = #batch, 512
+    while true do
+        local from = len > window and len - window or 1
+        local at, p = nil, from
+        while true do
+            p = find(batch, '\n{"seq":', p, true)
+            if not p then
+                break
+            end
+            at, p = p, p + 1
+        end
+        if at then
+            return tonumber(match(batch, "^%d+", at + 8))
+        end
+        if from == 1 then
+            return tonumber(match(batch, '^{"seq":(%d+)'))
+        end
+        window = window * 4
+    end
+end
+
+-- Deleting batches that fell out of the ring: one worker at a time (GC_LOCK, an incr on a key
+-- that always exists, so that a full dict never stops it), a few batches per flush. gc_due is
+-- this worker's idea of when the oldest batch falls out (the last seq it holds).
+local gc_due = 0
+local gc_missing, gc_missing_since
+
+local function collect(dict, newest)
+    local limit = newest - config.ring_size   -- batches ending at or before it are out
+    if dict:incr(GC_LOCK, 1, 0) ~= 1 then
+        dict:incr(GC_LOCK, -1)
+        if ngx.now() - (dict:get(GC_TIME) or 0) > 10 then
+            dict:set(GC_LOCK, 0)  -- its holder died in the middle (a crashed worker)
+        end
+        return
+    end
+    dict:set(GC_TIME, ngx.now())
+    local first = dict:get(GC_KEY) or 1
+    for _ = 1, 8 do
+        if first > limit then
+            gc_due = first
+            break
+        end
+        local last = dict:get(LAST .. first)
+        if last == nil then
+            local batch = dict:get(BATCH .. first)
+            last = batch and (batch_last(batch) or first)
+        end
+        if last then
+            if last > limit then
+                gc_due = last
+                break
+            end
+            dict:delete(BATCH .. first)
+            dict:delete(LAST .. first)
+            first = last + 1
+        else
+            -- never stored (a full dict, a worker that died between incr and safe_set) or not
+            -- yet: after pending_timeout, go on at the next batch stored
+            local now = ngx.now()
+            if gc_missing ~= first then
+                gc_missing, gc_missing_since = first, now
+            end
+            if now - gc_missing_since < config.pending_timeout then
+                break
+            end
+            local s, stop = first + 1, min(first + MAX_BATCH, limit)
+            while s <= stop and dict:get(LAST .. s) == nil and dict:get(BATCH .. s) == nil do
+                s = s + 1
+            end
+            first = s
+        end
+    end
+    dict:set(GC_KEY, first)
+    dict:incr(GC_LOCK, -1)
+end
+
+-- The JSON text of strings seen lately (at most CACHE_MAX, then it starts again).
+local CACHE_MAX = 2000
+local cached, ncached = {}, 0
+
+local function cache(s)
+    if ncached >= CACHE_MAX then
+        cached, ncached = {}, 0
+    end
+    local text = json_text(s)
+    cached[s] = text
+    ncached = ncached + 1
+    return text
+end
+
+-- This worker's buffer: SLOTS pieces per record, laid out so that one table.concat makes the
+-- batch's lines. The constant pieces are written once, when a slot is first used; the log phase
+-- fills in the variable ones, the flush the sequence numbers.
+local SLOTS = 16
+local buf, nbuf, nready = {}, 0, 0
+local buf_since            -- when the oldest buffered record was logged
+local timer_pending = false
+local timer_at = ngx.timer.at
+local ngx_now = ngx.now
+
+local function flush()
+    local n = nbuf
+    if n == 0 then
+        return
+    end
+    nbuf = 0
     local dict = shared[config.dict]
     if not dict then
         return warn_once("nodict", "lua_shared_dict '", config.dict,
                          "' is not declared; requests are not exported")
     end
-    local var = ngx.var
-    local body = ',"time":"' .. iso_time(ngx.now())
-        .. '","client":' .. json_string(var.remote_addr)
-        .. ',"ua":' .. json_string(var.http_user_agent)
-        .. ',"url":' .. json_string(var.uri)
-        .. ',"status":' .. (tonumber(var.status) or 0)
-        .. ',"bytes-sent":' .. (tonumber(var.bytes_sent) or 0) .. '}'
-    local seq, err = dict:incr(SEQ_KEY, 1, 0)
-    if not seq then
-        return ngx.log(ngx.ERR, "sfive: cannot number a record: ", err)
+    local last, err = dict:incr(SEQ_KEY, n, 0)
+    if not last then
+        return ngx.log(ngx.ERR, "sfive: cannot number ", n, " records: ", err)
     end
-    -- safe_set never evicts: a dict too small for its ring loses this record (subscribers get a
-    -- gap line for it) instead of evicting the ring's identity, its counter or older records
+    local first = last - n + 1
+    local k = 2
+    for seq = first, last do
+        buf[k] = seq
+        k = k + SLOTS
+    end
+    -- safe_set never evicts: a dict too small for its ring loses this batch (subscribers get a
+    -- gap line for it) instead of evicting the ring's identity, its counters or older records
     local ok
-    ok, err = dict:safe_set(seq % config.ring_size, format('{"seq":%d', seq) .. body)
+    ok, err = dict:safe_set(BATCH .. first, concat(buf, "", 1, n * SLOTS))
+    if ok then
+        dict:safe_set(LAST .. first, last)  -- for the deletion, which then need not read the batch
+    end
     if not ok then
         if err == "no memory" then
-            return warn_once("small", "lua_shared_dict '", config.dict, "' is too small for ",
-                             "ring_size ", config.ring_size, ": records are lost (first: ", seq,
-                             "); make the dict larger")
+            warn_once("small", "lua_shared_dict '", config.dict, "' is too small for ",
+                      "ring_size ", config.ring_size, ": records are lost (first: ", first,
+                      "); make the dict larger")
+        else
+            ngx.log(ngx.ERR, "sfive: cannot store records ", first, "-", last, ": ", err)
         end
-        return ngx.log(ngx.ERR, "sfive: cannot store record ", seq, ": ", err)
+    end
+    local late = ngx_now() - buf_since - config.flush_interval
+    if late > CLOCK_SLACK then
+        warn_once("late", "records reached the ring ", format("%.3f", late), " s later than ",
+                  "flush_interval (a worker too busy for its timers): heartbeats may have ",
+                  "promised their time too early")
+    end
+    if last - config.ring_size >= gc_due then
+        collect(dict, last)
+    end
+end
+
+local function on_timer()
+    -- also when the worker exits (premature): what it buffered goes to the ring then
+    timer_pending = false
+    flush()
+end
+
+--- Log phase: buffer the finished request. Never yields, never blocks.
+function M.log()
+    local n = nbuf
+    local base = n * SLOTS
+    if n >= nready then
+        buf[base + 1], buf[base + 3] = '{"seq":', ',"time":"'
+        buf[base + 8], buf[base + 10] = '","ua":"', '","url":"'
+        buf[base + 12], buf[base + 14], buf[base + 16] = '","status":', ',"bytes-sent":', '}\n'
+        nready = n + 1
+    end
+    local now = ngx_now()
+    local sec = floor(now)
+    if sec ~= last_sec then
+        set_second(sec)
+    end
+    local ms = floor((now - sec) * 1000 + 0.5)
+    local var = ngx.var
+    buf[base + 4] = date_dot
+    buf[base + 5] = MS[ms] or "999"
+    buf[base + 6] = offset_client
+    buf[base + 7] = var.remote_addr or ""  -- nginx's own text of an address: nothing to escape
+    -- user agents and URLs come back again and again (players, segments fetched by every
+    -- viewer): each is checked for escaping once, then found in a small cache
+    local ua, uri = var.http_user_agent or "", var.uri or ""
+    local text = cached[ua]
+    if text == nil then
+        text = cache(ua)
+    end
+    buf[base + 9] = text
+    text = cached[uri]
+    if text == nil then
+        text = cache(uri)
+    end
+    buf[base + 11] = text
+    local status = var.status
+    if status == nil or byte(status, 1) == 48 then
+        status = "0"  -- "000": no status was set
+    end
+    buf[base + 13] = status
+    buf[base + 15] = var.bytes_sent or "0"
+    nbuf = n + 1
+    if n == 0 then
+        buf_since = now
+    end
+    if n + 1 >= config.batch_size then
+        flush()
+    elseif not timer_pending then
+        if timer_at(config.flush_interval, on_timer) then
+            timer_pending = true
+        else
+            flush()  -- no timers any more (the worker is exiting): store it at once
+        end
     end
 end
 
 local function gap_line(lost, next_seq)
-    return format('{"lost":%d,"seq":%d}', lost, next_seq)
+    return format('{"lost":%d,"seq":%d}\n', lost, next_seq)
 end
 
--- Epoch seconds of a record line's "time" (local time with its UTC offset, milliseconds).
+-- Epoch seconds of a record's "time" (local time with its UTC offset, milliseconds): the first
+-- one at or after position pos of a batch.
 local function days_from_civil(y, m, d)
     y = m <= 2 and y - 1 or y
     local era = floor(y / 400)
@@ -283,9 +498,9 @@ local function days_from_civil(y, m, d)
     return era * 146097 + doe - 719468
 end
 
-local function line_time(line)
-    local y, mo, d, h, mi, sec, ms, sign, oh, om = match(line,
-        '"time":"(%d+)%-(%d+)%-(%d+)T(%d+):(%d+):(%d+)%.(%d+)([+-])(%d+):(%d+)"')
+local function line_time(text, pos)
+    local y, mo, d, h, mi, sec, ms, sign, oh, om = match(text,
+        '"time":"(%d+)%-(%d+)%-(%d+)T(%d+):(%d+):(%d+)%.(%d+)([+-])(%d+):(%d+)"', pos)
     if not y then
         return nil
     end
@@ -295,6 +510,34 @@ local function line_time(line)
 end
 
 M.line_time = line_time
+
+-- Where record seq's line starts in a batch (nil: not in it).
+local function line_at(batch, seq)
+    return find(batch, '{"seq":' .. seq .. ',', 1, true)
+end
+
+-- The stored batch holding record seq (it may start before seq): the batch and its first seq.
+local function find_batch(dict, seq)
+    for first = seq, seq > MAX_BATCH and seq - MAX_BATCH + 1 or 1, -1 do
+        local batch = dict:get(BATCH .. first)
+        if batch then
+            if (batch_last(batch) or 0) >= seq then
+                return batch, first
+            end
+            return nil
+        end
+    end
+end
+
+-- The first stored batch after seq, up to MAX_BATCH on and at most newest: batch, first.
+local function next_batch(dict, seq, newest)
+    for first = seq + 1, min(seq + MAX_BATCH, newest) do
+        local batch = dict:get(BATCH .. first)
+        if batch then
+            return batch, first
+        end
+    end
+end
 
 local function on_abort()
     ngx.exit(499)
@@ -339,6 +582,7 @@ function M.serve()
     local ring_id = M.ring_id(dict)
     local newest = dict:get(SEQ_KEY) or 0
     local cursor = newest + 1       -- next seq to deliver
+    local aligned = true            -- cursor is where a batch starts (or will start)
     local lost = 0                  -- records skipped since the last delivered one
 
     if want_ring ~= nil and string.lower(want_ring) ~= ring_id then
@@ -346,7 +590,7 @@ function M.serve()
     elseif after ~= nil then
         local n = tonumber(after)
         if n < newest then
-            cursor = n + 1
+            cursor, aligned = n + 1, false
         end
     end
 
@@ -374,51 +618,62 @@ function M.serve()
     local exiting = ngx.worker.exiting
     local now = ngx.now
     local hb_interval = config.heartbeat_interval
+    local hb_slack = CLOCK_SLACK + config.flush_interval
     local next_hb = 0               -- when the next heartbeat is due (v2): at once
     local hb_time = 0               -- the last heartbeat's T (never goes back)
-    local last_line                 -- the last record delivered, for its time
+    local last_batch                -- the batch holding the last record delivered
     local drain_start, quiet_since, drain_newest
     while true do
         newest = dict:get(SEQ_KEY) or newest
         local oldest = newest - ring + 1
         if cursor < oldest then
             lost = lost + (oldest - cursor)
-            cursor = oldest
+            cursor, aligned = oldest, false
         end
-        local steps = 0
-        local waiting = false       -- stopped at a counted but not yet stored record
-        while cursor <= newest and steps < batch_max do
-            steps = steps + 1
-            local line = dict:get(cursor % ring)
-            local s = line and tonumber(match(line, '^{"seq":(%d+)'))
-            if s == cursor then
+        local sent = 0
+        local waiting = false       -- stopped at a numbered but not yet stored record
+        while cursor <= newest and sent < batch_max do
+            local batch, first = dict:get(BATCH .. cursor), cursor
+            if not batch and not aligned then
+                batch, first = find_batch(dict, cursor)
+            end
+            if not batch then
+                -- not stored: not yet (another worker is between incr and safe_set), never (a
+                -- full dict, a worker that died in between), or deleted (lapped by the ring)
+                local t = now()
+                newest = dict:get(SEQ_KEY) or newest
+                if cursor < newest - ring + 1 then
+                    lost = lost + (newest - ring + 1 - cursor)
+                    cursor, aligned = newest - ring + 1, false
+                else
+                    pending_since = pending_since or t
+                    if t - pending_since < config.pending_timeout then
+                        waiting = true
+                        break
+                    end
+                    pending_since = nil
+                    batch, first = next_batch(dict, cursor, newest)
+                    local skip_to = first or min(cursor + MAX_BATCH, newest + 1)
+                    lost = lost + (skip_to - cursor)
+                    cursor, aligned = skip_to, true
+                end
+            end
+            if batch then
+                local last = batch_last(batch) or cursor
+                if first < cursor then
+                    batch = sub(batch, line_at(batch, cursor) or #batch + 1)
+                end
                 if lost > 0 then
                     nout = nout + 1
                     out[nout] = gap_line(lost, cursor)
                     lost = 0
                 end
                 nout = nout + 1
-                out[nout] = line
-                last_line = line
-                cursor = cursor + 1
+                out[nout] = batch
+                last_batch = batch
+                sent = sent + (last - cursor + 1)
+                cursor, aligned = last + 1, true
                 pending_since = nil
-            elseif s and s > cursor then
-                -- the ring overwrote this slot: skip to the oldest record still held
-                oldest = (dict:get(SEQ_KEY) or newest) - ring + 1
-                local skip = oldest > cursor and oldest - cursor or 1
-                lost = lost + skip
-                cursor = cursor + skip
-            else
-                -- counted but not yet stored (another worker is between incr and set), or
-                -- lost because the dict is too small: wait a little, then skip it
-                local t = now()
-                pending_since = pending_since or t
-                if t - pending_since < config.pending_timeout then
-                    waiting = true
-                    break
-                end
-                lost = lost + 1
-                cursor = cursor + 1
             end
         end
         local t = now()
@@ -442,36 +697,35 @@ function M.serve()
         end
         if v2 and (t >= next_hb or finished) then
             -- S: the last seq delivered (lost records not yet announced are not "had").
-            -- T: caught up, every record numbered later is younger than now - CLOCK_SLACK;
-            -- otherwise records after S are younger than S's own time - CLOCK_SLACK.
+            -- T: caught up, every record numbered later was logged after now - hb_slack (its
+            -- buffering included); otherwise records after S were logged after S's time minus
+            -- hb_slack.
             local s = cursor - 1 - lost
             local promise
             if cursor > newest and not waiting then
-                promise = t - CLOCK_SLACK
+                promise = t - hb_slack
             else
-                if last_line == nil and s > 0 then
-                    local line = dict:get(s % ring)
-                    if line and tonumber(match(line, '^{"seq":(%d+)')) == s then
-                        last_line = line
-                    end
+                local batch = last_batch
+                if batch == nil and s > 0 then
+                    batch = find_batch(dict, s)
                 end
-                local lt = last_line and line_time(last_line)
-                promise = lt and lt - CLOCK_SLACK
+                local pos = batch and line_at(batch, s)
+                local lt = pos and line_time(batch, pos)
+                promise = lt and lt - hb_slack
             end
             if promise and promise > hb_time then
                 hb_time = floor(promise * 1000) / 1000
             end
             nout = nout + 1
-            out[nout] = format('{"seq":%d,"hb":%.3f}', s, hb_time)
+            out[nout] = format('{"seq":%d,"hb":%.3f}\n', s, hb_time)
             next_hb = t + hb_interval
         end
         if nout > 0 then
-            out[nout + 1] = ""
-            ok = ngx.print(concat(out, "\n", 1, nout + 1))
+            ok = ngx.print(out)
             if ok then
                 ok = ngx.flush(true)
             end
-            for i = 1, nout + 1 do
+            for i = 1, nout do
                 out[i] = nil
             end
             nout = 0
@@ -482,10 +736,10 @@ function M.serve()
         if finished then
             return
         end
-        if steps < batch_max then
+        if sent < batch_max then
             ngx.sleep(config.poll_interval)
         else
-            ngx.sleep(0)
+            ngx.sleep(0.001)  -- more is waiting; let the worker's other events run first
         end
     end
 end

@@ -24,7 +24,8 @@ DEFAULT_STATE_DIR = "/var/lib/sfive-ngxlua"
 
 
 class RetireOptions(usage.Options):
-    synopsis = "[--state-dir DIR] [-s SOCKET | --hub ENDPOINT] [options]"
+    synopsis = ("Usage: sfive-ngxlua-retire [--state-dir DIR] [-s SOCKET | --hub ENDPOINT] "
+                "[options]")
     longdesc = (
         "Delivers what the sfive-ngxlua service's state directory holds (the saved intervals "
         "and the hub queue) to the sfive hub, then removes the state. Stop the service first."
@@ -52,6 +53,23 @@ class RetireOptions(usage.Options):
         if not os.path.isdir(self["state-dir"]):
             raise usage.UsageError(f"--state-dir {self['state-dir']!r}: no such directory")
         self["timeout"] = _seconds("--timeout", self["timeout"], positive=True)
+
+
+def become_owner(directory: str) -> None:
+    """Run as root: become the state directory's owner (the service user, with its groups),
+    so that no file in it ends up root's and the service can still open it."""
+    import pwd
+
+    st = os.stat(directory)
+    if os.geteuid() != 0 or st.st_uid == 0:
+        return
+    try:
+        name = pwd.getpwuid(st.st_uid).pw_name
+        os.initgroups(name, st.st_gid)
+    except KeyError:
+        os.setgroups([])
+    os.setgid(st.st_gid)
+    os.setuid(st.st_uid)
 
 
 def _base_settings(options: RetireOptions) -> Settings:
@@ -83,7 +101,7 @@ async def _retire(options: RetireOptions, reactor: Any, err: Any, out: Any) -> i
         return 2
     queue = DiskQueue(store, sys.maxsize, stats, max_bytes=sys.maxsize)
     queued = len(queue)
-    intervals, datasets = store.report_saved(queue, "retiring this node")
+    intervals, datasets = store.report_saved(queue, "is being retired")
     total = len(queue)
     try:
         if settings.socket or settings.hub:
@@ -135,6 +153,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except usage.UsageError as e:
         sys.stderr.write(f"{options}\nsfive-ngxlua-retire: {e}\n")
         sys.exit(64)
+    become_owner(options["state-dir"])
     status: List[int] = []
 
     async def run(reactor: Any) -> None:

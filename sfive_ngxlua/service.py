@@ -19,9 +19,11 @@ from .report import ReportService
 from .settings import Options, Settings
 from .sinks import DatasetQueue, DiskQueue, HubDatagramSink, HubStreamSink, StdoutSink
 from .stats import Stats
-from .store import StateLocked, StateStore
+from .store import StateLocked, StateStore, StateUnusable
 
 __all__ = ["Options", "makeService", "build", "make_sink", "StateService", "make_source"]
+
+log = Logger()
 
 CHECKPOINT_SECONDS = 1.0
 CHECKPOINT_BUDGET = 0.05
@@ -84,8 +86,13 @@ class StateService(Service):
         """The model's changes and the position they cover, in one transaction; the period
         adapts so that checkpoints take at most ``CHECKPOINT_BUDGET`` of the time."""
         started = time.perf_counter()
-        ok = self.store.checkpoint(self.model, position_of(self.source), self.queue)
-        self.store.scrub_wal()
+        try:
+            ok = self.store.checkpoint(self.model, self.source.position(), self.queue)
+            self.store.scrub_wal()
+        except Exception:
+            self.log.failure("checkpoint failed; trying again at the next one")
+            self.store.need_full = True
+            ok = False
         cost = time.perf_counter() - started
         self.loop.interval = min(CHECKPOINT_MAX_SECONDS,
                                  max(self.period, cost / CHECKPOINT_BUDGET))
@@ -95,11 +102,11 @@ class StateService(Service):
         """The report's transaction: the closed intervals' changes, their datasets into the
         queue, the position; then send."""
         if self.queue is not None:
-            self.store.checkpoint(self.model, position_of(self.source), self.queue,
+            self.store.checkpoint(self.model, self.source.position(), self.queue,
                                   [self.sink.encode(d) for d in datasets])
             self.sink.flush()
             return
-        self.store.checkpoint(self.model, position_of(self.source))
+        self.store.checkpoint(self.model, self.source.position())
         for dataset in datasets:
             self.sink.deliver(dataset)
 
@@ -108,32 +115,13 @@ class StateService(Service):
         if self.loop.running:
             self.loop.stop()
         try:
-            if self.store.checkpoint(self.model, position_of(self.source), self.queue):
+            if self.store.checkpoint(self.model, self.source.position(), self.queue):
                 self.log.info("state saved in {dir}: the running interval is reported after "
                               "the restart", dir=self.store.directory)
             self.store.scrub = True
             self.store.scrub_wal()
         finally:
             self.store.close()
-
-
-def position_of(source: Any) -> Optional[dict]:
-    """The source's position (``source.position()``)."""
-    position = getattr(source, "position", None)
-    if position is not None:
-        return position()
-    return {"kind": "exporter", "ring": None, "seq": source.pipeline.last_seq}
-
-
-def resume(source: Any, position: Optional[dict]) -> None:
-    """Start the source where the saved position says (``source.resume(position)``)."""
-    if not position:
-        return
-    resume = getattr(source, "resume", None)
-    if resume is not None:
-        resume(position)
-    elif position.get("seq") is not None:
-        source.pipeline.parser.last_seq = position["seq"]
 
 
 def make_source(settings: Settings, reactor: Any, pipeline: Pipeline, stats: Stats,
@@ -163,7 +151,13 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
     stats = stats if stats is not None else Stats()
     store = queue = None
     if settings.state_dir:
-        store = StateStore(settings.state_dir, settings, stats, clock)
+        try:
+            store = StateStore(settings.state_dir, settings, stats, clock)
+        except StateUnusable as e:
+            stats.state_errors += 1
+            log.error("{why}; running without a saved state (a restart loses the running "
+                      "interval and the hub queue)", why=e)
+    if store is not None:
         if sink is None and (settings.socket or settings.hub):
             queue = DiskQueue(store, settings.queue_limit, stats, settings.queue_bytes)
     if sink is None:
@@ -184,13 +178,21 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
         state = StateService(store, model, fetch, sink, clock)
         state.setName("state")
         state.setServiceParent(top)
-        resume(fetch, store.position())
+        position = store.position()
+        if position:
+            try:
+                fetch.resume(position)
+            except ValueError as e:
+                store.log.warn("state in {dir}: the saved position does not fit this source "
+                               "({why}); reading from now", dir=store.directory, why=e)
     top.store = store
     sink.setName("sink")
     sink.setServiceParent(top)
     fetch.setName("fetch")
     fetch.setServiceParent(top)
-    reporter = _reporter(settings, clock, model, sink, stats, state)
+    reporter = ReportService(settings, clock, model, sink.deliver, stats, source=fetch,
+                             commit=state.commit if state is not None else None)
+    reporter.keep_open = state is not None
     reporter.setName("report")
     reporter.setServiceParent(top)
     fetch.on_watermark = reporter.check
@@ -201,38 +203,6 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
         metrics.setName("metrics")
         metrics.setServiceParent(top)
     return top
-
-
-def _reporter(settings: Settings, clock: IReactorTime, model: IntervalModel, sink: Any,
-              stats: Stats, state: Optional[StateService]) -> ReportService:
-    if state is None:
-        return ReportService(settings, clock, model, sink.deliver, stats)
-    return _SavingReporter(settings, clock, model, sink.deliver, stats, state.commit)
-
-
-class _SavingReporter(ReportService):
-    """SHIM until the ``eventtime`` branch's ReportService(commit=..., ...) lands: all datasets
-    of the intervals closed at once go to ``commit``; the stop reports only what is due."""
-
-    def __init__(self, settings: Settings, clock: IReactorTime, model: IntervalModel,
-                 deliver: Any, stats: Stats, commit: Any) -> None:
-        super().__init__(settings, clock, model, lambda dataset: None, stats)
-        self.commit = commit
-
-    def _emit(self, intervals: list) -> None:
-        from .datasets import datasets
-
-        if intervals:
-            self.commit([d for i in intervals for d in datasets(i, self.settings)])
-        super()._emit(intervals)
-
-    def stopService(self) -> None:
-        Service.stopService(self)
-        if self._start is not None and self._start.active():
-            self._start.cancel()
-        if self.loop.running:
-            self.loop.stop()
-        self._emit(self.model.close_due(self.clock.seconds()))
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

@@ -241,9 +241,12 @@ class DiskQueue(DatasetQueue):
             super()._pop_head()
 
     def warn_undelivered(self) -> None:
-        if len(self):
+        if self.on_disk:
             self.log.info("stopping with {n} datasets not yet delivered to the hub; kept in "
-                          "the state dir, sent after the restart", n=len(self))
+                          "the state dir, sent after the restart", n=self.on_disk)
+        if self.items:
+            self.log.warn("stopping with {n} datasets not delivered to the hub that the state "
+                          "store could not take: lost", n=len(self.items))
 
     def _write(self, action: Callable[[], None]) -> None:
         """A single-statement change (it commits on its own); a failure is the store's."""

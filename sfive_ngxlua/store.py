@@ -28,13 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from twisted.logger import Logger
 
 from .datasets import datasets, encode, start_time
-from .model import IntervalModel
-
-try:
-    from .model import StateMismatch
-except ImportError:  # SHIM until the eventtime branch's "model as data" lands
-    class StateMismatch(Exception):  # type: ignore[no-redef]
-        pass
+from .model import IntervalModel, StateMismatch
 from .settings import Settings
 from .stats import Stats
 
@@ -46,13 +40,16 @@ step to ``MIGRATIONS`` that takes a file of the previous version to its own."""
 
 SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE clients (k INTEGER NOT NULL, s INTEGER NOT NULL, ip TEXT NOT NULL,
-                      ua TEXT NOT NULL, bytes INTEGER NOT NULL,
-                      PRIMARY KEY (k, s, ip, ua)) WITHOUT ROWID;
+CREATE TABLE clients (id INTEGER PRIMARY KEY, k INTEGER NOT NULL, s INTEGER NOT NULL,
+                      ip TEXT NOT NULL, ua TEXT NOT NULL);
+CREATE INDEX clients_k ON clients (k);
+CREATE TABLE counts (id INTEGER PRIMARY KEY, bytes INTEGER NOT NULL);
 CREATE TABLE folded (k INTEGER NOT NULL, s INTEGER NOT NULL, h INTEGER NOT NULL,
                      PRIMARY KEY (k, s, h)) WITHOUT ROWID;
 CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL);
 """
+"""A client's identity (interval k, streamer index s, ip, user agent) is written once, its bytes
+in the narrow ``counts`` table: a checkpoint rewrites only those pages."""
 
 MIGRATIONS: Dict[int, str] = {}
 """from version -> SQL that upgrades a file of that version to the next one."""
@@ -68,6 +65,10 @@ def _script(db: sqlite3.Connection, sql: str) -> None:
 
 class StateLocked(Exception):
     """Another process holds the state directory's lock."""
+
+
+class StateUnusable(Exception):
+    """The state directory or its database cannot be used at all (permissions, I/O)."""
 
 
 def _settings_record(settings: Settings) -> dict:
@@ -100,15 +101,24 @@ class StateStore:
         self.now: Callable[[], float] = clock.seconds if clock is not None else time.time
         self.failing: Optional[str] = None
         self.need_full = True
+        self._ids: Dict[int, Dict[Tuple[int, str, str], int]] = {}
+        self._next_id = 1
         self.scrub = False
         self._after_commit: List[Callable[[], None]] = []
         self.pending: List[bytes] = []
         """Datasets of a saved state that did not fit, for a sink without a queue."""
         self._in_transaction = False
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._private(directory, 0o700)
-        self._lock_fd = self._lock()
-        self.db = self._open()
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self._private(directory, 0o700)
+            self._lock_fd = self._lock()
+        except OSError as e:
+            raise StateUnusable(f"state directory {directory}: {e.strerror or e}") from None
+        try:
+            self.db = self._open()
+        except (sqlite3.Error, OSError) as e:
+            os.close(self._lock_fd)
+            raise StateUnusable(f"state database {self.path} cannot be opened: {e}") from None
 
     # -- opening --------------------------------------------------------------------------
 
@@ -136,17 +146,21 @@ class StateStore:
                 f"state directory {self.directory} is in use by another sfive-ngxlua "
                 f"(pid {holder}); one state directory serves one service: stop the other one "
                 "or give this one its own --state-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._lock_fd = fd
+        self._write_pid()
         return fd
+
+    def _write_pid(self) -> None:
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode("ascii"), 0)
 
     def _open(self) -> sqlite3.Connection:
         """The database, made or upgraded; a file that cannot be read is moved aside."""
         try:
             return self._connect()
+        except sqlite3.OperationalError:
+            raise  # cannot open, I/O, locked, full: not the file's fault; never moved aside
         except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
-                raise
             aside = self._move_aside("corrupt")
             self.stats.state_errors += 1
             self.log.error(
@@ -215,8 +229,10 @@ class StateStore:
             self.db = None
 
     def attach(self) -> None:
-        """Open the connection again after ``detach`` (in the process that runs)."""
+        """Open the connection again after ``detach`` (in the process that runs, whose pid the
+        lock file then names)."""
         if self.db is None:
+            self._write_pid()
             self.db = self._connect()
 
     def close(self) -> None:
@@ -318,8 +334,9 @@ class StateStore:
         header = self._meta("model") or {}
         if self.need_full:
             snap = model.snapshot()
-            db.execute("DELETE FROM clients")
-            db.execute("DELETE FROM folded")
+            for table in ("clients", "counts", "folded"):
+                db.execute(f"DELETE FROM {table}")
+            self._ids, self._next_id = {}, 1
             rows, folded, dropped = [], [], []
             for k, streams in snap["open"].items():
                 for s, entry in streams.items():
@@ -331,16 +348,42 @@ class StateStore:
             changes = model.take_changes()
             rows, folded, dropped = changes.clients, changes.folded, changes.dropped
             header.update(first=changes.first, reported=changes.reported, live=changes.live)
-        db.executemany("INSERT INTO clients (k, s, ip, ua, bytes) VALUES (?, ?, ?, ?, ?) "
-                       "ON CONFLICT (k, s, ip, ua) DO UPDATE SET bytes = excluded.bytes", rows)
-        db.executemany("INSERT OR IGNORE INTO folded (k, s, h) VALUES (?, ?, ?)", folded)
         if dropped:
+            for k in dropped:
+                self._ids.pop(k, None)
             ks = [(k,) for k in dropped]
+            db.executemany("DELETE FROM counts WHERE id IN (SELECT id FROM clients WHERE k = ?)",
+                           ks)
             db.executemany("DELETE FROM clients WHERE k = ?", ks)
             db.executemany("DELETE FROM folded WHERE k = ?", ks)
             self.scrub = True
+        self._write_clients(rows)
+        db.executemany("INSERT OR IGNORE INTO folded (k, s, h) VALUES (?, ?, ?)", folded)
         self._set_meta("model", header)
         self._set_meta("settings", _settings_record(self.settings))
+
+    def _write_clients(self, rows: List[Tuple[int, int, str, str, int]]) -> None:
+        """Upsert (k, s, ip, ua, bytes): a new client's identity once, then only its bytes.
+        The ids live in ``_ids`` (rebuilt by every full write, so a failed transaction, which
+        sets ``need_full``, cannot leave it wrong)."""
+        ids, new, counts, updates = self._ids, [], [], []
+        for k, s, ip, ua, sent in rows:
+            known = ids.get(k)
+            if known is None:
+                known = ids[k] = {}
+            key = (s, ip, ua)
+            cid = known.get(key)
+            if cid is None:
+                cid = known[key] = self._next_id
+                self._next_id += 1
+                new.append((cid, k, s, ip, ua))
+                counts.append((cid, sent))
+            else:
+                updates.append((sent, cid))
+        db = self.db
+        db.executemany("INSERT INTO clients (id, k, s, ip, ua) VALUES (?, ?, ?, ?, ?)", new)
+        db.executemany("INSERT INTO counts (id, bytes) VALUES (?, ?)", counts)
+        db.executemany("UPDATE counts SET bytes = ? WHERE id = ?", updates)
 
     def _snapshot(self, record: dict, header: dict) -> dict:
         """The saved model as ``IntervalModel.snapshot`` data."""
@@ -351,7 +394,8 @@ class StateStore:
             return streams.setdefault(str(s), {"clients": [], "folded": []})
 
         for k, s, ip, ua, b in self.db.execute(
-                "SELECT k, s, ip, ua, bytes FROM clients ORDER BY k, s"):
+                "SELECT k, s, ip, ua, bytes FROM clients JOIN counts USING (id) "
+                "ORDER BY k, s, id"):
             entry(k, s)["clients"].append([ip, ua, b])
         for k, s, h in self.db.execute("SELECT k, s, h FROM folded ORDER BY k, s"):
             entry(k, s)["folded"].append(h)
@@ -407,8 +451,8 @@ class StateStore:
             return 0, 0
         items = [encode(d) for interval in intervals for d in datasets(interval, old)]
         with self.transaction():
-            self.db.execute("DELETE FROM clients")
-            self.db.execute("DELETE FROM folded")
+            for table in ("clients", "counts", "folded"):
+                self.db.execute(f"DELETE FROM {table}")
             self.db.execute("DELETE FROM meta WHERE key IN ('model', 'settings')")
             if items and queue is not None:
                 queue.stage(items)

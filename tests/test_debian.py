@@ -1031,3 +1031,51 @@ def test_deb_ships_the_access_log_source(built: Path) -> None:
     assert "invoke-rc.d nginx rotate >/dev/null 2>&1 || true" in rules
     default = (unpacked / "etc/default/sfive-ngxlua").read_text()
     assert re.search(r'^#DAEMON_OPTS=".*--file /var/log/nginx/sfive/sfive\.log', default, re.M)
+def test_state_dir_through_init_restarts_and_purge(built: Path, exporter: Exporter,
+                                                   hub: socket.socket, syslog: SyslogCapture,
+                                                   say) -> None:
+    """The installed service with the shipped --state-dir, started by the init script (twistd
+    forks into the background after opening the state): the directory is the service user's,
+    0700, its files 0600; a restart goes on from the saved state; purge removes it."""
+    deb = the(built, f"{PKG}_*_all.deb")
+    if installed():
+        assert run(["apt-get", "purge", "-y", PKG]).returncode == 0
+    result = run(["apt-get", "install", "-y", f"./{deb.name}"], cwd=built, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = Path(f"/var/lib/{PKG}")
+    try:
+        init("stop")
+        user = pwd.getpwnam(PKG)
+        url = f"http://127.0.0.1:{exporter.server_address[1]}/sfive"
+        set_daemon_opts(f"-s {hub.getsockname()} -u {url} -S test/hls/high -n {HOSTNAME} -d 1"
+                        f" --state-dir {state}")
+        datasets: list[dict] = []
+        for round_ in (1, 2):
+            say(f"{INIT} start with --state-dir {state} ({round_})")
+            started = init("start")
+            assert started.returncode == 0, started.stdout + started.stderr + syslog.text()
+            had = len([d for d in datasets if d["data"]["bytes-sent"] > 0])
+            deadline = time.monotonic() + 30
+            while len([d for d in datasets if d["data"]["bytes-sent"] > 0]) < had + 2:
+                receive_datasets(hub, datasets, deadline)
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no datasets within 30 s\n{syslog.text()}")
+            stopped = init("stop")
+            assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+            assert state.stat().st_uid == user.pw_uid and state.stat().st_mode & 0o777 == 0o700
+            files = sorted(p.name for p in state.iterdir())
+            assert "state.sqlite" in files and "lock" in files, files
+            for path in state.iterdir():
+                assert path.stat().st_uid == user.pw_uid, path
+                assert path.stat().st_mode & 0o777 == 0o600, path
+        starts = [d["start-time"] for d in datasets]
+        assert len(starts) == len(set(starts)), "an interval reported twice across the restart"
+        assert all(d["duration-ms"] == 1000 for d in datasets), "a partial interval at a stop"
+        if syslog.sock is not None:
+            assert not [line for line in syslog.lines if "Traceback" in line], syslog.text()
+    finally:
+        if installed():
+            init("stop")
+            purge = run(["apt-get", "purge", "-y", PKG], timeout=120)
+            assert purge.returncode == 0, purge.stdout + purge.stderr
+    assert not state.exists(), f"{state} survived the purge"

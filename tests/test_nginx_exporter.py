@@ -48,6 +48,20 @@ def seqs(records):
     return [r["seq"] for r in records]
 
 
+#: each record its own batch, so that seq follows the order of one-by-one requests
+UNBATCHED = {"batch_size": 1}
+
+
+@defer.inlineCallbacks
+def exported(server, count):
+    """Wait until the exporter's ring holds count records (they reach it up to flush_interval
+    after the access log)."""
+    _, stream = yield subscribe(server, after=0, v=2)
+    yield wait_for(lambda: any(hb["seq"] >= count for hb in stream.heartbeats()),
+                   what=f"{count} records in the ring")
+    stream.close()
+
+
 def ring_of(response):
     """The X-Sfive-Ring header of an exporter response."""
     return response.headers.getRawHeaders(b"x-sfive-ring", [b""])[0].decode()
@@ -162,7 +176,7 @@ def test_ring_wraps_for_a_live_subscriber(nginx_factory):
 @pytest_twisted.inlineCallbacks
 def test_after_replays_what_followed(nginx):
     yield make_requests(nginx, 6, prefix="early")
-    yield wait_for(lambda: len(nginx.access_log()) >= 6, what="6 requests logged")
+    yield exported(nginx, 6)
     _, replay = yield subscribe(nginx, after=2)
     _, current = yield subscribe(nginx, after=6)
     _, future = yield subscribe(nginx, after=10**12)
@@ -180,10 +194,10 @@ def test_after_replays_what_followed(nginx):
 
 @pytest_twisted.inlineCallbacks
 def test_after_older_than_the_ring_gets_a_gap_line(nginx_factory):
-    nginx = nginx_factory(ring_size=4)
+    nginx = nginx_factory(ring_size=4, knobs=UNBATCHED)
     for i in range(10):  # one by one, so that seq follows the user agents
         yield fetch(nginx.url(SEG1), ua=f"v{i + 1}")
-    yield wait_for(lambda: len(nginx.access_log()) >= 10, what="10 requests logged")
+    yield exported(nginx, 10)
     _, stream = yield subscribe(nginx, after=1)
     yield wait_for(lambda: len(stream.lines) >= 5, what="gap line and 4 records")
     assert stream.lines[0] == {"lost": 5, "seq": 7}
@@ -195,7 +209,7 @@ def test_after_older_than_the_ring_gets_a_gap_line(nginx_factory):
 
 @pytest_twisted.inlineCallbacks
 def test_live_subscriber_lapped_by_the_ring_gets_a_gap_line(nginx_factory):
-    nginx = nginx_factory(ring_size=4, knobs={"poll_interval": 1.5})
+    nginx = nginx_factory(ring_size=4, knobs={"poll_interval": 1.5, **UNBATCHED})
     _, stream = yield subscribe(nginx)  # it polled once and now sleeps for 1.5 s
     for i in range(10):
         yield fetch(nginx.url(SEG1), ua=f"v{i + 1}")
@@ -208,12 +222,14 @@ def test_live_subscriber_lapped_by_the_ring_gets_a_gap_line(nginx_factory):
 
 @pytest_twisted.inlineCallbacks
 def test_a_too_small_dict_loses_records_but_never_its_identity(nginx_factory):
-    nginx = nginx_factory(ring_size=1000, dict_size="32k", knobs={"pending_timeout": 0.2})
+    nginx = nginx_factory(ring_size=1000, dict_size="32k",
+                          knobs={"pending_timeout": 0.2, **UNBATCHED})
     response, _ = yield subscribe(nginx, v=2)
     ring = ring_of(response)
     for _ in range(5):
         yield make_requests(nginx, 20)
     yield wait_for(lambda: len(nginx.access_log()) >= 100, what="100 requests logged")
+    yield wait_for(lambda: "is too small" in nginx.error_log(), what="the dict to fill")
     response, stream = yield subscribe(nginx, after=0, v=2)
     yield wait_for(lambda: any(line.get("seq") == 100 for line in stream.heartbeats()),
                    what="a heartbeat at the newest record")
@@ -394,10 +410,10 @@ def test_ring_identity_survives_a_reload_and_changes_with_a_restart(nginx):
 
 @pytest_twisted.inlineCallbacks
 def test_another_ring_streams_from_the_first_record_this_ring_holds(nginx_factory):
-    nginx = nginx_factory(ring_size=4)
+    nginx = nginx_factory(ring_size=4, knobs=UNBATCHED)
     for i in range(10):
         yield fetch(nginx.url(SEG1), ua=f"v{i + 1}")
-    yield wait_for(lambda: len(nginx.access_log()) >= 10, what="10 requests logged")
+    yield exported(nginx, 10)
     response, other = yield subscribe(nginx, v=2, ring="0123456789abcdef", after=9)
     _, same = yield subscribe(nginx, v=2, ring=ring_of(response), after=8)
     _, fresh = yield subscribe(nginx, v=2, ring="0123456789ABCDEF")
@@ -505,3 +521,74 @@ def test_a_graceful_stop_while_workers_log_loses_nothing(nginx_factory):
     assert len(logged) >= 50 and {f"load-slow-{i}" for i in range(4)} <= logged
     assert exported_uas(stream.records()) == logged
     check_heartbeats(stream.lines)
+
+
+# --- per-worker batching ------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_records_still_buffered_when_a_worker_exits_are_delivered(nginx_factory):
+    # a long flush_interval: the records are still in their workers' buffers when nginx is
+    # reloaded, then stopped; the exiting workers' timers run at once and store them
+    nginx = nginx_factory(knobs={"flush_interval": 1, "batch_size": 1000})
+    response, stream = yield subscribe(nginx, v=2)
+    yield make_requests(nginx, 6, prefix="reload")
+    nginx.reload()
+    yield wait_for(lambda: stream.reason is not None, what="the old stream to end")
+    _, new = yield subscribe(nginx, v=2, ring=ring_of(response), after=stream.lines[-1]["seq"])
+    yield make_requests(nginx, 5, prefix="quit")
+    yield threads.deferToThread(nginx.quit)
+    yield wait_for(lambda: new.reason is not None, what="the new stream to end")
+    records = stream.records() + new.records()
+    assert exported_uas(records) == logged_uas(nginx, "reload-") | logged_uas(nginx, "quit-")
+    assert len(records) == 11 and seqs(records) == list(range(1, 12))
+    assert new.lines[-1] == {"seq": 11, "hb": new.lines[-1]["hb"]}
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_workers_batches_interleave_in_sequence_order(nginx_factory):
+    nginx = nginx_factory(workers=2, knobs={"batch_size": 8})
+    _, stream = yield subscribe(nginx, v=2)
+    load = Load(nginx, concurrency=16)
+    yield wait_for(lambda: load.made >= 400, timeout=20, what="400 requests")
+    yield load.stop()
+    yield wait_for(lambda: len(stream.records()) >= load.made, what="every record")
+    records = stream.records()
+    assert seqs(records) == list(range(1, load.made + 1))
+    assert exported_uas(records) == logged_uas(nginx, "load-")
+    worker = {e["ua"]: e["pid"] for e in nginx.access_log()}
+    runs = [worker[r["ua"]] for r in records]
+    switches = sum(1 for a, b in zip(runs, runs[1:]) if a != b)
+    assert len(set(runs)) == 2 and switches >= 4, "the two workers' batches did not interleave"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_subscriber_resuming_inside_a_batch_misses_nothing_after_it(nginx_factory):
+    nginx = nginx_factory(workers=1, knobs={"flush_interval": 1, "batch_size": 1000})
+    yield make_requests(nginx, 20)  # one worker, within a second: one batch of 20
+    yield exported(nginx, 20)
+    streams = []
+    for after in (0, 1, 7, 13, 19):
+        _, stream = yield subscribe(nginx, v=2, after=after)
+        streams.append((after, stream))
+    for after, stream in streams:
+        yield wait_for(lambda s=stream: s.heartbeats(), what="a heartbeat")
+        assert seqs(stream.records()) == list(range(after + 1, 21)), f"after={after}"
+        assert not any("lost" in line for line in stream.lines)
+        stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_old_batches_are_deleted_and_a_lapped_subscriber_gets_a_gap(nginx_factory):
+    nginx = nginx_factory(ring_size=30, dict_size="64k", knobs={"batch_size": 8})
+    for _ in range(30):
+        yield make_requests(nginx, 20)  # 600 records (~140 KB): 20 times the ring
+    yield exported(nginx, 600)
+    _, stream = yield subscribe(nginx, v=2, after=0)
+    yield wait_for(lambda: any(hb["seq"] == 600 for hb in stream.heartbeats()),
+                   what="the newest record")
+    gap, *rest = [line for line in stream.lines if "hb" not in line]
+    assert gap == {"lost": 570, "seq": 571}
+    assert seqs(rest) == list(range(571, 601))
+    assert "too small" not in nginx.error_log(), "old batches were not deleted"
+    stream.close()

@@ -17,7 +17,16 @@ from datetime import datetime
 import pytest
 import pytest_twisted
 import simplejson
-from helpers.faults import STREAMERS, T0, DatagramHub, Exporter, clock_at, record, settings
+from helpers.faults import (
+    STREAMERS,
+    T0,
+    DatagramHub,
+    Exporter,
+    clock_at,
+    heartbeat,
+    record,
+    settings,
+)
 from support import wait_for
 from twisted.internet import reactor
 
@@ -40,9 +49,10 @@ HIGH = STREAMERS[0]
 # The layout release 1 writes, frozen here: a later release must still open such a file.
 V1_FILE = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE clients (k INTEGER NOT NULL, s INTEGER NOT NULL, ip TEXT NOT NULL,
-                      ua TEXT NOT NULL, bytes INTEGER NOT NULL,
-                      PRIMARY KEY (k, s, ip, ua)) WITHOUT ROWID;
+CREATE TABLE clients (id INTEGER PRIMARY KEY, k INTEGER NOT NULL, s INTEGER NOT NULL,
+                      ip TEXT NOT NULL, ua TEXT NOT NULL);
+CREATE INDEX clients_k ON clients (k);
+CREATE TABLE counts (id INTEGER PRIMARY KEY, bytes INTEGER NOT NULL);
 CREATE TABLE folded (k INTEGER NOT NULL, s INTEGER NOT NULL, h INTEGER NOT NULL,
                      PRIMARY KEY (k, s, h)) WITHOUT ROWID;
 CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL);
@@ -151,7 +161,8 @@ def test_a_version_1_file_opens_with_its_model_position_and_queue(tmp_path):
     }
     db.executemany("INSERT INTO meta VALUES (?, ?)",
                    [(key, simplejson.dumps(v)) for key, v in meta.items()])
-    db.execute("INSERT INTO clients VALUES (?, 0, '10.0.0.1', 'ua/1', 300)", (k,))
+    db.execute("INSERT INTO clients VALUES (7, ?, 0, '10.0.0.1', 'ua/1')", (k,))
+    db.execute("INSERT INTO counts VALUES (7, 300)")
     db.execute("INSERT INTO queue (data) VALUES (?)", (b'{"queued":1}\n',))
     db.commit()
     db.close()
@@ -318,30 +329,38 @@ def test_queue_bounded_in_bytes_drops_the_oldest_counted_and_logged(tmp_path, pe
 
 
 class RingExporter(Exporter):
-    """The scripted exporter with a ring: ``log`` appends numbered records and sends them to
-    the open stream; a new request gets what it asks for (``?after=N``: the records after N;
-    nothing: from now), as nginx/sfive.lua answers."""
+    """The scripted exporter with a ring, speaking protocol 2: ``log`` appends numbered records
+    and sends them to the open stream with a heartbeat at the clock's time; ``beat(t)`` sends
+    a heartbeat (the watermark) for ``t``; a new request gets what it asks for (``after=N``:
+    the records after N; nothing: from now), as nginx/sfive.lua answers."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.ring = []
+        super().__init__(ring="00112233aabbccdd")
+        self.clock = None
+        self.logged = []
         self.afters = []
+
+    def _beat(self, t=None) -> bytes:
+        return heartbeat(len(self.logged), self.clock.seconds() if t is None else t)
 
     def log(self, *records: dict) -> None:
         lines = []
         for r in records:
-            r = dict(r, seq=len(self.ring) + 1)
-            self.ring.append(r)
+            r = dict(r, seq=len(self.logged) + 1)
+            self.logged.append(r)
             lines.append(simplejson.dumps(r).encode() + b"\n")
         if self.current is not None:
-            self.send(b"".join(lines))
+            self.send(b"".join(lines) + self._beat())
+
+    def beat(self, t: float) -> None:
+        self.send(self._beat(t))
 
     def _answer(self, request):  # noqa: ANN001, ANN201
         after = request.args.get(b"after")
         self.afters.append(None if after is None else int(after[0]))
-        start = len(self.ring) if after is None else int(after[0])
-        chunk = b"".join(simplejson.dumps(r).encode() + b"\n" for r in self.ring[start:])
-        self.plan.append(("stream", chunk) if chunk else ("stream",))
+        start = len(self.logged) if after is None else int(after[0])
+        chunk = b"".join(simplejson.dumps(r).encode() + b"\n" for r in self.logged[start:])
+        self.plan.append(("stream", chunk + self._beat()))
         return super()._answer(request)
 
 
@@ -387,6 +406,7 @@ class Node:
         self.settings = state_settings(tmp_path, url=exporter.url(), socket=hub.path, **kw)
         self.clock = clock
         self.exporter = exporter
+        exporter.clock = clock
         self.top = build(self.settings, reactor, clock=clock)
         self.stats = self.top.stats
         self.store = self.top.store
@@ -428,6 +448,15 @@ def advance_to(clock, t):
     clock.advance(max(0, t - clock.seconds()))
 
 
+async def advance(node, t):
+    """The exporter vouches for everything before ``t`` (a heartbeat), the service has read
+    it, and the clock is at ``t``."""
+    seen = node.stats.heartbeats
+    node.exporter.beat(t)
+    await wait_for(lambda: node.stats.heartbeats > seen, what="the heartbeat")
+    advance_to(node.clock, t)
+
+
 @pytest.fixture
 def hub(tmp_path):
     h = DatagramHub(str(tmp_path / "hub.sock")).open()
@@ -450,10 +479,11 @@ async def test_stop_saves_the_running_interval_and_the_restart_reports_it_once(
     node = await Node(tmp_path, ring, hub, clock).start()
     ring.log(*records_for(1, 3))
     await node.read(9)
-    advance_to(clock, T0 + 21)
+    await advance(node, T0 + 21)
+    await wait_for(hub.has(3), what="interval 1")
     ring.log(*records_for(2, 2, tag="a"))
     await node.read(15)
-    advance_to(clock, T0 + 25)
+    await advance(node, T0 + 25)
     await node.top.stopService()
     hub.read()
     assert {d["start-time"] for d in hub.datasets()} == {start_time(T0 + 10)}, \
@@ -463,10 +493,10 @@ async def test_stop_saves_the_running_interval_and_the_restart_reports_it_once(
     await node2.start()
     assert ring.afters[-1] == 15, "resumes after the saved position"
     ring.log(*records_for(2, 1, tag="c"))
-    await node2.read(len(ring.ring) - 15)
-    advance_to(clock, T0 + 31)
+    await node2.read(len(ring.logged) - 15)
+    await advance(node2, T0 + 31)
     await wait_for(hub.has(6), what="interval 2 reported")
-    assert got(hub.datasets()) == expected(ring.ring)
+    assert got(hub.datasets()) == expected(ring.logged)
     assert all(d["duration-ms"] == 10000 for d in hub.datasets())
     await node2.top.stopService()
 
@@ -489,7 +519,7 @@ async def test_crash_between_closing_an_interval_and_committing_it(tmp_path, rin
         raise Crash()
 
     monkeypatch.setattr(node.store, "queue_insert", die)
-    advance_to(clock, T0 + 21.5)
+    await advance(node, T0 + 21.5)
     assert crashed, "the report's transaction was reached"
     node.crash()
     monkeypatch.undo()
@@ -498,10 +528,10 @@ async def test_crash_between_closing_an_interval_and_committing_it(tmp_path, rin
     ring.log(*records_for(2, 1))
     node2 = await Node(tmp_path, ring, hub, clock, grace=1.5).start()
     assert ring.afters[-1] == 9, "the last checkpoint's position: the rest is read again"
-    await node2.read(len(ring.ring) - 9)
-    advance_to(clock, T0 + 31.5)
+    await node2.read(len(ring.logged) - 9)
+    await advance(node2, T0 + 31.5)
     await wait_for(hub.has(6), what="intervals 1 and 2")
-    assert got(hub.datasets()) == expected(ring.ring)
+    assert got(hub.datasets()) == expected(ring.logged)
     await node2.top.stopService()
 
 
@@ -523,7 +553,7 @@ async def test_crash_between_sending_a_dataset_and_marking_it_sent(tmp_path, rin
         sent(self)
 
     monkeypatch.setattr(DiskQueue, "sent", second_dies)
-    advance_to(clock, T0 + 21)
+    await advance(node, T0 + 21)
     assert len(calls) == 2, "the crash came"
     node.crash()
     monkeypatch.undo()
@@ -535,7 +565,7 @@ async def test_crash_between_sending_a_dataset_and_marking_it_sent(tmp_path, rin
     assert received[2] == received[1], "the in-flight one again, identical"
     assert len(received) == 4
     assert got([simplejson.loads(d) for d in received[:1] + received[2:]]) == \
-        expected(ring.ring)
+        expected(ring.logged)
     assert node2.store.queue_totals() == (0, 0)
     await node2.top.stopService()
 
@@ -549,7 +579,7 @@ async def test_hub_queue_survives_a_restart_in_order(tmp_path, ring, hub):
     for k in (1, 2):
         ring.log(*records_for(k, 2))
         await node.read(6 * k)
-        advance_to(clock, T0 + (k + 1) * 10 + 1)
+        await advance(node, T0 + (k + 1) * 10 + 1)
     assert len(node.top.sink.queue) == 6
     await node.top.stopService()
     hub.open()
@@ -557,7 +587,7 @@ async def test_hub_queue_survives_a_restart_in_order(tmp_path, ring, hub):
     await wait_for(hub.has(6), what="the saved queue")
     starts = [d["start-time"] for d in hub.datasets()]
     assert starts == [start_time(T0 + 10)] * 3 + [start_time(T0 + 20)] * 3
-    assert got(hub.datasets()) == expected(ring.ring)
+    assert got(hub.datasets()) == expected(ring.logged)
     await node2.top.stopService()
 
 
@@ -584,10 +614,10 @@ async def test_retire_delivers_the_queue_then_the_saved_interval_and_removes_the
     node = await Node(tmp_path, ring, hub, clock).start()
     ring.log(*records_for(1, 2))
     await node.read(6)
-    advance_to(clock, T0 + 21)
+    await advance(node, T0 + 21)
     ring.log(*records_for(2, 1))
     await node.read(9)
-    advance_to(clock, T0 + 24)
+    await advance(node, T0 + 24)
     locked = RetireOptions()
     locked.parseOptions(["--state-dir", node.settings.state_dir, "-s", hub.path])
     err = io.StringIO()
@@ -604,7 +634,7 @@ async def test_retire_delivers_the_queue_then_the_saved_interval_and_removes_the
     assert [d["start-time"] for d in sets] == [start_time(T0 + 10)] * 3 + \
         [start_time(T0 + 20)] * 3, "the queue first, in order, then the saved interval"
     assert [d["duration-ms"] for d in sets[3:]] == [4000] * 3, "cut where it was saved"
-    assert got(sets) == expected(ring.ring)
+    assert got(sets) == expected(ring.logged)
     assert "1 saved intervals as 3 datasets and 3 queued datasets: 6 of 6 delivered" in \
         err.getvalue()
     assert os.listdir(node.settings.state_dir) == []
@@ -701,3 +731,79 @@ def test_any_stream_cut_by_checkpoints_crashes_and_restarts_gives_the_same_datas
         assert _canonical(got) == _canonical(expected)
 
     run()
+
+
+@needs_model
+def test_retire_command_line_to_standard_output(tmp_path):
+    """The console script: a saved interval comes out as JSON lines, the state is removed;
+    a missing directory is a usage error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store, s, stats = opened(tmp_path)
+    model = IntervalModel(s, stats, start=T0)
+    model.add(rec(T0 + 1, sent=42))
+    store.now = lambda: T0 + 3
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    store.close()
+    command = str(Path(sys.executable).parent / "sfive-ngxlua-retire")
+    done = subprocess.run([command, "--state-dir", s.state_dir], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = [simplejson.loads(line) for line in done.stdout.splitlines()]
+    assert [d["data"]["bytes-sent"] for d in lines] == [42, 0, 0]
+    assert lines[0]["duration-ms"] == 3000
+    assert "1 saved intervals as 3 datasets" in done.stderr and "removed" in done.stderr
+    assert os.listdir(s.state_dir) == []
+    missing = subprocess.run([command, "--state-dir", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 64 and "no such directory" in missing.stderr
+
+
+def test_an_unusable_state_dir_is_one_error_line_and_the_service_runs_without(tmp_path, logs):
+    (tmp_path / "file").write_text("not a directory")
+    s = settings(state_dir=str(tmp_path / "file" / "state"), socket=str(tmp_path / "hub"))
+    top = build(s, reactor, clock=clock_at())
+    assert top.store is None and top.stats.state_errors == 1
+    (line,) = logs.matching("running without a saved state")
+    assert "state directory" in line
+
+
+def test_state_dir_and_queue_bytes_options(tmp_path):
+    from twisted.python import usage
+
+    def parse(*args):
+        options = Options()
+        options.parseOptions(["-S", "a/hls/high", *args])
+        return options.settings()
+
+    assert parse().state_dir is None and parse().queue_bytes == 256 << 20
+    assert parse("--queue-bytes", "64K").queue_bytes == 64 << 10
+    assert parse("--queue-bytes", "3000").queue_bytes == 3000
+    assert parse("--state-dir", "rel/dir").state_dir == os.path.abspath("rel/dir")
+    for bad in ("0", "-1", "1T", "M", "1.5M"):
+        with pytest.raises(usage.UsageError, match="--queue-bytes must be a positive number"):
+            parse("--queue-bytes", bad)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(usage.UsageError, match="not a directory"):
+        parse("--state-dir", str(tmp_path / "f"))
+
+
+@needs_model
+def test_a_saved_model_of_another_format_is_kept_aside_never_mixed_in(tmp_path, logs):
+    store, s, stats = opened(tmp_path)
+    model = IntervalModel(s, stats, start=T0)
+    model.add(rec(T0 + 1))
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    store.db.execute("UPDATE meta SET value = ? WHERE key = 'model'", (simplejson.dumps(
+        {"format": 0, "first": T0 // 10, "reported": T0 // 10 - 1, "live": True}),))
+    store.close()
+    store2, _, stats2 = opened(tmp_path)
+    assert store2.restore(stats2, DiskQueue(store2, 10, stats2)) is None
+    (line,) = logs.matching("cannot be reported as saved")
+    assert "format 0" in line
+    aside = [n for n in os.listdir(tmp_path / "state") if ".unusable-" in n]
+    assert aside and stats2.state_errors == 1
+    assert store2.restore(stats2) is None and store2.position() is None
+    store2.close()

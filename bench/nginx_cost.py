@@ -1,0 +1,270 @@
+"""The exporter's cost inside nginx: nginx's own CPU per request with and without it (issue 12).
+
+Private nginx servers (lab/nginx.py), one per variant, serve a 2 KB segment and a small
+playlist to wrk flat out, in alternating rounds (each round runs every variant once, in a
+rotating order, so a neighbour's load on this shared machine hits them alike):
+
+- `none`: nginx without the exporter (no Lua log handler, no access log);
+- `exporter`: the shipped nginx/sfive.conf and sfive.lua, with one subscriber reading the
+  stream (`?v=2`, heartbeats included; a Python thread counting lines);
+- `accesslog`: no exporter but nginx's own buffered JSON access_log of the same fields
+  (`buffer=64k flush=1s`), the floor of any logging;
+- `before` (with `--before REV`): the exporter of git revision REV (sfive.conf and sfive.lua
+  from `git show`), with one subscriber (protocol 1);
+- with `--breakdown`: `lua-empty` (an empty log_by_lua_block), `lua-vars` (it reads the five
+  variables), `lua-format` (and builds the line with one string.format), `lua-dict` (one
+  shared-dict incr and set per request, nothing else): where the cost goes.
+
+CPU per request is the workers' utime + stime (from /proc) over the round divided by the
+requests nginx served in it (stub_status); best of the rounds, and the best req/s (wrk).
+Every subscriber must have received exactly the requests its nginx served, numbered without a
+gap (the benchmark fails otherwise).
+
+    .venv/bin/python bench/nginx_cost.py [--workers 1,2,4,8] [--rounds 3] [--seconds 5]
+                                         [--before REV] [--breakdown]
+
+Progress goes to stderr, the Markdown tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.nginx_throughput import cpu_seconds, machine, progress, wrk_script  # noqa: E402
+from lab.nginx import NginxServer, find_nginx  # noqa: E402
+
+FILES = {
+    "live/hls/foo-high/seg1.ts": bytes(i % 251 for i in range(2048)),
+    "live/hls/foo-high/index.m3u8": b"#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXTINF:4.0,\nseg1.ts\n",
+}
+STATUS = "/nginx_status"
+STATUS_LOCATION = f"        location = {STATUS} {{ stub_status; }}"
+
+FLOOR_LOG = (
+    "log_format sfive_floor escape=json '{\"time\":\"$msec\",\"client\":\"$remote_addr\","
+    "\"ua\":\"$http_user_agent\",\"url\":\"$uri\",\"status\":$status,"
+    "\"bytes-sent\":$bytes_sent}';\n"
+    "access_log %s sfive_floor buffer=64k flush=1s;\n"
+)
+VARS = ("local v = ngx.var; local a, u, p, s, b = v.remote_addr, v.http_user_agent, v.uri, "
+        "v.status, v.bytes_sent")
+BREAKDOWN = {
+    "lua-empty": "log_by_lua_block { }\n",
+    "lua-vars": f"log_by_lua_block {{ {VARS} }}\n",
+    "lua-format": (
+        f"log_by_lua_block {{ {VARS}; local line = string.format("
+        "'{\"seq\":%d,\"time\":\"%s\",\"client\":\"%s\",\"ua\":\"%s\",\"url\":\"%s\","
+        "\"status\":%d,\"bytes-sent\":%d}', 1, ngx.now(), a, u or '', p, s, b) }\n"),
+    "lua-dict": (
+        "lua_shared_dict sfive_cost 64m;\n"
+        "log_by_lua_block { local d = ngx.shared.sfive_cost; local n = d:incr('seq', 1, 0); "
+        "d:set(n % 100000, string.rep('x', 180)) }\n"),
+}
+
+
+class Subscriber(threading.Thread):
+    """Reads an exporter stream over a raw socket and counts its records cheaply (the last
+    seq is kept, so that a gap shows as last seq != count)."""
+
+    def __init__(self, port: int, query: str) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(f"GET /sfive{query} HTTP/1.1\r\nHost: localhost\r\n"
+                          "User-Agent: sfive-cost\r\n\r\n".encode())
+        self.records = 0
+        self.gaps = 0
+        self.last_seq = 0
+        self.tail = b""
+        self.stopping = False
+
+    def run(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stopping:
+            try:
+                data = self.sock.recv(1 << 20)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            chunk = self.tail + data
+            # a record's '"time":' or a gap's '"lost":' may straddle two reads: count in the
+            # part up to the last newline only, keep the rest
+            cut = chunk.rfind(b"\n") + 1
+            counted = chunk[:cut]
+            self.records += counted.count(b'"time":')
+            self.gaps += counted.count(b'"lost":')
+            seqs = re.findall(rb'\{"seq":(\d+),"time"', counted[-4000:])
+            if seqs:
+                self.last_seq = int(seqs[-1])
+            self.tail = chunk[cut:]
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.join()
+        self.sock.close()
+
+
+@dataclass
+class Variant:
+    """One nginx under test and its figures."""
+
+    name: str
+    server: NginxServer
+    query: Optional[str] = None            # subscribe with this query (exporter variants)
+    subscriber: Optional[Subscriber] = None
+    cpu_us: list[float] = field(default_factory=list)
+    rps: list[float] = field(default_factory=list)
+    check: str = ""
+
+    def served(self) -> int:
+        with urllib.request.urlopen(self.server.url(STATUS), timeout=10) as response:
+            text = response.read().decode()
+        return int(text.split("\n")[2].split()[2])  # "accepts handled requests"
+
+
+def run_round(variant: Variant, script: Path, seconds: float, connections: int) -> None:
+    workers = variant.server.worker_pids()
+    before = variant.served()
+    cpu0 = sum(map(cpu_seconds, workers))
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script),
+         variant.server.url("/")], capture_output=True, text=True, check=True).stdout
+    cpu1 = sum(map(cpu_seconds, workers))
+    served = variant.served() - before - 1  # not the first status request
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    variant.rps.append(float(m.group(1)) if m else 0.0)
+    variant.cpu_us.append(1e6 * (cpu1 - cpu0) / max(served, 1))
+    progress(f"  {variant.name}: {variant.cpu_us[-1]:.2f} us/request, {variant.rps[-1]:,.0f} "
+             f"req/s ({served:,} requests)")
+
+
+def check_subscriber(variant: Variant) -> bool:
+    """The subscriber got every request its nginx served, exactly once, without a gap."""
+    sub = variant.subscriber
+    assert sub is not None
+    expected = variant.served() - 1  # every request but the stream's own
+    deadline = time.monotonic() + 30
+    while sub.records < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # anything beyond would be a duplicate: give it the time to show
+    ok = sub.records == expected and sub.last_seq == expected and sub.gaps == 0
+    variant.check = (f"{'exact' if ok else 'WRONG'}: {sub.records:,} records, last seq "
+                     f"{sub.last_seq:,}, {sub.gaps} gap lines, nginx served {expected:,}")
+    progress(f"  {variant.name}: {variant.check}")
+    return ok
+
+
+def before_dir(rev: str, tmp: Path) -> Path:
+    directory = tmp / f"exporter-{rev}"
+    directory.mkdir()
+    for name in ("sfive.conf", "sfive.lua"):
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:nginx/{name}"],
+                              capture_output=True, text=True, check=True).stdout
+        (directory / name).write_text(text)
+    return directory
+
+
+def table(variants: list[Variant], workers: int) -> str:
+    base = min(next(v for v in variants if v.name == "none").cpu_us)
+    rows = [f"| nginx, {workers} worker{'s' if workers > 1 else ''} | CPU per request "
+            "(best; all rounds) | × without | requests/s (best) |",
+            "|---|---:|---:|---:|"]
+    for v in variants:
+        best = min(v.cpu_us)
+        rounds = ", ".join(f"{x:.1f}" for x in v.cpu_us)
+        rows.append(f"| {v.name} | {best:.2f} us ({rounds}) | {best / base:.2f} | "
+                    f"{max(v.rps):,.0f} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="1,2,4,8", help="worker counts (1,2,4,8)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (3)")
+    parser.add_argument("--seconds", type=float, default=5, help="wrk run per round (5)")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
+    parser.add_argument("--before", metavar="REV", help="also measure the exporter of REV")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also measure the pieces of a log handler")
+    parser.add_argument("--only", help="only these variants (comma-separated)")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="sfive-cost-"))
+    binary = find_nginx()
+    old = before_dir(args.before, tmp) if args.before else None
+    script = wrk_script(tmp, None, paths=list(FILES))
+    ok = True
+    print(f"Machine: {machine()}; wrk -t1 -c{args.connections}, {args.seconds:g} s rounds, "
+          f"best of {args.rounds}; a 2 KB segment and a small playlist.\n")
+    try:
+        for workers in (int(w) for w in args.workers.split(",")):
+            def server(name: str, workers: int = workers, **options) -> NginxServer:
+                return NginxServer(binary, tmp / f"{name}-{workers}", workers=workers,
+                                   files=FILES, extra_server=STATUS_LOCATION, test_log=False,
+                                   **options)
+
+            specs = [("none", server("none", http_config=""), None),
+                     ("exporter", server("exporter"), "?v=2"),
+                     ("accesslog", server("accesslog", http_config=FLOOR_LOG % (
+                         tmp / f"floor-{workers}.log")), None)]
+            if old is not None:
+                specs.append(("before", server("before", source_dir=old), ""))
+            if args.breakdown:
+                specs += [(name, server(name, http_config=conf), None)
+                          for name, conf in BREAKDOWN.items()]
+            if args.only:
+                wanted = set(args.only.split(",")) | {"none"}
+                specs = [s for s in specs if s[0] in wanted]
+            variants = [Variant(name, srv, query) for name, srv, query in specs]
+            try:
+                for v in variants:
+                    v.server.start()
+                    if v.query is not None:
+                        v.subscriber = Subscriber(v.server.port, v.query)
+                        v.subscriber.start()
+                progress(f"{workers} workers: {', '.join(v.name for v in variants)}")
+                for r in range(args.rounds):
+                    progress(f" round {r + 1}/{args.rounds}")
+                    for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+                        run_round(v, script, args.seconds, args.connections)
+                checks = [check_subscriber(v) for v in variants if v.subscriber]
+                ok = ok and all(checks)
+                print(table(variants, workers))
+                print()
+                for v in variants:
+                    if v.check:
+                        print(f"- {v.name}: subscriber {v.check}")
+                print()
+                sys.stdout.flush()
+            finally:
+                for v in variants:
+                    if v.subscriber is not None and v.subscriber.is_alive():
+                        v.subscriber.stop()
+                    v.server.stop()
+        print("Subscribers exact: " + ("yes" if ok else "NO"))
+        return 0 if ok else 1
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
