@@ -305,11 +305,11 @@ local function collect(dict, newest)
     if dict:incr(GC_LOCK, 1, 0) ~= 1 then
         dict:incr(GC_LOCK, -1)
         if ngx.now() - (dict:get(GC_TIME) or 0) > 10 then
-            dict:set(GC_LOCK, 0)  -- its holder died in the middle (a crashed worker)
+            dict:safe_set(GC_LOCK, 0)  -- its holder died in the middle (a crashed worker)
         end
         return
     end
-    dict:set(GC_TIME, ngx.now())
+    dict:safe_set(GC_TIME, ngx.now())
     local first = dict:get(GC_KEY) or 1
     for _ = 1, 8 do
         if first > limit then
@@ -346,7 +346,7 @@ local function collect(dict, newest)
             first = s
         end
     end
-    dict:set(GC_KEY, first)
+    dict:safe_set(GC_KEY, first)
     dict:incr(GC_LOCK, -1)
 end
 
