@@ -242,11 +242,26 @@ local function utf8_clean(s)
 end
 
 -- The text of a JSON string without its quotes (most strings come back as they are).
+local re_find = ngx.re and ngx.re.find
+local SPECIAL = [=[[\x00-\x1f"\\\x80-\xff]]=]
+
+-- Whether s has a byte to escape or to check as UTF-8: PCRE (compiled once, JIT where nginx
+-- has it) is much cheaper than a Lua pattern, which LuaJIT cannot compile.
+local function special(s)
+    if re_find then
+        local from, err = re_find(s, SPECIAL, "jo")
+        if from or not err then
+            return from
+        end
+    end
+    return find(s, '[%z\1-\31"\\\128-\255]')
+end
+
 local function json_text(s)
     if s == nil then
         return ""
     end
-    if find(s, '[%z\1-\31"\\\128-\255]') then
+    if special(s) then
         if find(s, "[\128-\255]") then
             s = utf8_clean(s)
         end
