@@ -13,9 +13,10 @@ rotating order, so a neighbour's load on this shared machine hits them alike):
   from `git show`), with one subscriber (protocol 1);
 - with `--breakdown`: `lua-empty` (an empty log handler), `lua-vars` (it reads the five
   variables), `lua-format` (and builds the line with one string.format), `lua-escape` (and
-  checks the user agent and the URL for characters to escape, with the pattern the exporter
-  uses), `lua-dict` (one shared-dict incr and set per request, nothing else): where the cost
-  goes. Each is a function defined at init and called per request, as the exporter's is.
+  checks the user agent and the URL for characters to escape, with the Lua pattern the
+  exporter used before it cached and used PCRE), `lua-dict` (one shared-dict incr and set
+  per request, nothing else): where the cost goes. Each is a function defined at init and
+  called per request, as the exporter's is.
 
 CPU per request is the workers' utime + stime (from /proc) over the round divided by the
 requests nginx served in it (stub_status); best of the rounds, and the best req/s (wrk).
