@@ -11,9 +11,12 @@ rotating order, so a neighbour's load on this shared machine hits them alike):
   (`buffer=64k flush=1s`), the floor of any logging;
 - `before` (with `--before REV`): the exporter of git revision REV (sfive.conf and sfive.lua
   from `git show`), with one subscriber (protocol 1);
-- with `--breakdown`: `lua-empty` (an empty log_by_lua_block), `lua-vars` (it reads the five
-  variables), `lua-format` (and builds the line with one string.format), `lua-dict` (one
-  shared-dict incr and set per request, nothing else): where the cost goes.
+- with `--breakdown`: `lua-empty` (an empty log handler), `lua-vars` (it reads the five
+  variables), `lua-format` (and builds the line with one string.format), `lua-escape` (and
+  checks the user agent and the URL for characters to escape, with the Lua pattern the
+  exporter used before it cached and used PCRE), `lua-dict` (one shared-dict incr and set
+  per request, nothing else): where the cost goes. Each is a function defined at init and
+  called per request, as the exporter's is.
 
 CPU per request is the workers' utime + stime (from /proc) over the round divided by the
 requests nginx served in it (stub_status); best of the rounds, and the best req/s (wrk).
@@ -21,7 +24,11 @@ Every subscriber must have received exactly the requests its nginx served, numbe
 gap (the benchmark fails otherwise).
 
     .venv/bin/python bench/nginx_cost.py [--workers 1,2,4,8] [--rounds 3] [--seconds 5]
-                                         [--before REV] [--breakdown]
+                                         [--before REV] [--breakdown] [--only a,b]
+
+With --instructions it counts instead the instructions per request of one worker under
+valgrind (callgrind) for each variant: slow, but free of the noise of a shared machine, which
+is what a breakdown needs.
 
 Progress goes to stderr, the Markdown tables to stdout.
 """
@@ -32,6 +39,7 @@ import argparse
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,17 +71,28 @@ FLOOR_LOG = (
 )
 VARS = ("local v = ngx.var; local a, u, p, s, b = v.remote_addr, v.http_user_agent, v.uri, "
         "v.status, v.bytes_sent")
+
+
+def handler(body: str, http: str = "") -> str:
+    """A log handler doing body, as a function defined once (at init) and called per request,
+    as the exporter's is: so LuaJIT compiles it the same way (an inline chunk would not be)."""
+    return (f"{http}init_by_lua_block {{ function sfive_cost() {body} end }}\n"
+            "log_by_lua_block { sfive_cost() }\n")
+
+
 BREAKDOWN = {
-    "lua-empty": "log_by_lua_block { }\n",
-    "lua-vars": f"log_by_lua_block {{ {VARS} }}\n",
-    "lua-format": (
-        f"log_by_lua_block {{ {VARS}; local line = string.format("
+    "lua-empty": handler(""),
+    "lua-vars": handler(VARS),
+    "lua-format": handler(
+        f"{VARS}; local line = string.format("
         "'{\"seq\":%d,\"time\":\"%s\",\"client\":\"%s\",\"ua\":\"%s\",\"url\":\"%s\","
-        "\"status\":%d,\"bytes-sent\":%d}', 1, ngx.now(), a, u or '', p, s, b) }\n"),
-    "lua-dict": (
-        "lua_shared_dict sfive_cost 64m;\n"
-        "log_by_lua_block { local d = ngx.shared.sfive_cost; local n = d:incr('seq', 1, 0); "
-        "d:set(n % 100000, string.rep('x', 180)) }\n"),
+        "\"status\":%d,\"bytes-sent\":%d}', 1, ngx.now(), a, u or '', p, s, b)"),
+    "lua-escape": handler(
+        f"{VARS}; local f = string.find; local pat = '[%z\\1-\\31\"\\\\\\128-\\255]'; "
+        "local x, y = f(u or '', pat), f(p, pat)"),
+    "lua-dict": handler(
+        "local d = ngx.shared.sfive_cost; local n = d:incr('seq', 1, 0); "
+        "d:set(n % 100000, string.rep('x', 180))", http="lua_shared_dict sfive_cost 64m;\n"),
 }
 
 
@@ -182,16 +201,130 @@ def before_dir(rev: str, tmp: Path) -> Path:
 
 
 def table(variants: list[Variant], workers: int) -> str:
-    base = min(next(v for v in variants if v.name == "none").cpu_us)
-    rows = [f"| nginx, {workers} worker{'s' if workers > 1 else ''} | CPU per request "
-            "(best; all rounds) | × without | requests/s (best) |",
-            "|---|---:|---:|---:|"]
+    """Best and median of the rounds, and both as ratios to nginx without the exporter (the
+    best round is the least disturbed by the machine's other load, the median the typical)."""
+    none = next(v for v in variants if v.name == "none")
+    base_best, base_median = min(none.cpu_us), statistics.median(none.cpu_us)
+    rows = [f"| nginx, {workers} worker{'s' if workers > 1 else ''} | CPU per request: best "
+            "| median | all rounds | × without (best; median) | requests/s (best) |",
+            "|---|---:|---:|---|---:|---:|"]
     for v in variants:
-        best = min(v.cpu_us)
+        best, median = min(v.cpu_us), statistics.median(v.cpu_us)
         rounds = ", ".join(f"{x:.1f}" for x in v.cpu_us)
-        rows.append(f"| {v.name} | {best:.2f} us ({rounds}) | {best / base:.2f} | "
-                    f"{max(v.rps):,.0f} |")
+        rows.append(f"| {v.name} | {best:.2f} us | {median:.2f} us | {rounds} | "
+                    f"{best / base_best:.2f}; {median / base_median:.2f} | {max(v.rps):,.0f} |")
     return "\n".join(rows)
+
+
+def specs(workers: int, tmp: Path, binary, args, old: Optional[Path],
+          **common) -> list[Variant]:
+    """The variants to measure with this many workers (their nginx not started yet)."""
+    def server(name: str, **options) -> NginxServer:
+        return NginxServer(binary, tmp / f"{name}-{workers}", workers=workers, files=FILES,
+                           extra_server=STATUS_LOCATION, test_log=False, **common, **options)
+
+    found = [Variant("none", server("none", http_config="")),
+             Variant("exporter", server("exporter"), "?v=2"),
+             Variant("accesslog", server("accesslog", http_config=FLOOR_LOG % (
+                 tmp / f"floor-{workers}.log")))]
+    if old is not None:
+        found.append(Variant("before", server("before", source_dir=old), ""))
+    if args.breakdown:
+        found += [Variant(name, server(name, http_config=conf))
+                  for name, conf in BREAKDOWN.items()]
+    if args.only:
+        wanted = set(args.only.split(",")) | {"none"}
+        found = [v for v in found if v.name in wanted]
+    return found
+
+
+def subscribe(variant: Variant) -> None:
+    if variant.query is not None:
+        variant.subscriber = Subscriber(variant.server.port, variant.query)
+        variant.subscriber.start()
+
+
+def stop(variant: Variant) -> None:
+    if variant.subscriber is not None and variant.subscriber.is_alive():
+        variant.subscriber.stop()
+    variant.server.stop()
+
+
+def cpu_rounds(args, tmp: Path, binary, old: Optional[Path], script: Path) -> bool:
+    """The CPU measurement: alternating rounds for each worker count; True if exact."""
+    ok = True
+    for workers in (int(w) for w in args.workers.split(",")):
+        variants = specs(workers, tmp, binary, args, old)
+        try:
+            for v in variants:
+                v.server.start()
+                subscribe(v)
+            progress(f"{workers} workers: {', '.join(v.name for v in variants)}")
+            for r in range(args.rounds):
+                progress(f" round {r + 1}/{args.rounds}")
+                for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+                    run_round(v, script, args.seconds, args.connections)
+            checks = [check_subscriber(v) for v in variants if v.subscriber]
+            ok = ok and all(checks)
+            print(table(variants, workers))
+            print()
+            for v in variants:
+                if v.check:
+                    print(f"- {v.name}: subscriber {v.check}")
+            print()
+            sys.stdout.flush()
+        finally:
+            for v in variants:
+                stop(v)
+    return ok
+
+
+def callgrind(variant: Variant, script: Path, seconds: float, out: Path) -> float:
+    """Instructions per request of the worker (valgrind callgrind), over a wrk run."""
+    worker = str(next(iter(variant.server.worker_pids())))
+    subprocess.run(["wrk", "-t1", "-c4", "-d2s", "-s", str(script), variant.server.url("/")],
+                   capture_output=True, check=True)  # warm up (the JIT too)
+    before = variant.served()
+    subprocess.run(["callgrind_control", "-z", worker], capture_output=True, check=True)
+    subprocess.run(["wrk", "-t1", "-c4", f"-d{seconds:g}s", "-s", str(script),
+                    variant.server.url("/")], capture_output=True, check=True)
+    subprocess.run(["callgrind_control", "-d", worker], capture_output=True, check=True)
+    served = variant.served() - before - 1
+    dump = out / f"cg.{worker}.1"
+    deadline = time.monotonic() + 30
+    while not dump.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    m = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
+    ir = int(m.group(1)) / max(served, 1)
+    progress(f"  {variant.name}: {ir:,.0f} instructions/request ({served:,} requests)")
+    return ir
+
+
+def instruction_counts(args, tmp: Path, binary, old: Optional[Path], script: Path) -> None:
+    """The breakdown without the noise of a shared machine: instructions per request of one
+    worker under valgrind (callgrind), each variant in turn."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("bench: valgrind is not installed (apt-get install valgrind)")
+    out = tmp / "callgrind"
+    out.mkdir()
+    wrapper = ("valgrind", "--tool=callgrind", "--trace-children=yes", "--smc-check=all",
+               f"--callgrind-out-file={out}/cg.%p")
+    variants = specs(1, tmp, binary, args, old, wrapper=wrapper)
+    counts = {}
+    for v in variants:
+        try:
+            v.server.start(timeout=120)
+            subscribe(v)
+            counts[v.name] = callgrind(v, script, args.seconds, out)
+        finally:
+            stop(v)
+    base = counts["none"]
+    print("| nginx, 1 worker, under valgrind | instructions per request | more than without |"
+          " × without |")
+    print("|---|---:|---:|---:|")
+    for name, ir in counts.items():
+        print(f"| {name} | {ir:,.0f} | {ir - base:+,.0f} | {ir / base:.2f} |")
+    print()
 
 
 def main() -> int:
@@ -204,6 +337,8 @@ def main() -> int:
     parser.add_argument("--breakdown", action="store_true",
                         help="also measure the pieces of a log handler")
     parser.add_argument("--only", help="only these variants (comma-separated)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per request under valgrind instead")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is not installed (apt-get install wrk)")
@@ -212,54 +347,15 @@ def main() -> int:
     binary = find_nginx()
     old = before_dir(args.before, tmp) if args.before else None
     script = wrk_script(tmp, None, paths=list(FILES))
-    ok = True
-    print(f"Machine: {machine()}; wrk -t1 -c{args.connections}, {args.seconds:g} s rounds, "
-          f"best of {args.rounds}; a 2 KB segment and a small playlist.\n")
     try:
-        for workers in (int(w) for w in args.workers.split(",")):
-            def server(name: str, workers: int = workers, **options) -> NginxServer:
-                return NginxServer(binary, tmp / f"{name}-{workers}", workers=workers,
-                                   files=FILES, extra_server=STATUS_LOCATION, test_log=False,
-                                   **options)
-
-            specs = [("none", server("none", http_config=""), None),
-                     ("exporter", server("exporter"), "?v=2"),
-                     ("accesslog", server("accesslog", http_config=FLOOR_LOG % (
-                         tmp / f"floor-{workers}.log")), None)]
-            if old is not None:
-                specs.append(("before", server("before", source_dir=old), ""))
-            if args.breakdown:
-                specs += [(name, server(name, http_config=conf), None)
-                          for name, conf in BREAKDOWN.items()]
-            if args.only:
-                wanted = set(args.only.split(",")) | {"none"}
-                specs = [s for s in specs if s[0] in wanted]
-            variants = [Variant(name, srv, query) for name, srv, query in specs]
-            try:
-                for v in variants:
-                    v.server.start()
-                    if v.query is not None:
-                        v.subscriber = Subscriber(v.server.port, v.query)
-                        v.subscriber.start()
-                progress(f"{workers} workers: {', '.join(v.name for v in variants)}")
-                for r in range(args.rounds):
-                    progress(f" round {r + 1}/{args.rounds}")
-                    for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                        run_round(v, script, args.seconds, args.connections)
-                checks = [check_subscriber(v) for v in variants if v.subscriber]
-                ok = ok and all(checks)
-                print(table(variants, workers))
-                print()
-                for v in variants:
-                    if v.check:
-                        print(f"- {v.name}: subscriber {v.check}")
-                print()
-                sys.stdout.flush()
-            finally:
-                for v in variants:
-                    if v.subscriber is not None and v.subscriber.is_alive():
-                        v.subscriber.stop()
-                    v.server.stop()
+        if args.instructions:
+            print(f"Machine: {machine()}; wrk -t1 -c4, {args.seconds:g} s after a 2 s warm-up; "
+                  "a 2 KB segment and a small playlist.\n")
+            instruction_counts(args, tmp, binary, old, script)
+            return 0
+        print(f"Machine: {machine()}; wrk -t1 -c{args.connections}, {args.seconds:g} s rounds, "
+              f"best of {args.rounds}; a 2 KB segment and a small playlist.\n")
+        ok = cpu_rounds(args, tmp, binary, old, script)
         print("Subscribers exact: " + ("yes" if ok else "NO"))
         return 0 if ok else 1
     finally:

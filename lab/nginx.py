@@ -189,6 +189,8 @@ class NginxServer:
     http_config: Optional[str] = None
     #: write the JSON access log the tests compare against (off for CPU measurements)
     test_log: bool = True
+    #: run nginx under this command (e.g. valgrind), for the benchmarks
+    wrapper: tuple[str, ...] = ()
     port: int = 0
     process: Optional[subprocess.Popen] = None
 
@@ -244,7 +246,7 @@ http {{
     }}
     default_type application/octet-stream;
     {ACCESS_LOG_FORMAT}
-    access_log {f"{self.access_log_path} sfive_test" if self.test_log else "off"};
+    {self._access_log()}
     include {p}/conf/sfive.conf;
 {self.extra_http}
     server {{
@@ -257,6 +259,13 @@ http {{
 }}
 """
 
+    def _access_log(self) -> str:
+        if self.test_log:
+            return f"access_log {self.access_log_path} sfive_test;"
+        if "access_log" in (self.http_config or ""):
+            return ""  # its own (an "off" beside it would switch it off too)
+        return "access_log off;"
+
     def start(self, timeout: float = 10.0) -> NginxServer:
         """Start nginx and wait until it accepts connections (retrying on a port clash)."""
         self._write_tree()
@@ -265,7 +274,8 @@ http {{
             self.conf_path.write_text(self._config())
             self.error_log_path.write_text("")
             self.process = subprocess.Popen(
-                [self.binary.path, "-p", f"{self.prefix}/", "-c", str(self.conf_path),
+                [*self.wrapper, self.binary.path, "-p", f"{self.prefix}/", "-c",
+                 str(self.conf_path),
                  "-e", str(self.error_log_path)],
                 env={**os.environ, **(self.env or {})},
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -242,11 +242,26 @@ local function utf8_clean(s)
 end
 
 -- The text of a JSON string without its quotes (most strings come back as they are).
+local re_find = ngx.re and ngx.re.find
+local SPECIAL = [=[[\x00-\x1f"\\\x80-\xff]]=]
+
+-- Whether s has a byte to escape or to check as UTF-8: PCRE (compiled once, JIT where nginx
+-- has it) is much cheaper than a Lua pattern, which LuaJIT cannot compile.
+local function special(s)
+    if re_find then
+        local from, err = re_find(s, SPECIAL, "jo")
+        if from or not err then
+            return from
+        end
+    end
+    return find(s, '[%z\1-\31"\\\128-\255]')
+end
+
 local function json_text(s)
     if s == nil then
         return ""
     end
-    if find(s, '[%z\1-\31"\\\128-\255]') then
+    if special(s) then
         if find(s, "[\128-\255]") then
             s = utf8_clean(s)
         end
@@ -305,11 +320,11 @@ local function collect(dict, newest)
     if dict:incr(GC_LOCK, 1, 0) ~= 1 then
         dict:incr(GC_LOCK, -1)
         if ngx.now() - (dict:get(GC_TIME) or 0) > 10 then
-            dict:set(GC_LOCK, 0)  -- its holder died in the middle (a crashed worker)
+            dict:safe_set(GC_LOCK, 0)  -- its holder died in the middle (a crashed worker)
         end
         return
     end
-    dict:set(GC_TIME, ngx.now())
+    dict:safe_set(GC_TIME, ngx.now())
     local first = dict:get(GC_KEY) or 1
     for _ = 1, 8 do
         if first > limit then
@@ -346,7 +361,7 @@ local function collect(dict, newest)
             first = s
         end
     end
-    dict:set(GC_KEY, first)
+    dict:safe_set(GC_KEY, first)
     dict:incr(GC_LOCK, -1)
 end
 

@@ -592,3 +592,68 @@ def test_old_batches_are_deleted_and_a_lapped_subscriber_gets_a_gap(nginx_factor
     assert seqs(rest) == list(range(571, 601))
     assert "too small" not in nginx.error_log(), "old batches were not deleted"
     stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reload_from_the_one_slot_per_record_exporter_starts_a_new_ring(nginx_factory,
+                                                                          tmp_path):
+    # an upgrade: nginx runs the exporter of protocol 1 (one dict slot per record), the package
+    # brings this one, nginx is reloaded: no old slot may stay behind in the dict
+    old = tmp_path / "exporter"
+    old.mkdir()
+    (old / "sfive.conf").write_text(OLD_CONF)
+    (old / "sfive.lua").write_text(OLD_LUA)
+    nginx = nginx_factory(source_dir=old)
+    _, stream = yield subscribe(nginx)
+    yield make_requests(nginx, 3)
+    yield wait_for(lambda: len(stream.lines) >= 3, what="3 records of the old exporter")
+    (old / "sfive.lua").write_text((SNIPPET.parent / "sfive.lua").read_text())
+    old_workers = nginx.reload()
+    yield wait_for(lambda: not any(map(pid_alive, old_workers)), what="the old workers to exit")
+    response, stream = yield subscribe(nginx, v=2, after=3)
+    assert re.fullmatch(r"[0-9a-f]{16}", ring_of(response))
+    yield make_requests(nginx, 2)
+    yield wait_for(lambda: len(stream.records()) >= 2, what="records of the new ring")
+    assert seqs(stream.records()) == [1, 2]
+    stream.close()
+
+
+OLD_CONF = """lua_shared_dict sfive 64m;
+lua_package_path "/usr/share/sfive-ngxlua/nginx/?.lua;;";
+init_by_lua_block { require("sfive").configure({ dict = "sfive", ring_size = 100000, }) }
+log_by_lua_block { require("sfive").log() }
+"""
+
+# the log phase of the exporter of protocol 1, as it stored records (the serving part follows
+# from the stream's point of view the same ring)
+OLD_LUA = """
+local M = {}
+local config = { dict = "sfive", ring_size = 100000 }
+function M.configure(opts) for k, v in pairs(opts) do config[k] = v end return M end
+function M.log()
+    local dict = ngx.shared[config.dict]
+    local seq = dict:incr("seq", 1, 0)
+    dict:set(seq % config.ring_size, string.format('{"seq":%d,"time":"%s","client":"%s",'
+        .. '"ua":"%s","url":"%s","status":%d,"bytes-sent":%d}', seq,
+        "2026-01-01T00:00:00.000+00:00", ngx.var.remote_addr, ngx.var.http_user_agent or "",
+        ngx.var.uri, ngx.var.status, ngx.var.bytes_sent))
+end
+function M.serve()
+    local dict = ngx.shared[config.dict]
+    local cursor = (dict:get("seq") or 0) + 1
+    ngx.header.content_type = "application/x-ndjson"
+    ngx.send_headers()
+    ngx.flush(true)
+    while not ngx.worker.exiting() do
+        local line = dict:get(cursor % config.ring_size)
+        if line and line:find('{"seq":' .. cursor .. ",", 1, true) == 1 then
+            ngx.print(line, "\\n")
+            ngx.flush(true)
+            cursor = cursor + 1
+        else
+            ngx.sleep(0.05)
+        end
+    end
+end
+return M
+"""
