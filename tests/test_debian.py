@@ -590,13 +590,18 @@ class Nginx:
             error.read()
             return error.code
 
-    def bytes_sent(self, prefix: str) -> int:
-        total = 0
+    def served(self, prefix: str) -> tuple[int, int]:
+        """(requests, bytes) with status 200 under ``prefix``, from nginx's access log."""
+        count = total = 0
         for line in (self.prefix / "access.log").read_text().splitlines():
             status, sent, uri = line.split(" ", 2)
             if status == "200" and uri.startswith(prefix):
+                count += 1
                 total += int(sent)
-        return total
+        return count, total
+
+    def bytes_sent(self, prefix: str) -> int:
+        return self.served(prefix)[1]
 
     def error_log(self) -> str:
         path = self.prefix / "error.log"
@@ -922,11 +927,16 @@ def open_interval_requests(nginx: Nginx) -> tuple[datetime, datetime, int]:
     """A few requests just before a stop: with --grace 3 their interval is not due for at
     least 3 s, so the stop finds it open. Returns their time window and bytes."""
     prefix = "/live/hls/test-high/"
-    before = nginx.bytes_sent(prefix)
+    count, before = nginx.served(prefix)
     begin = datetime.now().astimezone()
     for _ in range(3):
         assert nginx.get(prefix + "seg1.ts") == 200
     end = datetime.now().astimezone()
+    # nginx logs a request after its response went out: wait for the three log lines
+    deadline = time.monotonic() + 10
+    while nginx.served(prefix)[0] < count + 3:
+        assert time.monotonic() < deadline, "nginx did not log the three requests"
+        time.sleep(0.01)
     return begin, end, nginx.bytes_sent(prefix) - before
 
 
