@@ -202,10 +202,8 @@ def window_intervals(nginx, log):
 
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
-HAS_STATE = any(p[0] == "state-dir" for p in Options.optParameters)
 
 
-@pytest.mark.skipif(not HAS_STATE, reason="needs --state-dir (the state store, issue 12)")
 @pytest_twisted.inlineCallbacks
 def test_twistd_with_a_state_dir_resumes_exactly_after_restart_and_sigkill(
         nginx_factory, hubs, tmp_path):  # noqa: F811
