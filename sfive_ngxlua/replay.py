@@ -45,7 +45,7 @@ _lazy("http.cookiejar")
 from twisted.python import usage  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .datasets import Dataset, encode, report, start_time  # noqa: E402
+from .datasets import Dataset, JsonLinesWriter, report, start_time  # noqa: E402
 from .model import IntervalModel  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 from .records import Record, RecordParser  # noqa: E402
@@ -187,19 +187,6 @@ class WindowModel(IntervalModel):
         return out
 
 
-class _Stdout:
-    """Datasets as JSON lines on a binary stream (the service's StdoutSink without Twisted)."""
-
-    def __init__(self, stats: Stats, stream: Optional[IO[bytes]] = None) -> None:
-        self.stats = stats
-        self.stream = stream if stream is not None else sys.__stdout__.buffer
-
-    def deliver(self, dataset: Dataset) -> None:
-        self.stream.write(encode(dataset))
-        self.stream.flush()
-        self.stats.datasets_sent += 1
-
-
 class Progress:
     """A progress line on a terminal, at most a few times a second."""
 
@@ -318,7 +305,7 @@ def run(settings: Settings, files: List[str], quiet: bool = False,
     inputs, errors = open_inputs(files)
     if errors:
         return _ended(errors, None, 0, err, status=2)
-    replay = Replay(settings, _Stdout(Stats(), out), window=window)
+    replay = Replay(settings, JsonLinesWriter(Stats(), out), window=window)
     progress = Progress(err, _total_size(files), not quiet)
     for done, data in chunks(inputs, errors):
         replay.feed(data)
