@@ -49,7 +49,7 @@ from .datasets import Dataset, JsonLinesWriter, report, start_time  # noqa: E402
 from .model import IntervalModel  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 from .records import Record, RecordParser  # noqa: E402
-from .settings import ModelOptions, Settings  # noqa: E402
+from .settings import ModelOptions, Settings, parse_command_line  # noqa: E402
 from .stats import Stats  # noqa: E402
 
 CHUNK = 1 << 20
@@ -394,11 +394,7 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point."""
     options = ReplayOptions()
-    try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
-    except usage.UsageError as e:
-        sys.stderr.write(f"{options}\nsfive-ngxlua-replay: {e}\n")
-        sys.exit(64)
+    parse_command_line(options, argv, "sfive-ngxlua-replay")
     settings = options.settings()
     files = options["files"]
     if settings.socket or settings.hub:
