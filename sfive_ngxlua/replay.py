@@ -362,17 +362,17 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
 
     async def hand_over() -> bool:
         """Move datasets into the hub's queue without overfilling it; False if the hub stalls."""
-        stalled = 0.0
         while pending:
-            if len(sink.queue) < settings.queue_limit:
-                sink.deliver(pending.popleft())
-                stalled = 0.0
-                continue
-            await task.deferLater(reactor, 0.01, lambda: None)
-            stalled += 0.01
-            if stalled >= HUB_PATIENCE:
-                errors.append(f"the hub took no dataset for {HUB_PATIENCE:g}s; giving up")
-                return False
+            data = sink.encode(pending.popleft())
+            stalled = 0.0
+            while not sink.queue.takes(len(data)):  # neither limit may drop a dataset
+                await task.deferLater(reactor, 0.01, lambda: None)
+                stalled += 0.01
+                if stalled >= HUB_PATIENCE:
+                    errors.append(f"the hub took no dataset for {HUB_PATIENCE:g}s; giving up")
+                    return False
+            sink.queue.push(data)
+            sink.flush()
         return True
 
     for done, data in chunks(inputs, errors):

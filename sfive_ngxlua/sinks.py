@@ -78,6 +78,11 @@ class DatasetQueue:
         self.size += len(data)
         self._bound()
 
+    def takes(self, size: int) -> bool:
+        """Whether a dataset of ``size`` bytes fits without dropping one (for a producer that
+        would rather wait, as replay does)."""
+        return not self.items or (len(self) < self.limit and self.size + size <= self.max_bytes)
+
     def _bound(self) -> None:
         """Drop the oldest while over either limit."""
         while len(self) > 1 and (len(self) > self.limit or self.size > self.max_bytes):
