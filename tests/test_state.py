@@ -790,3 +790,32 @@ def test_a_saved_model_of_another_format_is_kept_aside_never_mixed_in(tmp_path, 
     assert aside and stats2.state_errors == 1
     assert store2.restore(stats2) is None and store2.position() is None
     store2.close()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("settings", '{"duration": 10}'),  # a field missing
+    ("model", "{not json"),
+    ("model", "[1, 2]"),
+    ("position", "{not json"),
+    ("saved_at", '"yesterday"'),
+])
+def test_damaged_rows_are_set_aside_counted_and_logged_never_a_traceback(tmp_path, logs, key,
+                                                                         value):
+    """A saved row that cannot be read: the start goes on with an empty state (the file moved
+    aside for a person to look at), and so does retiring the node."""
+    store, s, stats = opened(tmp_path)
+    model = IntervalModel(s, stats, start=T0)
+    model.add(rec(T0 + 1))
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    with store.transaction():
+        store.db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+    store.close()
+    store2, _, stats2 = opened(tmp_path)
+    if key == "saved_at":  # the model is fine; only reporting it as saved needs saved_at
+        assert store2.report_saved(DiskQueue(store2, 10, stats2), "is being retired") == (0, 0)
+    else:
+        assert store2.restore(stats2, DiskQueue(store2, 10, stats2)) is None
+    assert stats2.state_errors == 1 and logs.matching("moved it to")
+    assert [n for n in os.listdir(tmp_path / "state") if ".unusable-" in n]
+    assert store2.restore(stats2) is None and store2.position() is None
+    store2.close()
