@@ -161,15 +161,12 @@ class FileFollowService(Service):
                 "rotated": [f.ident() for f in self.rotated]}
 
     def resume(self, position: dict) -> None:
-        """Continue from a saved position when the service starts (instead of the file's end)."""
+        """Continue from a saved position when the service starts (instead of the file's end);
+        ValueError (and the file's end) for a position that is not this file's."""
         if not isinstance(position, dict) or position.get("kind") != "file":
-            self.log.warn("ignoring a saved position that is not a file's: {position!r}",
-                          position=position)
-            return
+            raise ValueError(f"not a file's position: {position!r}")
         if position.get("path") != self.path:
-            self.log.warn("the saved position is for {saved}, not {path}: starting at the end "
-                          "of {path}", saved=position.get("path"), path=self.path)
-            return
+            raise ValueError(f"the position is for {position.get('path')!r}, not {self.path!r}")
         self._resume = position
 
     # --- service ------------------------------------------------------------------------------
@@ -333,13 +330,12 @@ class FileFollowService(Service):
             if not ident:
                 continue
             try:
-                int(ident.get("offset") or 0)
+                offset = int(ident.get("offset") or 0)
                 f = self._find(ident, now)
                 copied = False
                 if f is None:  # copytruncate while the service was down: the copy has the rest
                     f = self._find_copy(int(ident.get("head_len") or 0), ident.get("head"),
-                                        int(ident.get("offset") or 0) - 1, now,
-                                        (ident.get("dev"), ident.get("ino")))
+                                        offset - 1, now, (ident.get("dev"), ident.get("ino")))
                     copied = f is not None
             except (AttributeError, TypeError, ValueError):
                 self.log.warn("ignoring a malformed entry in the saved position: {ident!r}",
@@ -353,11 +349,9 @@ class FileFollowService(Service):
                     "the rotated logs fills the hole)", ino=ident.get("ino"),
                     offset=ident.get("offset"))
                 continue
-            size = os.fstat(f.fd).st_size
-            offset = int(ident.get("offset") or 0)
-            if offset > size:
+            if not 0 <= offset <= os.fstat(f.fd).st_size:
                 self.stats.file_truncations += 1
-                self.log.warn("{name} is shorter than the saved offset {offset}: reading it "
+                self.log.warn("{name} does not reach the saved offset {offset}: reading it "
                               "from its start", name=f.name, offset=offset)
                 offset = 0
             f.offset = f.line_end = offset

@@ -234,6 +234,32 @@ def test_position_and_resume_continue_after_the_last_complete_line(log):
     assert g.clients() == ips([2, 3])
 
 
+def test_a_position_that_is_not_this_files_is_refused_before_the_start(log):
+    """ValueError (the service then logs it and starts at the file's end), as the fetcher does
+    for a position that is not an exporter's."""
+    log.write_bytes(entry(0))
+    f = Follower(log, start=False)
+    for position in ({"kind": "exporter", "ring": None, "seq": 3}, ["file", str(log)],
+                     {"kind": "file", "path": str(log) + ".other", "file": None}):
+        with pytest.raises(ValueError):
+            f.service.resume(position)
+    f.start()
+    append(log, entry(1))
+    f.tick()
+    assert f.clients() == ips([1])
+
+
+def test_a_negative_saved_offset_reads_the_file_from_its_start(log):
+    log.write_bytes(entry(0))
+    f = Follower(log)
+    position = f.service.position()
+    f.service.stopService()
+    position["file"]["offset"] = -5
+    append(log, entry(1))
+    g = Follower(log, position=position)
+    assert g.clients() == ips([0, 1]) and g.stats.file_truncations == 1
+
+
 def test_resume_after_a_rotation_while_down(log):
     log.write_bytes(b"")
     f = Follower(log)
@@ -280,15 +306,6 @@ def test_a_file_that_is_not_the_saved_one_is_read_from_its_start(log):
     position["file"]["head"] = "0" * 16
     g = Follower(log, position=position)
     assert g.clients() == ips([0, 1])
-
-
-def test_a_position_for_another_path_is_ignored(log, tmp_path):
-    log.write_bytes(entry(0))
-    g = Follower(log, position={"kind": "file", "path": str(tmp_path / "other.log"),
-                                "file": None, "rotated": []})
-    assert g.lines == []
-    g = Follower(log, position={"kind": "exporter", "ring": None, "seq": 3})
-    assert g.lines == []
 
 
 def test_watermark_while_caught_up_and_while_reading_a_backlog(log, monkeypatch):
