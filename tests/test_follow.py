@@ -217,6 +217,18 @@ def test_deleted_and_created_again(log):
     assert f.service.rotated == []
 
 
+def stopped_after(log, data: bytes) -> dict:
+    """The position of a follower that read ``data`` appended to an empty ``log``, then
+    stopped."""
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, data)
+    f.tick()
+    position = f.service.position()
+    f.service.stopService()
+    return position
+
+
 def test_position_and_resume_continue_after_the_last_complete_line(log):
     log.write_bytes(b"")
     f = Follower(log)
@@ -261,12 +273,7 @@ def test_a_negative_saved_offset_reads_the_file_from_its_start(log):
 
 
 def test_resume_after_a_rotation_while_down(log):
-    log.write_bytes(b"")
-    f = Follower(log)
-    append(log, entry(0))
-    f.tick()
-    position = f.service.position()
-    f.service.stopService()
+    position = stopped_after(log, entry(0))
     append(log, entry(1))
     os.rename(log, str(log) + ".1")
     log.write_bytes(entry(2))
@@ -297,12 +304,7 @@ def test_resume_with_a_rotated_file_in_the_position(log):
 def test_a_file_that_is_not_the_saved_one_is_read_from_its_start(log):
     """Same path, but the saved head does not match (the inode was reused, or the file was
     rewritten): the saved position does not apply."""
-    log.write_bytes(b"")
-    f = Follower(log)
-    append(log, entry(0) + entry(1))
-    f.tick()
-    position = f.service.position()
-    f.service.stopService()
+    position = stopped_after(log, entry(0) + entry(1))
     position["file"]["head"] = "0" * 16
     g = Follower(log, position=position)
     assert g.clients() == ips([0, 1])
@@ -476,12 +478,7 @@ def test_a_malformed_position_is_a_warning_not_a_traceback(log):
 
 
 def test_resume_after_a_copytruncate_while_down_reads_the_copy(log):
-    log.write_bytes(b"")
-    f = Follower(log)
-    append(log, entry(0))
-    f.tick()
-    position = f.service.position()
-    f.service.stopService()
+    position = stopped_after(log, entry(0))
     append(log, entry(1))
     shutil.copyfile(log, str(log) + ".1")
     os.truncate(log, 0)
