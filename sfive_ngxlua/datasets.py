@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 import simplejson
 
 from .model import ClientKey, Clients, Interval
 from .settings import Settings
+from .stats import Stats
 
 Dataset = Dict[str, Any]
 
@@ -68,6 +70,21 @@ def encode(dataset: Dataset) -> bytes:
     return _json(dataset).encode("utf-8") + b"\n"
 
 
+class JsonLinesWriter:
+    """Datasets in their wire form on a binary stream (standard output by default), each
+    flushed at once. No Twisted here: replay's standard-output path uses it as it is, the
+    service's StdoutSink adds the Service around it."""
+
+    def __init__(self, stats: Stats, stream: Optional[IO[bytes]] = None) -> None:
+        self.stats = stats
+        self.stream = stream if stream is not None else sys.__stdout__.buffer
+
+    def deliver(self, dataset: Dataset) -> None:
+        self.stream.write(encode(dataset))
+        self.stream.flush()
+        self.stats.datasets_sent += 1
+
+
 def _client_rank(client: Dict[str, Any]) -> Tuple[int, str, str]:
     return -client["bytes-sent"], client["ip"], client["user-agent"]
 
@@ -100,6 +117,7 @@ def fit(dataset: Dataset, limit: int) -> Tuple[bytes, int]:
 def shrink(data: bytes, limit: int) -> bytes:
     """``fit`` for a dataset already encoded (a datagram the socket refused as too large)."""
     return fit(simplejson.loads(data), limit)[0]
+
 
 def report(intervals: List[Interval], settings: Settings, deliver: Callable[[dict], Any]) -> int:
     """Deliver every interval's datasets in order; return how many. (Here, not in report.py, so

@@ -176,8 +176,9 @@ class LogFetchService(Service):
         return {"kind": "exporter", "ring": self.ring, "seq": self.pipeline.last_seq}
 
     def resume(self, position: Dict[str, Any]) -> None:
-        """Continue from a checkpointed ``position()`` (before the service starts)."""
-        if position.get("kind") != "exporter":
+        """Continue from a checkpointed ``position()`` (before the service starts); ValueError
+        for a position that is not an exporter's."""
+        if not isinstance(position, dict) or position.get("kind") != "exporter":
             raise ValueError(f"not an exporter position: {position!r}")
         ring, seq = position.get("ring"), position.get("seq")
         if ring is not None and not (isinstance(ring, str) and _RING_ID.match(ring)):

@@ -161,15 +161,12 @@ class FileFollowService(Service):
                 "rotated": [f.ident() for f in self.rotated]}
 
     def resume(self, position: dict) -> None:
-        """Continue from a saved position when the service starts (instead of the file's end)."""
+        """Continue from a saved position when the service starts (instead of the file's end);
+        ValueError (and the file's end) for a position that is not this file's."""
         if not isinstance(position, dict) or position.get("kind") != "file":
-            self.log.warn("ignoring a saved position that is not a file's: {position!r}",
-                          position=position)
-            return
+            raise ValueError(f"not a file's position: {position!r}")
         if position.get("path") != self.path:
-            self.log.warn("the saved position is for {saved}, not {path}: starting at the end "
-                          "of {path}", saved=position.get("path"), path=self.path)
-            return
+            raise ValueError(f"the position is for {position.get('path')!r}, not {self.path!r}")
         self._resume = position
 
     # --- service ------------------------------------------------------------------------------
@@ -333,40 +330,13 @@ class FileFollowService(Service):
             if not ident:
                 continue
             try:
-                int(ident.get("offset") or 0)
-                f = self._find(ident, now)
-                copied = False
-                if f is None:  # copytruncate while the service was down: the copy has the rest
-                    f = self._find_copy(int(ident.get("head_len") or 0), ident.get("head"),
-                                        int(ident.get("offset") or 0) - 1, now,
-                                        (ident.get("dev"), ident.get("ino")))
-                    copied = f is not None
+                f = self._reopen_one(ident, now)
             except (AttributeError, TypeError, ValueError):
                 self.log.warn("ignoring a malformed entry in the saved position: {ident!r}",
                               ident=ident)
                 continue
             if f is None:
-                self.stats.file_rotations += 1
-                self.log.warn(
-                    "the file followed before (inode {ino}, at offset {offset}) is gone: the "
-                    "lines it got after that are lost (sfive-ngxlua-replay --from/--until over "
-                    "the rotated logs fills the hole)", ino=ident.get("ino"),
-                    offset=ident.get("offset"))
                 continue
-            size = os.fstat(f.fd).st_size
-            offset = int(ident.get("offset") or 0)
-            if offset > size:
-                self.stats.file_truncations += 1
-                self.log.warn("{name} is shorter than the saved offset {offset}: reading it "
-                              "from its start", name=f.name, offset=offset)
-                offset = 0
-            f.offset = f.line_end = offset
-            if copied:
-                self.stats.file_truncations += 1
-                self.log.warn("{path} was truncated in place (copytruncate?) while the service "
-                              "was down: reading the rest from its copy {name}; lines nginx "
-                              "wrote between the copy and the truncation are lost", path=self.path,
-                              name=f.name)
             try:
                 at_path = os.stat(self.path)
                 here = (at_path.st_dev, at_path.st_ino) == (f.dev, f.ino)
@@ -376,11 +346,43 @@ class FileFollowService(Service):
                 self.current = f
             else:
                 self.rotated.append(f)
-            self.log.info("resuming {name} at offset {offset}", name=f.name, offset=offset)
+            self.log.info("resuming {name} at offset {offset}", name=f.name, offset=f.offset)
+
+    def _reopen_one(self, ident: dict, now: float) -> Optional[_File]:
+        """One saved file, opened at its saved offset (or at its start, or its copy's offset
+        after a copytruncate while the service was down); None, counted and logged, if it is
+        gone. Raises AttributeError, TypeError or ValueError for a malformed entry."""
+        offset = int(ident.get("offset") or 0)
+        f = self._find(ident, now)
+        if f is None:  # copytruncate while the service was down: the copy has the rest
+            f = self._find_copy(int(ident.get("head_len") or 0), ident.get("head"), offset - 1,
+                                now, (ident.get("dev"), ident.get("ino")))
+            if f is None:
+                self.stats.file_rotations += 1
+                self.log.warn(
+                    "the file followed before (inode {ino}, at offset {offset}) is gone: the "
+                    "lines it got after that are lost (sfive-ngxlua-replay --from/--until over "
+                    "the rotated logs fills the hole)", ino=ident.get("ino"), offset=offset)
+                return None
+            self.stats.file_truncations += 1
+            self.log.warn("{path} was truncated in place (copytruncate?) while the service was "
+                          "down: reading the rest from its copy {name}; lines nginx wrote "
+                          "between the copy and the truncation are lost", path=self.path,
+                          name=f.name)
+        if not 0 <= offset <= os.fstat(f.fd).st_size:
+            self.stats.file_truncations += 1
+            self.log.warn("{name} does not reach the saved offset {offset}: reading it from its "
+                          "start", name=f.name, offset=offset)
+            offset = 0
+        f.offset = f.line_end = offset
+        return f
 
     def _find(self, ident: dict, now: float) -> Optional[_File]:
         """The file with this device, inode and head, at the path or elsewhere in its directory."""
         want = (ident.get("dev"), ident.get("ino"))
+        head_len = int(ident.get("head_len") or 0)  # a malformed entry fails before any open
+        if head_len < 0:
+            raise ValueError(f"head_len {head_len}")
         for name in self._candidates():
             try:
                 st = os.stat(name)
@@ -393,7 +395,6 @@ class FileFollowService(Service):
                 if f is not None:
                     f.close()
                 continue
-            head_len = int(ident.get("head_len") or 0)
             if _digest(os.pread(f.fd, head_len, 0)) != ident.get("head"):
                 f.close()
                 continue

@@ -45,11 +45,11 @@ _lazy("http.cookiejar")
 from twisted.python import usage  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .datasets import Dataset, encode, report, start_time  # noqa: E402
+from .datasets import Dataset, JsonLinesWriter, report, start_time  # noqa: E402
 from .model import IntervalModel  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 from .records import Record, RecordParser  # noqa: E402
-from .settings import ModelOptions, Settings  # noqa: E402
+from .settings import ModelOptions, Settings, parse_command_line  # noqa: E402
 from .stats import Stats  # noqa: E402
 
 CHUNK = 1 << 20
@@ -187,19 +187,6 @@ class WindowModel(IntervalModel):
         return out
 
 
-class _Stdout:
-    """Datasets as JSON lines on a binary stream (the service's StdoutSink without Twisted)."""
-
-    def __init__(self, stats: Stats, stream: Optional[IO[bytes]] = None) -> None:
-        self.stats = stats
-        self.stream = stream if stream is not None else sys.__stdout__.buffer
-
-    def deliver(self, dataset: Dataset) -> None:
-        self.stream.write(encode(dataset))
-        self.stream.flush()
-        self.stats.datasets_sent += 1
-
-
 class Progress:
     """A progress line on a terminal, at most a few times a second."""
 
@@ -318,7 +305,7 @@ def run(settings: Settings, files: List[str], quiet: bool = False,
     inputs, errors = open_inputs(files)
     if errors:
         return _ended(errors, None, 0, err, status=2)
-    replay = Replay(settings, _Stdout(Stats(), out), window=window)
+    replay = Replay(settings, JsonLinesWriter(Stats(), out), window=window)
     progress = Progress(err, _total_size(files), not quiet)
     for done, data in chunks(inputs, errors):
         replay.feed(data)
@@ -375,17 +362,17 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
 
     async def hand_over() -> bool:
         """Move datasets into the hub's queue without overfilling it; False if the hub stalls."""
-        stalled = 0.0
         while pending:
-            if len(sink.queue) < settings.queue_limit:
-                sink.deliver(pending.popleft())
-                stalled = 0.0
-                continue
-            await task.deferLater(reactor, 0.01, lambda: None)
-            stalled += 0.01
-            if stalled >= HUB_PATIENCE:
-                errors.append(f"the hub took no dataset for {HUB_PATIENCE:g}s; giving up")
-                return False
+            data = sink.encode(pending.popleft())
+            stalled = 0.0
+            while not sink.queue.takes(len(data)):  # neither limit may drop a dataset
+                await task.deferLater(reactor, 0.01, lambda: None)
+                stalled += 0.01
+                if stalled >= HUB_PATIENCE:
+                    errors.append(f"the hub took no dataset for {HUB_PATIENCE:g}s; giving up")
+                    return False
+            sink.queue.push(data)
+            sink.flush()
         return True
 
     for done, data in chunks(inputs, errors):
@@ -407,11 +394,7 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point."""
     options = ReplayOptions()
-    try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
-    except usage.UsageError as e:
-        sys.stderr.write(f"{options}\nsfive-ngxlua-replay: {e}\n")
-        sys.exit(64)
+    parse_command_line(options, argv, "sfive-ngxlua-replay")
     settings = options.settings()
     files = options["files"]
     if settings.socket or settings.hub:

@@ -105,10 +105,13 @@ class ReportService(Service):
         self.loop.start(self.settings.duration, now=True).addErrback(
             lambda f: self.log.failure("reporting loop failed", f))
 
+    def _source_mark(self, now: float) -> float:
+        """The source's watermark (``now`` without a source: the wall-clock rule)."""
+        return now if self.source is None else self.source.watermark(now)
+
     def watermark(self, now: float) -> float:
         """The effective watermark: the source's, but at most ``max_delay`` behind ``now``."""
-        mark = now if self.source is None else self.source.watermark(now)
-        return max(mark, now - self.max_delay)
+        return max(self._source_mark(now), now - self.max_delay)
 
     def check(self) -> None:
         """The source's watermark may have moved: report what it made due (cheap when
@@ -123,7 +126,7 @@ class ReportService(Service):
         """Close every interval due by the effective watermark, and what the held cap
         forces out; update the held and lag figures."""
         now = self.clock.seconds()
-        mark = now if self.source is None else self.source.watermark(now)
+        mark = self._source_mark(now)
         by_mark = self.model.due(mark) if math.isfinite(mark) else 0
         intervals = self.model.close_due(max(mark, now - self.max_delay))
         if len(intervals) > by_mark and not self._expired:

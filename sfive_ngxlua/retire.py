@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 from twisted.python import usage
 
 from . import __version__
-from .settings import ModelOptions, Settings, _check_endpoint, _seconds
+from .settings import Settings, _check_endpoint, _seconds, parse_command_line
 from .stats import Stats
 
 DEFAULT_STATE_DIR = "/var/lib/sfive-ngxlua"
@@ -54,6 +54,12 @@ class RetireOptions(usage.Options):
             raise usage.UsageError(f"--state-dir {self['state-dir']!r}: no such directory")
         self["timeout"] = _seconds("--timeout", self["timeout"], positive=True)
 
+    def settings(self) -> Settings:
+        """The hub and the state dir; everything else the saved state brings along (its
+        intervals are reported under the settings they were counted with)."""
+        return Settings(streamers=(), socket=self["socket"], hub=self["hub"],
+                        state_dir=os.path.abspath(self["state-dir"]))
+
 
 def become_owner(directory: str) -> None:
     """Run as root: become the state directory's owner (the service user, with its groups),
@@ -72,13 +78,6 @@ def become_owner(directory: str) -> None:
     os.setuid(st.st_uid)
 
 
-def _base_settings(options: RetireOptions) -> Settings:
-    base = ModelOptions()
-    base.parseOptions(["-S", "retire/retire/retire"])
-    return Settings(**dict(base.settings_kwargs, socket=options["socket"], hub=options["hub"],
-                           state_dir=os.path.abspath(options["state-dir"])))
-
-
 def retire(options: RetireOptions, reactor: Any, err: Any = sys.stderr,
            out: Any = None) -> Any:
     """The whole retirement on ``reactor``; a Deferred firing with the exit status."""
@@ -89,10 +88,10 @@ def retire(options: RetireOptions, reactor: Any, err: Any = sys.stderr,
 
 async def _retire(options: RetireOptions, reactor: Any, err: Any, out: Any) -> int:
     from .service import make_sink
-    from .sinks import DiskQueue, StdoutSink
+    from .sinks import DiskQueue
     from .store import LOCK_FILE, STATE_FILE, StateLocked, StateStore
 
-    settings = _base_settings(options)
+    settings = options.settings()
     stats = Stats()
     try:
         store = StateStore(settings.state_dir, settings, stats, reactor)
@@ -110,11 +109,11 @@ async def _retire(options: RetireOptions, reactor: Any, err: Any, out: Any) -> i
             await _delivered(queue, options["timeout"], reactor)
             await sink.stopService()
         else:
-            stdout = StdoutSink(stats, out)
-            while queue.head() is not None:
-                stdout.stream.write(queue.head())
+            stream = out if out is not None else sys.__stdout__.buffer
+            while (data := queue.head()) is not None:
+                stream.write(data)
+                stream.flush()  # on the way out before it leaves the disk
                 queue.sent()
-            stdout.stream.flush()
     finally:
         left = len(queue)
         store.close()
@@ -148,11 +147,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from twisted.internet import task
 
     options = RetireOptions()
-    try:
-        options.parseOptions(sys.argv[1:] if argv is None else argv)
-    except usage.UsageError as e:
-        sys.stderr.write(f"{options}\nsfive-ngxlua-retire: {e}\n")
-        sys.exit(64)
+    parse_command_line(options, argv, "sfive-ngxlua-retire")
     become_owner(options["state-dir"])
     status: List[int] = []
 

@@ -133,7 +133,8 @@ def make_source(settings: Settings, reactor: Any, pipeline: Pipeline, stats: Sta
 
         return FileFollowService(settings, reactor, pipeline, stats, clock=clock,
                                  on_watermark=on_watermark)
-    return LogFetchService(settings, reactor, pipeline, stats, clock=clock)
+    return LogFetchService(settings, reactor, pipeline, stats, clock=clock,
+                           on_watermark=on_watermark)
 
 
 def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
@@ -157,9 +158,8 @@ def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
             stats.state_errors += 1
             log.error("{why}; running without a saved state (a restart loses the running "
                       "interval and the hub queue)", why=e)
-    if store is not None:
-        if sink is None and (settings.socket or settings.hub):
-            queue = DiskQueue(store, settings.queue_limit, stats, settings.queue_bytes)
+    if store is not None and sink is None and (settings.socket or settings.hub):
+        queue = DiskQueue(store, settings.queue_limit, stats, settings.queue_bytes)
     if sink is None:
         sink = make_sink(settings, reactor, stats, clock, queue)
     if getattr(sink, "stats", False) is None:

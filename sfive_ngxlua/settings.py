@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass, field
-from typing import FrozenSet, Optional, Tuple
+from typing import FrozenSet, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 from twisted.python import usage
@@ -137,6 +138,16 @@ def _statuses(value: str) -> FrozenSet[int]:
             raise usage.UsageError(f"--status: {part!r} is not an HTTP status code (100-599)")
         codes.add(int(part))
     return frozenset(codes)
+
+
+def parse_command_line(options: usage.Options, argv: Optional[List[str]], program: str) -> None:
+    """A console command's options from ``argv`` (default: the process's arguments); on a
+    usage error, the usage and the message on standard error and exit status 64 (EX_USAGE)."""
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        sys.stderr.write(f"{options}\n{program}: {e}\n")
+        sys.exit(64)
 
 
 class ModelOptions(usage.Options):

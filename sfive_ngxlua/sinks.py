@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-import sys
 from collections import deque
 from errno import (
     EAGAIN,
@@ -20,7 +19,7 @@ from errno import (
     ENOBUFS,
     EWOULDBLOCK,
 )
-from typing import IO, Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -38,7 +37,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .datasets import Dataset, encode, fit, shrink
+from .datasets import Dataset, JsonLinesWriter, encode, fit, shrink
 from .stats import Stats
 
 RETRY_SECONDS = 3.0
@@ -78,6 +77,11 @@ class DatasetQueue:
         self.items.append(data)
         self.size += len(data)
         self._bound()
+
+    def takes(self, size: int) -> bool:
+        """Whether a dataset of ``size`` bytes fits without dropping one (for a producer that
+        would rather wait, as replay does)."""
+        return not self.items or (len(self) < self.limit and self.size + size <= self.max_bytes)
 
     def _bound(self) -> None:
         """Drop the oldest while over either limit."""
@@ -280,17 +284,8 @@ class CallableSink(Service):
                 self.stats.datasets_sent += 1
 
 
-class StdoutSink(Service):
+class StdoutSink(JsonLinesWriter, Service):
     """Writes datasets as JSON lines to a binary stream (standard output by default)."""
-
-    def __init__(self, stats: Stats, stream: Optional[IO[bytes]] = None) -> None:
-        self.stats = stats
-        self.stream = stream if stream is not None else sys.__stdout__.buffer
-
-    def deliver(self, dataset: Dataset) -> None:
-        self.stream.write(encode(dataset))
-        self.stream.flush()
-        self.stats.datasets_sent += 1
 
 
 class _HubProtocol(protocol.ConnectedDatagramProtocol):

@@ -404,15 +404,33 @@ class StateStore:
                 "reported": header.get("reported"), "live": header.get("live", True),
                 "open": open_}
 
+    def _saved(self) -> Optional[Tuple[dict, dict]]:
+        """The saved settings record and the saved model as ``IntervalModel.snapshot`` data
+        (None if nothing is saved); raises KeyError, TypeError, ValueError or AttributeError
+        for damaged rows (the position included: a state is usable only as a whole)."""
+        record = self._meta("settings")
+        header = self._meta("model")
+        self._meta("position")
+        if record is None or header is None:
+            return None
+        return record, self._snapshot(record, header)
+
+    def _damaged(self, stats: Stats) -> Optional[Tuple[dict, dict]]:
+        """``_saved()``, with damaged rows set aside (counted, one error line) as None."""
+        try:
+            return self._saved()
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            self._set_aside(stats, "its saved rows are damaged", e)
+            return None
+
     def restore(self, stats: Stats, queue: Any = None) -> Optional[IntervalModel]:
         """The saved model, or None (nothing saved, or saved under other settings: then its
         intervals are reported into ``queue`` under the settings they were made with, in one
-        transaction with clearing them, and the service starts fresh)."""
-        record = self._meta("settings")
-        header = self._meta("model")
-        if record is None or header is None:
+        transaction with clearing them, and the service starts fresh; damaged: set aside)."""
+        saved = self._damaged(stats)
+        if saved is None:
             return None
-        snap = self._snapshot(record, header)
+        record, snap = saved
         try:
             return IntervalModel.restore(self.settings, stats, snap)
         except StateMismatch as e:
@@ -426,28 +444,22 @@ class StateStore:
     def report_saved(self, queue: Any, why: str) -> Tuple[int, int]:
         """Report the saved intervals into ``queue`` under the settings they were counted with
         and clear them (one transaction): for retiring a node. (intervals, datasets)."""
-        record = self._meta("settings")
-        header = self._meta("model")
-        if record is None or header is None:
+        saved = self._damaged(self.stats)
+        if saved is None:
             return 0, 0
-        return self._report_saved(record, self._snapshot(record, header), why, self.stats,
-                                  queue)
+        return self._report_saved(*saved, why, self.stats, queue)
 
     def _report_saved(self, record: dict, snap: dict, why: str, stats: Stats,
                       queue: Any) -> Tuple[int, int]:
         """Report a saved model as it was saved (the running interval cut where it was saved)
         into ``queue``, and clear it; (intervals, datasets)."""
-        saved_at = self._meta("saved_at") or self.now()
         try:
+            saved_at = self._meta("saved_at") or self.now()
             old = _settings_from(record, self.settings)
             model = IntervalModel.restore(old, Stats(), snap)
             intervals = model.close_all(saved_at)
         except Exception as e:
-            aside = self._move_aside_open("unusable")
-            stats.state_errors += 1
-            self.log.error(
-                "state {path}: {why}, and it cannot be reported as saved ({error}); moved it "
-                "to {aside} and starting fresh", path=self.path, why=why, error=e, aside=aside)
+            self._set_aside(stats, f"{why}, and it cannot be reported as saved", e)
             return 0, 0
         items = [encode(d) for interval in intervals for d in datasets(interval, old)]
         with self.transaction():
@@ -467,11 +479,15 @@ class StateStore:
             m=len(items))
         return len(intervals), len(items)
 
-    def _move_aside_open(self, why: str) -> str:
+    def _set_aside(self, stats: Stats, why: str, error: Exception) -> None:
+        """A state that cannot be used: moved aside (kept for a person to look at), counted,
+        one error line; the store goes on with an empty file."""
         self.db.close()
-        aside = self._move_aside(why)
+        aside = self._move_aside("unusable")
         self.db = self._connect()
-        return aside
+        stats.state_errors += 1
+        self.log.error("state {path}: {why} ({error}); moved it to {aside} and starting fresh",
+                       path=self.path, why=why, error=error, aside=aside)
 
     def scrub_wal(self) -> None:
         """After deletions: copy the WAL into the file and truncate it, so delivered datasets

@@ -48,6 +48,18 @@ FLUSH = 1.0
 GRACE = "2.5"  # flush=1s plus room for a loaded machine (the reporter's wall-clock rule)
 
 
+def nginx_logging(nginx_factory, tmp_path):
+    """nginx writing its access log in the sfive format as shipped (flush=1s), and the log's
+    path (in a directory of its own, as logrotate has it)."""
+    logs = tmp_path / "sfive"
+    logs.mkdir()
+    log = logs / "sfive.log"
+    nginx = nginx_factory(files=FILES, extra_http=(
+        f"    include {SOURCE_DIR}/sfive-log.conf;\n"
+        f"    access_log {log} sfive buffer=64k flush=1s;\n"))
+    return nginx, log
+
+
 def start_service(path, hub):
     """The service as twistd builds it, following the access log."""
     options = Options()
@@ -92,12 +104,7 @@ def next_second():
 @pytest_twisted.inlineCallbacks
 def test_rotations_restart_and_backfill_give_exactly_the_truth(nginx_factory, hubs,  # noqa: F811
                                                                services, tmp_path):  # noqa: F811
-    logs = tmp_path / "sfive"
-    logs.mkdir()
-    log = logs / "sfive.log"
-    nginx = nginx_factory(files=FILES, extra_http=(
-        f"    include {SOURCE_DIR}/sfive-log.conf;\n"
-        f"    access_log {log} sfive buffer=64k flush=1s;\n"))
+    nginx, log = nginx_logging(nginx_factory, tmp_path)
     hub = hubs()
     a = start_service(log, hub)
     services.append(a)
@@ -202,22 +209,15 @@ def window_intervals(nginx, log):
 
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
-HAS_STATE = any(p[0] == "state-dir" for p in Options.optParameters)
 
 
-@pytest.mark.skipif(not HAS_STATE, reason="needs --state-dir (the state store, issue 12)")
 @pytest_twisted.inlineCallbacks
 def test_twistd_with_a_state_dir_resumes_exactly_after_restart_and_sigkill(
         nginx_factory, hubs, tmp_path):  # noqa: F811
     """The real twistd with --file and --state-dir: rename+USR1, a SIGTERM restart, a
     copytruncate, a SIGKILL; every interval from the first to the last exactly once, equal to
     the truth (the state store keeps model and position in one checkpoint)."""
-    logs = tmp_path / "sfive"
-    logs.mkdir()
-    log = logs / "sfive.log"
-    nginx = nginx_factory(files=FILES, extra_http=(
-        f"    include {SOURCE_DIR}/sfive-log.conf;\n"
-        f"    access_log {log} sfive buffer=64k flush=1s;\n"))
+    nginx, log = nginx_logging(nginx_factory, tmp_path)
     hub = hubs()
     runs = []
 

@@ -889,15 +889,6 @@ def check_confined(pid: int, user: pwd.struct_passwd) -> None:
     assert "/tmp" in options  # private /tmp
 
 
-def state_option() -> list[str]:
-    """--state-dir where the installed service has it and can use it: the store needs the
-    model as data (IntervalModel.snapshot, from the eventtime branch)."""
-    help_text = run(["twistd3", PKG, "--help"]).stdout
-    usable = run(["python3", "-c", "from sfive_ngxlua.model import IntervalModel; "
-                  "assert hasattr(IntervalModel, 'snapshot')"]).returncode == 0
-    return ["--state-dir", str(STATE_DIR)] if "--state-dir" in help_text and usable else []
-
-
 def check_state_modes(user: pwd.struct_passwd) -> list[str]:
     """The state directory 0700 and every file in it 0600, the service user's; their names."""
     info = STATE_DIR.stat()
@@ -956,37 +947,30 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
     nginx = Nginx()
     try:
         metrics = free_port()
-        state = state_option()
-        # With a state dir, --grace 3 keeps the interval open at the stop open for 3 s more
-        # than its end (see open_interval_requests).
-        grace = " --grace 3" if state else ""
+        # --grace 3 keeps the interval open at the stop open for 3 s more than its end (see
+        # open_interval_requests).
         set_daemon_opts(f"-s {hub.getsockname()} -u http://127.0.0.1:{nginx.port}/sfive"
-                        f" -S test/hls/high -n {HOSTNAME} -d 1{grace}"
-                        f" --metrics tcp:{metrics}:interface=127.0.0.1 {' '.join(state)}")
+                        f" -S test/hls/high -n {HOSTNAME} -d 1 --grace 3"
+                        f" --metrics tcp:{metrics}:interface=127.0.0.1 --state-dir {STATE_DIR}")
         how = "systemd" if systemd_running() else f"{CONFINE.name} (systemd is not PID 1 here)"
         say(f"the confined unit under {how}: {' '.join(unit_command())}")
-        # First run: exact datasets from nginx, the metrics port; then (with a state dir) a
-        # few more requests and a stop while their interval is still open.
+        # First run: exact datasets from nginx, the metrics port; then a few more requests
+        # and a stop while their interval is still open.
         drain(hub)
         service = ConfinedService(user)
-        window: tuple[datetime, datetime, int] | None = None
         try:
             check_confined(service.pid, user)
             exercise_unit_command(service, hub, nginx)
             check_metrics(metrics)
-            if state:
-                say(f"state files while running: {check_state_modes(user)}")
-                window = open_interval_requests(nginx)
+            say(f"state files while running: {check_state_modes(user)}")
+            begin, end, sent = open_interval_requests(nginx)
         finally:
             output = service.stop()
         assert "Traceback" not in output, output
         before_restart = drain(hub)
-        if not state:
-            say("no usable --state-dir in this build: state modes and read-back not checked")
-        else:
-            say(f"after the stop: state directory 0700, files 0600: {check_state_modes(user)}")
-        # Second run: it starts again under the same confinement and, with a state dir, reports
-        # the interval the first one saved at its stop.
+        say(f"after the stop: state directory 0700, files 0600: {check_state_modes(user)}")
+        # Second run: it starts again under the same confinement and reports the interval the
+        # first one saved at its stop.
         service = ConfinedService(user)
         restarted = datetime.now().astimezone()
         try:
@@ -999,31 +983,30 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
             assert any(start_of(d) >= restarted for d in after_restart), (
                 f"no datasets after the restart: {after_restart!r}\n{service.communicate()[0]}")
             check_metrics(metrics)
-            if state:
-                check_state_modes(user)
+            check_state_modes(user)
         finally:
             output = service.stop()
         assert "Traceback" not in output, output
-        if window is not None:
-            begin, end, sent = window
 
-            def in_window(d: dict) -> bool:
-                return (start_of(d) < end
-                        and start_of(d) + timedelta(milliseconds=d["duration-ms"]) > begin)
+        def in_window(d: dict) -> bool:
+            return (start_of(d) < end
+                    and start_of(d) + timedelta(milliseconds=d["duration-ms"]) > begin)
 
-            early = sum(d["data"]["bytes-sent"] for d in before_restart if in_window(d))
-            restored = sum(d["data"]["bytes-sent"] for d in after_restart if in_window(d))
-            assert early + restored == sent, (early, restored, sent)
-            assert restored > 0 and early == 0, (
-                f"the interval open at the stop was reported before the restart ({early} bytes)"
-                " instead of saved and reported after it")
-            say(f"the interval open at the stop ({sent} bytes) was saved, read back and "
-                "reported after the restart")
+        early = sum(d["data"]["bytes-sent"] for d in before_restart if in_window(d))
+        restored = sum(d["data"]["bytes-sent"] for d in after_restart if in_window(d))
+        assert early + restored == sent, (early, restored, sent)
+        assert restored > 0 and early == 0, (
+            f"the interval open at the stop was reported before the restart ({early} bytes)"
+            " instead of saved and reported after it")
+        say(f"the interval open at the stop ({sent} bytes) was saved, read back and "
+            "reported after the restart")
         if syslog.sock is not None:
             assert not [line for line in syslog.lines if "Traceback" in line], syslog.text()
     finally:
         nginx.stop()
         shutil.rmtree(RUN_DIR, ignore_errors=True)
+
+
 def test_deb_ships_the_access_log_source(built: Path) -> None:
     """The access-log pieces: the log format next to the exporter's snippets, the logrotate
     example (rename and create as www-data:sfive-ngxlua, never copytruncate), the --file
@@ -1041,6 +1024,8 @@ def test_deb_ships_the_access_log_source(built: Path) -> None:
     assert "invoke-rc.d nginx rotate >/dev/null 2>&1 || true" in rules
     default = (unpacked / "etc/default/sfive-ngxlua").read_text()
     assert re.search(r'^#DAEMON_OPTS=".*--file /var/log/nginx/sfive/sfive\.log', default, re.M)
+
+
 def test_state_dir_through_init_restarts_and_purge(built: Path, exporter: Exporter,
                                                    hub: socket.socket, syslog: SyslogCapture,
                                                    say) -> None:

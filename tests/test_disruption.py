@@ -30,16 +30,9 @@ from twisted.internet import defer, reactor, task
 from twisted.protocols import portforward
 
 from lab.nginx import MEDIA_FILES, fetch
-from sfive_ngxlua.fetch import LogFetchService
-from sfive_ngxlua.model import IntervalModel
 from sfive_ngxlua.settings import DEFAULT_NAMEFORMAT
 
-pytestmark = [
-    pytest.mark.timeout(120),
-    pytest.mark.skipif(not hasattr(LogFetchService, "position") or
-                       not hasattr(IntervalModel, "snapshot"),
-                       reason="needs the v2 fetcher and the model as data (eventtime branch)"),
-]
+pytestmark = pytest.mark.timeout(120)
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 STREAMERS = {("foo", "hls", "high"), ("foo", "hls", "low"), ("bar", "dash", "low")}

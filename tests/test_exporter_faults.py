@@ -373,6 +373,8 @@ async def test_resume_continues_from_a_checkpointed_position(logs):
         with pytest.raises(ValueError):
             run.fetch.resume({"kind": "file", "path": "/x"})
         with pytest.raises(ValueError):
+            run.fetch.resume(["exporter", RING, 3])
+        with pytest.raises(ValueError):
             run.fetch.resume({"kind": "exporter", "ring": "not hex!", "seq": 3})
         run.fetch.resume({"kind": "exporter", "ring": RING, "seq": 77})
         run.start()

@@ -217,6 +217,18 @@ def test_deleted_and_created_again(log):
     assert f.service.rotated == []
 
 
+def stopped_after(log, data: bytes) -> dict:
+    """The position of a follower that read ``data`` appended to an empty ``log``, then
+    stopped."""
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, data)
+    f.tick()
+    position = f.service.position()
+    f.service.stopService()
+    return position
+
+
 def test_position_and_resume_continue_after_the_last_complete_line(log):
     log.write_bytes(b"")
     f = Follower(log)
@@ -234,13 +246,34 @@ def test_position_and_resume_continue_after_the_last_complete_line(log):
     assert g.clients() == ips([2, 3])
 
 
-def test_resume_after_a_rotation_while_down(log):
-    log.write_bytes(b"")
-    f = Follower(log)
-    append(log, entry(0))
+def test_a_position_that_is_not_this_files_is_refused_before_the_start(log):
+    """ValueError (the service then logs it and starts at the file's end), as the fetcher does
+    for a position that is not an exporter's."""
+    log.write_bytes(entry(0))
+    f = Follower(log, start=False)
+    for position in ({"kind": "exporter", "ring": None, "seq": 3}, ["file", str(log)],
+                     {"kind": "file", "path": str(log) + ".other", "file": None}):
+        with pytest.raises(ValueError):
+            f.service.resume(position)
+    f.start()
+    append(log, entry(1))
     f.tick()
+    assert f.clients() == ips([1])
+
+
+def test_a_negative_saved_offset_reads_the_file_from_its_start(log):
+    log.write_bytes(entry(0))
+    f = Follower(log)
     position = f.service.position()
     f.service.stopService()
+    position["file"]["offset"] = -5
+    append(log, entry(1))
+    g = Follower(log, position=position)
+    assert g.clients() == ips([0, 1]) and g.stats.file_truncations == 1
+
+
+def test_resume_after_a_rotation_while_down(log):
+    position = stopped_after(log, entry(0))
     append(log, entry(1))
     os.rename(log, str(log) + ".1")
     log.write_bytes(entry(2))
@@ -271,24 +304,10 @@ def test_resume_with_a_rotated_file_in_the_position(log):
 def test_a_file_that_is_not_the_saved_one_is_read_from_its_start(log):
     """Same path, but the saved head does not match (the inode was reused, or the file was
     rewritten): the saved position does not apply."""
-    log.write_bytes(b"")
-    f = Follower(log)
-    append(log, entry(0) + entry(1))
-    f.tick()
-    position = f.service.position()
-    f.service.stopService()
+    position = stopped_after(log, entry(0) + entry(1))
     position["file"]["head"] = "0" * 16
     g = Follower(log, position=position)
     assert g.clients() == ips([0, 1])
-
-
-def test_a_position_for_another_path_is_ignored(log, tmp_path):
-    log.write_bytes(entry(0))
-    g = Follower(log, position={"kind": "file", "path": str(tmp_path / "other.log"),
-                                "file": None, "rotated": []})
-    assert g.lines == []
-    g = Follower(log, position={"kind": "exporter", "ring": None, "seq": 3})
-    assert g.lines == []
 
 
 def test_watermark_while_caught_up_and_while_reading_a_backlog(log, monkeypatch):
@@ -459,12 +478,7 @@ def test_a_malformed_position_is_a_warning_not_a_traceback(log):
 
 
 def test_resume_after_a_copytruncate_while_down_reads_the_copy(log):
-    log.write_bytes(b"")
-    f = Follower(log)
-    append(log, entry(0))
-    f.tick()
-    position = f.service.position()
-    f.service.stopService()
+    position = stopped_after(log, entry(0))
     append(log, entry(1))
     shutil.copyfile(log, str(log) + ".1")
     os.truncate(log, 0)

@@ -287,7 +287,9 @@ def test_a_merge_on_stop_moves_every_client_to_the_running_interval():
     m.take_changes()
     k = T0 // 10
     # the stop at T0 + 5 merges interval k+3 into k and closes k: everything is dropped
-    m.close_all(T0 + 5)
+    [closed] = m.close_all(T0 + 5)
+    assert closed.start == k * 10 and sorted(closed.streams[A].bytes) == [("a", "ua"),
+                                                                          ("b", "ua")]
     assert sorted(m.take_changes().dropped) == [k, k + 3]
 
 

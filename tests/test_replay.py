@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from support import DatagramHub, ExporterServer, line, wait_for
 from twisted.internet import reactor, task
@@ -143,13 +144,15 @@ def test_cli_bad_options_exit_64(tmp_path):
     assert "must be three parts" in done.stderr
 
 
+@pytest.mark.parametrize("limit", [["--queue-limit", "20"], ["--queue-bytes", "2K"]])
 @pytest_twisted.inlineCallbacks
-def test_cli_to_a_real_hub_socket_without_losing_datasets(tmp_path):
-    """More datasets than the hub's queue limit and than the kernel's datagram queue."""
+def test_cli_to_a_real_hub_socket_without_losing_datasets(tmp_path, limit):
+    """More datasets than the hub's queue holds (by count or by bytes) and than the kernel's
+    datagram queue: replay waits for the hub instead of dropping any."""
     hub = DatagramHub(str(tmp_path / "hub.sock"))
     lines = b"".join(line(iso(T0 + s), sent=1) for s in range(0, 500))
     (tmp_path / "long.log").write_bytes(lines)
-    proc = subprocess.Popen([REPLAY, *ARGS, "-d", "1", "--queue-limit", "20", "-s", hub.path,
+    proc = subprocess.Popen([REPLAY, *ARGS, "-d", "1", *limit, "-s", hub.path,
                              str(tmp_path / "long.log")], stderr=subprocess.PIPE)
     try:
         yield wait_for(lambda: [hub.read(), proc.poll()][1] is not None, timeout=60, step=0.002)
