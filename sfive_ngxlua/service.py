@@ -89,8 +89,10 @@ class StateService(Service):
         try:
             ok = self.store.checkpoint(self.model, self.source.position(), self.queue)
             self.store.scrub_wal()
-        except Exception:
-            self.log.failure("checkpoint failed; trying again at the next one")
+        except Exception as e:  # one error line, counted; never a traceback or a stop
+            self.log.error("checkpoint failed ({why}); trying again at the next one",
+                           why=f"{type(e).__name__}: {e}")
+            self.store.stats.state_errors += 1
             self.store.need_full = True
             ok = False
         cost = time.perf_counter() - started

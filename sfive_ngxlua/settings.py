@@ -293,5 +293,7 @@ class Options(ModelOptions):
             if not path or path.endswith("/"):
                 raise usage.UsageError(f"--file {path!r}: must name a file")
             path = os.path.abspath(path)
+        elif self["flush-period"] != "1":
+            raise usage.UsageError("--flush-period goes with --file (the access log's flush=)")
         self.settings_kwargs.update(
             file=path, flush_period=_seconds("--flush-period", self["flush-period"]))

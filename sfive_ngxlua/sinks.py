@@ -214,7 +214,11 @@ class DiskQueue(DatasetQueue):
 
     def _fill(self) -> None:
         if not self.window and self.on_disk:
-            rows = self.store.queue_after(self._last_id, self.window_size)
+            try:
+                rows = self.store.queue_after(self._last_id, self.window_size)
+            except sqlite3.Error as e:  # the rows stay on disk; the next send tries again
+                self.store.failed(e, "hub queue read")
+                return
             self.window.extend(rows)
             if rows:
                 self._last_id = rows[-1][0]

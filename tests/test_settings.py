@@ -65,6 +65,7 @@ def test_streamer_ids_combine_and_deduplicate():
     (["-S", "a/b/c", "-u", "http://u:p@host:99999/x"], "out of range"),
     (["-S", "a/b/c", "--metrics", "tcp:abc"], "not a server endpoint"),
     (["-S", "a/b/c", "--metrics", "bogus:1"], "not a server endpoint"),
+    (["-S", "a/b/c", "--flush-period", "2"], "--flush-period goes with --file"),
 ])
 def test_invalid_options_are_refused_with_a_clear_message(argv, message):
     with pytest.raises(usage.UsageError) as e:

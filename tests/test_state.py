@@ -819,3 +819,21 @@ def test_damaged_rows_are_set_aside_counted_and_logged_never_a_traceback(tmp_pat
     assert [n for n in os.listdir(tmp_path / "state") if ".unusable-" in n]
     assert store2.restore(stats2) is None and store2.position() is None
     store2.close()
+
+
+def test_an_unexpected_checkpoint_error_is_one_line_and_counted_not_a_traceback(tmp_path, logs):
+    top = build(settings(state_dir=str(tmp_path / "state")), reactor, clock=clock_at())
+    state = top.getServiceNamed("state")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    state.store.checkpoint = broken
+    try:
+        assert state.checkpoint() is False
+        assert top.stats.state_errors == 1
+        assert state.store.need_full  # the next checkpoint that works writes everything
+        assert logs.matching("checkpoint failed (RuntimeError: disk on fire)")
+        assert not [e for e in logs.events if "log_failure" in e]
+    finally:
+        state.store.close()
