@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, List, Optional
 
-import simplejson
 from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -77,8 +76,8 @@ class StateService(Service):
         super().startService()
         self.store.attach()
         pending, self.store.pending = self.store.pending, []
-        for data in pending:
-            self.sink.deliver(simplejson.loads(data))
+        for dataset in pending:
+            self.sink.deliver(dataset)
         self.loop.start(self.period, now=True).addErrback(
             lambda f: self.log.failure("checkpoint loop failed", f))
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from twisted.logger import Logger
 
-from .datasets import datasets, encode, start_time
+from .datasets import Dataset, datasets, encode, start_time
 from .model import IntervalModel, StateMismatch
 from .settings import Settings
 from .stats import Stats
@@ -105,7 +105,7 @@ class StateStore:
         self._next_id = 1
         self.scrub = False
         self._after_commit: List[Callable[[], None]] = []
-        self.pending: List[bytes] = []
+        self.pending: List[Dataset] = []
         """Datasets of a saved state that did not fit, for a sink without a queue."""
         self._in_transaction = False
         try:
@@ -461,13 +461,13 @@ class StateStore:
         except Exception as e:
             self._set_aside(stats, f"{why}, and it cannot be reported as saved", e)
             return 0, 0
-        items = [encode(d) for interval in intervals for d in datasets(interval, old)]
+        items = [d for interval in intervals for d in datasets(interval, old)]
         with self.transaction():
             for table in ("clients", "counts", "folded"):
                 self.db.execute(f"DELETE FROM {table}")
             self.db.execute("DELETE FROM meta WHERE key IN ('model', 'settings')")
             if items and queue is not None:
-                queue.stage(items)
+                queue.stage([encode(d) for d in items])
             elif items:
                 self.after_commit(lambda: self.pending.extend(items))
         self.scrub = True

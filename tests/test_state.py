@@ -270,6 +270,27 @@ def test_state_saved_under_another_duration_is_reported_as_saved_then_fresh(tmp_
     store2.close()
 
 
+
+def test_a_state_saved_under_other_settings_reaches_a_sink_without_a_queue(tmp_path, logs):
+    """With a callable sink (no disk queue) the saved intervals are handed to it at the start."""
+    from sfive_ngxlua.sinks import CallableSink
+
+    store, s, stats = opened(tmp_path, duration=10)
+    model = IntervalModel(s, stats, start=T0)
+    model.add(rec(T0 + 1, sent=5))
+    store.now = lambda: T0 + 6
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    store.close()
+    got = []
+    top = build(state_settings(tmp_path, duration=5), reactor, sink=CallableSink(got.append),
+                clock=clock_at(T0 + 7))
+    state = top.getServiceNamed("state")
+    state.startService()
+    state.stopService()
+    assert logs.matching("saved under other settings")
+    assert [d["streamer-id"]["quality"] for d in got] == [x[2] for x in STREAMERS]
+    assert got[0]["start-time"] == start_time(T0) and got[0]["data"]["bytes-sent"] == 5
+
 # -- the disk queue ------------------------------------------------------------------------------
 
 
