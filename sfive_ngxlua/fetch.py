@@ -6,11 +6,12 @@ idle timeout, or the stream's end all lead to a new attempt after an exponential
 jitter (reset after every good connection). It resumes after the last exporter sequence number
 it read (``?after=N``), so records still in the exporter's ring are not lost to a reconnect.
 
-Protocol v2 (SPEC section 1): it asks ``v=2`` and, once it knows the exporter's ring, sends
-``ring=ID``. An exporter that answers ``X-Sfive-Protocol: 2`` names its ring (``X-Sfive-Ring``)
-and sends heartbeats; a ring other than the one the fetcher knew means nginx was restarted, and
-the exporter then streams the new ring from its first record (so the sequence tracking starts
-again). An exporter without these headers (v1) gets today's requests and behaviour.
+Protocol v2 (nginx/README.md, "Protocol 2"): it asks ``v=2`` and, once it knows the
+exporter's ring, sends ``ring=ID``. An exporter that answers ``X-Sfive-Protocol: 2`` names its
+ring (``X-Sfive-Ring``) and sends heartbeats; a ring other than the one the fetcher knew means
+nginx was restarted, and the exporter then streams the new ring from its first record (so the
+sequence tracking starts again). An exporter without these headers (v1) gets today's requests
+and behaviour.
 
 The event-time watermark (``watermark(now)``): v2, the last heartbeat's time, connected or
 not; v1, ``now`` while connected and the time it lost the connection while not; before any

@@ -346,9 +346,11 @@ class IntervalModel:
     # -- the model as data ------------------------------------------------------------------
 
     def snapshot(self) -> Dict[str, Any]:
-        """The whole state as JSON-able plain data (the layout of SPEC section 3; an overflow
-        entry is one of the clients, its distinct clients' fold hashes are ``folded``); resets
-        the change tracking, as a full checkpoint does."""
+        """The whole state as JSON-able plain data, ``{"format", "duration", "streamers",
+        "first", "reported", "live", "open": {k: {streamer index: {"clients": [[ip, ua,
+        bytes], ...], "folded": [fold hash, ...]}}}}`` (an overflow entry is one of the
+        clients; the distinct clients folded into it are its fold hashes); resets the change
+        tracking, as a full checkpoint does."""
         index = self._index
         open_: Dict[str, Dict[str, Dict[str, list]]] = {}
         for k, streams in sorted(self._open.items()):

@@ -1,4 +1,4 @@
-"""Datasets that fit a datagram (SPEC 5): built to fit from the start, largest clients first,
+"""Datasets that fit a datagram: built to fit from the start, largest clients first,
 totals exact, deterministic; and the datagram sink queueing only what fits."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Event time: the reporter follows its source's watermark (SPEC section 2), on a task.Clock.
+"""Event time: the reporter follows its source's watermark, on a task.Clock.
 
 The model and the reporter are the real ones; the source is a plain object whose watermark
 the test sets, as the exporter fetcher's heartbeats (protocol 2) or its connection (protocol 1)

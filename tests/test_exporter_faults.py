@@ -266,7 +266,7 @@ async def test_https_with_private_ca_and_basic_auth_never_logs_the_password(
         assert secret not in text
 
 
-# -- protocol 2 (SPEC section 1): ring identity, heartbeats, the watermark -------------------
+# -- protocol 2 (nginx/README.md): ring identity, heartbeats, the watermark --------------------
 
 RING = "00c0ffee00c0ffee"
 OTHER_RING = "00000000deadbeef"

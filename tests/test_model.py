@@ -146,7 +146,7 @@ def test_replay_mode_starts_at_the_first_record_and_ends_at_the_last():
     assert [i.streams[A].total for i in out] == [100, 0, 100]
 
 
-# -- the model as data (SPEC section 3) ---------------------------------------------------------
+# -- the model as data: snapshot, restore, take_changes -----------------------------------------
 
 
 

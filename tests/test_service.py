@@ -103,7 +103,7 @@ def test_exact_datasets_interval_after_interval(tmp_path):
         got = run.hub.read()
         start = "2026-11-28T09:00:02Z"
         expected = [empty(s, start) for s in STREAMERS]
-        expected[0] = dataset(STREAMERS[0], start, [  # largest first (SPEC 5)
+        expected[0] = dataset(STREAMERS[0], start, [  # largest first (datasets.fit)
             {"ip": "10.0.0.2", "user-agent": "A", "bytes-sent": 1000},
             {"ip": "10.0.0.1", "user-agent": "A", "bytes-sent": 150},
             {"ip": "10.0.0.1", "user-agent": "B", "bytes-sent": 7},
