@@ -10,7 +10,7 @@ Protocol v2 (nginx/README.md, "Protocol 2"): it asks ``v=2`` and, once it knows 
 exporter's ring, sends ``ring=ID``. An exporter that answers ``X-Sfive-Protocol: 2`` names its
 ring (``X-Sfive-Ring``) and sends heartbeats; a ring other than the one the fetcher knew means
 nginx was restarted, and the exporter then streams the new ring from its first record (so the
-sequence tracking starts again). An exporter without these headers (v1) gets today's requests
+sequence tracking starts again). An exporter without these headers (v1) gets protocol 1's requests
 and behaviour.
 
 The event-time watermark (``watermark(now)``): v2, the last heartbeat's time, connected or

@@ -28,7 +28,7 @@ class ReportService(Service):
     """Reports interval k once the event-time watermark passes ``(k+1)*D + grace``.
 
     The watermark is ``effective = max(source.watermark(now), now - max_delay)``: what the
-    source vouches for (a v1 exporter while connected, and no source at all: ``now``, today's
+    source vouches for (a v1 exporter while connected, and no source at all: ``now``, the
     wall-clock rule), but never more than ``--max-delay`` behind the clock. Intervals due by the
     clock but not yet by the watermark are *held* (the exporter is unreachable, or its backlog
     is being read) instead of being sent empty; past ``max_delay`` what is known is reported and
