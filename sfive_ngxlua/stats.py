@@ -57,9 +57,32 @@ class Stats:
     watermark_lag: Optional[float] = None
     """Seconds between the clock and the watermark at the last report check."""
     streams: Dict[StreamerKey, StreamFigures] = field(default_factory=dict)
+    errors: Dict[str, int] = field(default_factory=dict)
+    """Unexpected errors per component (lifecycle.Lifecycle.unexpected), since start."""
+    states: Dict[str, str] = field(default_factory=dict)
+    """Each long-lived component's current state (lifecycle.Lifecycle)."""
+    intervals_covered: int = 0
+    """Intervals reported whole: the watermark passed them and no announced loss overlaps."""
+    intervals_partial: int = 0
+    """Intervals reported with what is known: a loss overlaps them, or --max-delay, the held
+    cap or a stop cut them short."""
+    intervals_withheld: int = 0
+    """Intervals not reported: the source never vouched for them (see the README)."""
+    records_withheld: int = 0
+    """Records that arrived for an interval already given up as withheld (a replay counts
+    them; they are not added to another interval)."""
+    covered: Optional[bool] = None
+    """Whether the running interval is covered so far (None: not known yet); /healthz."""
+    drops: Counter = field(default_factory=Counter)
+    """Datasets dropped, by reason (queue-full, too-large, sink-error, ...): see drop()."""
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` datasets dropped for ``reason`` (and in ``datasets_dropped``)."""
+        self.datasets_dropped += n
+        self.drops[reason] += n
 
     def reported(self, streamer: StreamerKey, clients: int, sent: int) -> None:
         """Remember a streamer's figures from the interval just reported."""
