@@ -20,6 +20,7 @@ import re
 import socket
 import stat
 import sys
+import textwrap
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -44,6 +45,8 @@ FORMAT_REASONS = frozenset(
     {"invalid-utf8", "invalid-json", "not-an-object", "missing-field", "wrong-type"})
 """Rejections that mean the line is not in the sfive format at all."""
 _DIGITS = re.compile(r"\d+")
+_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}\Z")
+"""A file name's extension (.ts, .m4s, .mp4) keeps its digits."""
 _TEXT_LOG = re.compile(rb'^\S+ \S+ \S+ \[[^\]]+\] "')
 """nginx's ``combined`` (and ``main``, ``common``) access log formats."""
 _SHOWN_URL = 120
@@ -119,9 +122,21 @@ def probe_user(name: Optional[str]) -> Optional[pwd.struct_passwd]:
 
 
 def become(user: Optional[pwd.struct_passwd]) -> None:
-    """Take ``user``'s identity and groups for good (the probes see what the service sees)."""
+    """Take ``user``'s identity and groups for good (the probes see what the service sees).
+    The code is loaded first, as a daemon's is: the interpreter may live where ``user`` cannot
+    read (a virtualenv under /root)."""
     if user is None or user.pw_uid == os.geteuid():
         return
+    import encodings.idna  # noqa: F401
+    import grp  # noqa: F401
+
+    import treq  # noqa: F401
+    import twisted.internet.endpoints  # noqa: F401
+    import twisted.internet.reactor  # noqa: F401
+    import twisted.internet.task  # noqa: F401
+    import twisted.web.client  # noqa: F401
+
+    from . import fetch, store  # noqa: F401
     os.initgroups(user.pw_name, user.pw_gid)
     os.setgid(user.pw_gid)
     os.setuid(user.pw_uid)
@@ -157,7 +172,7 @@ def user_name() -> str:
 
 def shape(url: str, match: Optional[re.Match]) -> str:
     """``url`` with digit runs folded to ``#`` (segment numbers), except in what the name
-    format read as content, format and quality; shortened for display."""
+    format read as content, format and quality and in the extension; shortened for display."""
     keep = []
     if match is not None:
         keep = sorted(match.span(g) for g in ("content", "format", "quality")
@@ -168,7 +183,10 @@ def shape(url: str, match: Optional[re.Match]) -> str:
             continue
         out += [_DIGITS.sub("#", url[pos:start]), url[start:end]]
         pos = end
-    out.append(_DIGITS.sub("#", url[pos:]))
+    rest = url[pos:]
+    ext = _EXTENSION.search(rest)
+    cut = ext.start() if ext else len(rest)
+    out += [_DIGITS.sub("#", rest[:cut]), rest[cut:]]
     text = "".join(out)
     return text if len(text) <= _SHOWN_URL else text[:_SHOWN_URL - 3] + "..."
 
@@ -292,7 +310,7 @@ class Sample:
             what = ("not matched by -F" if key is None else f"parsed as {stream_name(key)}"
                     + ("" if key in self.counted else ", not among -S"))
             self._example(reason, shape(url, match),
-                          f"status {obj.get('status')} (--status counts {statuses}); {what}")
+                          f"status {obj.get('status')}, not among --status {statuses}; {what}")
 
     def _example(self, reason: str, what: str, why: str) -> None:
         self.examples.setdefault(reason, Counter())[(what, why)] += 1
@@ -886,7 +904,8 @@ def render(report: Dict[str, Any], out: IO[str]) -> None:
     for p in report["probes"]:
         w(f"  {labels[p['status']]:<7}{p['name']:<9}{p['message']}\n")
         if p["fix"] and p["status"] in ("fail", "warn"):
-            w(f"  {'':<16}fix: {p['fix']}\n")
+            w(textwrap.fill(p["fix"], 100, initial_indent=" " * 18 + "fix: ",
+                            subsequent_indent=" " * 23, break_on_hyphens=False) + "\n")
     sample = report["sample"]
     if sample is not None:
         w(f"sample: {sample['lines']} lines, {sample['note']}\n")
@@ -898,7 +917,7 @@ def render(report: Dict[str, Any], out: IO[str]) -> None:
         for reason, r in sample["rejected"].items():
             w(f"  rejected, {reason}: {r['count']}\n")
             for e in r["examples"]:
-                w(f"    {e['count']:>7}  {e['url']}  ({e['why']})\n")
+                w(f"    {e['count']:>7}  {e['url']}: {e['why']}\n")
         if sample["unlisted"]:
             w("  streams the name format yields but -S does not list:\n")
             for s in sample["unlisted"]:
