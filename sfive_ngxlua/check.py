@@ -572,6 +572,14 @@ async def probe_metrics(settings: Settings, reactor: Any) -> Probe:
         if code == errno.EADDRINUSE and isinstance(number, int):
             holders = port_holders(number)
             service = [p for p in holders if is_service(p)]
+            if not holders and settings.state_dir:
+                from .store import LOCK_FILE
+
+                held, pid = lock_holder(os.path.join(settings.state_dir, LOCK_FILE))
+                if held and pid is not None and is_service(pid):
+                    return Probe("metrics", "in-use", f"{settings.metrics}: taken, by the "
+                                 f"running service as it seems ({describe_pid(pid)} holds "
+                                 "the state dir; its sockets are not visible to this user)")
             if service:
                 return Probe("metrics", "in-use", f"{settings.metrics}: served by the running "
                              f"service ({describe_pid(service[0])})")

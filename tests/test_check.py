@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 
 from lab.nginx import MEDIA_FILES, SOURCE_DIR, free_port
 
@@ -159,7 +160,7 @@ def test_exporter_sample_counts_rejects_and_names_unlisted_streams(nginx_factory
 
 
 def test_exporter_sample_is_the_rings_last_n_records(nginx_factory):
-    nginx = nginx_factory(files=FILES)
+    nginx = nginx_factory(files=FILES, workers=1)  # one worker: the ring in request order
     requests(nginx, ["/live/hls/foo-low/seg1.ts", "/live/hls/foo-high/seg1.ts",
                      "/live/hls/foo-high/seg2.ts", "/live/hls/baz-high/seg1.ts",
                      "/live/hls/foo-low/seg1.ts"])
@@ -184,6 +185,58 @@ def test_a_quiet_exporter_answers_at_once_with_an_empty_sample(nginx):
     assert "the sample is empty" in report["verdict"]
     status, report, _ = run_check(*S, "-u", nginx.url("/sfive"), "--seconds", "0.5")
     assert status == 2 and report["sample"]["note"] == "the records of 0.5 seconds"
+
+
+def test_a_ring_smaller_than_the_sample_says_so(nginx_factory):
+    nginx = nginx_factory(files=FILES, ring_size=3)
+    requests(nginx, ["/live/hls/foo-high/seg1.ts"] * 6)
+    status, report, _ = run_check(*S, "-u", nginx.url("/sfive"), "--sample", "5")
+    assert status == 0
+    sample = report["sample"]
+    assert sample["lines"] == 3 and sample["lost"] == 2
+    assert "records (2 to 6); the ring no longer held 2 of them" in sample["note"]
+
+
+def test_seconds_samples_new_records(nginx_factory):
+    nginx = nginx_factory(files=FILES)
+    check = subprocess.Popen([CHECK, *S, "-u", nginx.url("/sfive"), "--seconds", "2", "--json",
+                              "--user", ME], stdout=subprocess.PIPE, text=True)
+    made = 0
+    deadline = time.monotonic() + 60
+    while check.poll() is None and time.monotonic() < deadline:
+        get(nginx.url("/live/hls/foo-low/seg1.ts"))
+        made += 1
+        time.sleep(0.05)
+    report = json.loads(check.communicate(timeout=30)[0])
+    assert check.returncode == 0 and report["sample"]["note"] == "the records of 2 seconds"
+    low = {s["stream"]: s["records"] for s in report["sample"]["streams"]}["foo/hls/low"]
+    assert 0 < low <= made
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_protocol_1_exporter_is_a_warning_and_sampled_live():
+    """An older sfive.lua (no protocol headers, no heartbeats), played by the test exporter of
+    tests/support.py: the sample is the new records, up to --sample."""
+    from support import ExporterServer, line
+    from twisted.internet import reactor
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    exporter = ExporterServer()
+    exporter.resource.on_request = lambda request: request.write(
+        line("2026-11-27T20:00:00Z", url="/live/hls/foo-high/1.ts", seq=1, sent=700)
+        + line("2026-11-27T20:00:01Z", url="/live/hls/foo-high/2.ts", seq=2, sent=300))
+    try:
+        out, err, status = yield getProcessOutputAndValue(
+            CHECK, [*S, "-u", exporter.url, "--sample", "2", "--json", "--user", ME],
+            env=dict(os.environ), reactor=reactor)
+    finally:
+        yield exporter.stop()
+    report = json.loads(out)
+    assert status == 0, out
+    exporter_probe = probe(report, "exporter")
+    assert exporter_probe["status"] == "warn" and "protocol 1" in exporter_probe["message"]
+    assert report["sample"]["counted"] == {"records": 2, "bytes": 1000}
+    assert exporter.resource.seen_args[0] == {b"v": [b"2"]}
 
 
 def test_nothing_that_counts_is_exit_status_1(nginx_factory):
@@ -445,6 +498,12 @@ def test_invalid_options_are_one_line_and_exit_status_78(args, message):
     assert status == 78
     assert proc.stderr.count("\n") == 1 and message in proc.stderr
     assert proc.stderr.startswith("sfive-ngxlua-check: ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only")
+def test_an_unknown_user_is_an_invalid_option():
+    status, _, proc = run_check(*S, user="no-such-user-here", text=True)
+    assert status == 78 and "--user 'no-such-user-here': no such user" in proc.stderr
 
 
 def test_invalid_options_in_json():
