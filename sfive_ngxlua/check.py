@@ -106,9 +106,8 @@ class CheckOptions(Options):
 def probe_user(name: Optional[str]) -> Optional[pwd.struct_passwd]:
     """The user to probe as (None: as this process). Only root can become another user; root
     becomes the Debian package's user by default, if it exists."""
-    me = pwd.getpwuid(os.geteuid()).pw_name
     if os.geteuid() != 0:
-        if name is not None and name != me:
+        if name is not None and name != user_name():
             raise usage.UsageError(
                 f"--user {name}: only root can probe as another user (run as root, or leave "
                 "out --user to probe as yourself)")
@@ -137,6 +136,7 @@ def become(user: Optional[pwd.struct_passwd]) -> None:
     import twisted.web.client  # noqa: F401
 
     from . import fetch, store  # noqa: F401
+
     os.initgroups(user.pw_name, user.pw_gid)
     os.setgid(user.pw_gid)
     os.setuid(user.pw_uid)
@@ -152,15 +152,12 @@ def identity() -> str:
         except KeyError:
             return str(gid)
 
-    try:
-        name = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        name = str(os.geteuid())
     groups = sorted({group(g) for g in [os.getegid(), *os.getgroups()]})
-    return f"{name} (groups {', '.join(groups)})"
+    return f"{user_name()} (groups {', '.join(groups)})"
 
 
 def user_name() -> str:
+    """This process's user name (its uid if it has none)."""
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
@@ -862,6 +859,10 @@ async def check(options: CheckOptions, reactor: Any) -> Tuple[int, Dict[str, Any
     settings = options.settings()
     probes = [Probe("options", "ok", f"{len(settings.streamers)} streams from -S, "
                     f"{settings.duration}s intervals, hostname {settings.hostname}")]
+    if options.user is None and os.geteuid() == 0:
+        probes.append(Probe("user", "warn", f"probing as root: there is no user {SERVICE_USER}"
+                            " (the Debian package's) to probe as",
+                            "give --user with the user the service runs as"))
     if settings.file:
         source, sample = probe_file(options, settings)
     else:
