@@ -32,6 +32,7 @@ from twisted.python import usage
 from . import __version__
 from .lines import LineSplitter
 from .records import Gap, Heartbeat, Record, RecordParser
+from .retire import DEFAULT_STATE_DIR
 from .settings import Options, Settings, StreamerKey, _positive_int, _seconds
 
 EX_CONFIG = 78
@@ -523,6 +524,9 @@ def probe_state(directory: Optional[str]) -> Probe:
         parent = os.path.dirname(directory.rstrip("/")) or "/"
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
+        if directory == DEFAULT_STATE_DIR:
+            return Probe("state", "ok", f"{directory}: not there yet; the Debian unit "
+                         "(StateDirectory=) and init script make it at the start")
         if os.access(parent, os.W_OK | os.X_OK):
             return Probe("state", "ok", f"{directory}: not there yet; the service makes it "
                          "(0700) at its start")
@@ -687,7 +691,7 @@ async def probe_exporter(options: CheckOptions, settings: Settings,
         why = describe(Failure())
         return Probe("exporter", "fail", f"{safe}: cannot fetch ({why or 'no answer'})",
                      "is nginx running and listening there? -u must name the server { } that "
-                     f"includes sfive-location.conf (default {settings.url})"), None
+                     "includes sfive-location.conf"), None
     if response.code != 200:
         response.deliverBody(_Discard())
         phrase = response.phrase.decode("latin-1")
@@ -911,7 +915,9 @@ def render(report: Dict[str, Any], out: IO[str]) -> None:
     w(f"sfive-ngxlua-check {report['version']}, probing as {report['user']}\n")
     labels = {"ok": "ok", "warn": "WARN", "in-use": "in use", "fail": "FAIL", "skip": "-"}
     for p in report["probes"]:
-        w(f"  {labels[p['status']]:<7}{p['name']:<9}{p['message']}\n")
+        w(textwrap.fill(p["message"], 100, initial_indent=f"  {labels[p['status']]:<7}"
+                        f"{p['name']:<9}", subsequent_indent=" " * 18,
+                        break_on_hyphens=False) + "\n")
         if p["fix"] and p["status"] in ("fail", "warn"):
             w(textwrap.fill(p["fix"], 100, initial_indent=" " * 18 + "fix: ",
                             subsequent_indent=" " * 23, break_on_hyphens=False) + "\n")
