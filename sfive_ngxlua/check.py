@@ -282,7 +282,9 @@ class Sample:
         if reason in ("missing-field", "wrong-type"):
             types = ", ".join(f"{k}: {type(v).__name__}" for k, v in sorted(obj.items())
                               if k not in ("seq",))
-            self._example(reason, "fields", types[:_SHOWN_URL])
+            self._example(reason, types[:_SHOWN_URL], (
+                "not the sfive format's fields" if reason == "missing-field" else
+                "a field of another type than the sfive format's") + " (sfive-log.conf)")
             return
         if reason == "bad-time":
             self._example(reason, str(obj.get("time"))[:40],
@@ -327,7 +329,7 @@ class Sample:
                         for k, (n, b) in self.counted.items()],
             "rejected": {
                 reason: {"count": n, "examples": [
-                    {"url": what, "count": c, "why": why}
+                    {"what": what, "count": c, "why": why}
                     for (what, why), c in self.examples.get(reason, Counter()).most_common(
                         EXAMPLES)]}
                 for reason, n in self.rejected.most_common()},
@@ -932,7 +934,7 @@ def render(report: Dict[str, Any], out: IO[str]) -> None:
         for reason, r in sample["rejected"].items():
             w(f"  rejected, {reason}: {r['count']}\n")
             for e in r["examples"]:
-                w(f"    {e['count']:>7}  {e['url']}: {e['why']}\n")
+                w(f"    {e['count']:>7}  {e['what']}: {e['why']}\n")
         if sample["unlisted"]:
             w("  streams the name format yields but -S does not list:\n")
             for s in sample["unlisted"]:

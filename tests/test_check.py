@@ -135,13 +135,13 @@ def test_exporter_sample_counts_rejects_and_names_unlisted_streams(nginx_factory
     rejected = sample["rejected"]
     assert {r: v["count"] for r, v in rejected.items()} == {
         "unknown-streamer": 2, "status": 1, "url-mismatch": 1}
-    whys = {e["url"]: e["why"] for e in rejected["unknown-streamer"]["examples"]}
+    whys = {e["what"]: e["why"] for e in rejected["unknown-streamer"]["examples"]}
     assert whys == {"/live/hls/baz-high/seg#.ts": "parsed as baz/hls/high, which is not among -S",
                     "/live/dash/bar-low/seg#.m4s": "parsed as bar/dash/low, which is not among -S"}
     [status_example] = rejected["status"]["examples"]
-    assert status_example["url"] == "/live/hls/foo-high/seg#.ts"
+    assert status_example["what"] == "/live/hls/foo-high/seg#.ts"
     assert status_example["why"].startswith("status 404, not among --status 200,206")
-    assert rejected["url-mismatch"]["examples"][0]["url"] == "/other/page.txt"
+    assert rejected["url-mismatch"]["examples"][0]["what"] == "/other/page.txt"
     unlisted = {s["stream"]: s["bytes"] for s in sample["unlisted"]}
     assert unlisted == {"baz/hls/high": sum(truth(nginx, "/live/hls/baz-high/seg1.ts")),
                         "bar/dash/low": sum(truth(nginx, "/live/dash/bar-low/seg1.m4s"))}
@@ -330,6 +330,45 @@ def test_a_missing_and_an_empty_access_log(tmp_path):
     log.write_bytes(b"")
     status, report, _ = run_check(*S, "--file", str(log))
     assert status == 2 and probe(report, "file")["status"] == "ok"
+
+
+def test_an_access_log_with_some_lines_of_another_format(tmp_path):
+    """A file that another log_format writes into too: a warning, and what the odd lines hold
+    is shown as field names and types, never their values."""
+    log = tmp_path / "sfive.log"
+    good = {"time": "2026-11-27T20:00:00+00:00", "client": "192.0.2.77", "ua": UA,
+            "url": "/live/hls/foo-high/seg17.ts", "status": 200, "bytes-sent": 1234}
+    odd = {"time": "2026-11-27T20:00:01+00:00", "client": "192.0.2.78", "ua": UA,
+           "uri": "/live/hls/foo-high/seg18.ts", "status": 200}
+    late = dict(good, time="yesterday")
+    log.write_text("".join(json.dumps(x) + "\n" for x in (good, odd, late, good)))
+    status, report, proc = run_check(*S, "--file", str(log))
+    assert status == 0, proc.stdout
+    file_probe = probe(report, "file")
+    assert file_probe["status"] == "warn"
+    assert "1 of 4 lines are not in the sfive format" in file_probe["message"]
+    sample = report["sample"]
+    assert sample["counted"] == {"records": 2, "bytes": 2468}
+    [missing] = sample["rejected"]["missing-field"]["examples"]
+    assert missing["what"] == "client: str, status: int, time: str, ua: str, uri: str"
+    [bad_time] = sample["rejected"]["bad-time"]["examples"]
+    assert bad_time["what"] == "yesterday"
+    assert "192.0.2.7" not in proc.stdout and UA not in proc.stdout
+
+
+def test_url_shapes_and_streamer_specs():
+    from sfive_ngxlua.check import shape, streamer_specs
+    from sfive_ngxlua.records import RecordParser
+    from sfive_ngxlua.settings import Settings
+
+    parser = RecordParser(Settings(streamers=(("a", "hls", "high"),)))
+    url = "/live2/hls/stream1-720p/seg12345.m4s"
+    assert shape(url, parser.url_match(url)) == "/live#/hls/stream1-720p/seg#.m4s"
+    assert shape("/x/2026/11/f00.mp4", None) == "/x/#/#/f#.mp4"
+    assert shape("/" + "9" * 300, None) == "/#"
+    assert streamer_specs([("s1", "hls", "720p"), ("s1", "hls", "1080p"), ("s2", "hls", "720p"),
+                           ("s2", "hls", "1080p"), ("s3", "dash", "low"), ("s3", "hls", "x")]) \
+        == ["s1,s2/hls/1080p,720p", "s3/dash/low", "s3/hls/x"]
 
 
 # -- the hub -----------------------------------------------------------------------------------
