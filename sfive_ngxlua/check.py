@@ -928,9 +928,15 @@ def render(report: Dict[str, Any], out: IO[str]) -> None:
         w(f"sample: {sample['lines']} lines, {sample['note']}\n")
         counted = sample["counted"]
         w(f"  counted: {counted['records']} records, {_size(counted['bytes'])}\n")
-        width = max([len(s["stream"]) for s in sample["streams"]] + [10])
+        width = max([len(s["stream"]) for s in sample["streams"] + sample["unlisted"]] + [10])
         for s in sample["streams"]:
-            w(f"    {s['stream']:<{width}}  {s['records']:>7} records  {_size(s['bytes'])}\n")
+            if s["records"]:
+                w(f"    {s['stream']:<{width}}  {s['records']:>7} records  "
+                  f"{_size(s['bytes'])}\n")
+        idle = [s["stream"] for s in sample["streams"] if not s["records"]]
+        if idle:
+            w(textwrap.fill(", ".join(idle), 100, initial_indent="    no records: ",
+                            subsequent_indent=" " * 16, break_on_hyphens=False) + "\n")
         for reason, r in sample["rejected"].items():
             w(f"  rejected, {reason}: {r['count']}\n")
             for e in r["examples"]:

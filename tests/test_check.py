@@ -156,6 +156,8 @@ def test_exporter_sample_counts_rejects_and_names_unlisted_streams(nginx_factory
     assert "parsed as baz/hls/high, which is not among -S" in out
     assert "to count them, add: -S bar/dash/low -S baz/hls/high" in out
     assert "result: usable; 4 of 8 sampled records count (exit status 0)" in out
+    assert "    foo/hls/high        3 records  " in out
+    assert "    foo/hls/low         1 records  " in out
     assert UA not in out
 
 
@@ -543,6 +545,11 @@ def test_invalid_options_are_one_line_and_exit_status_78(args, message):
 def test_an_unknown_user_is_an_invalid_option():
     status, _, proc = run_check(*S, user="no-such-user-here", text=True)
     assert status == 78 and "--user 'no-such-user-here': no such user" in proc.stderr
+
+
+def test_version():
+    status, _, proc = run_check("--version", text=True, user=None)
+    assert status == 0 and proc.stdout.startswith("sfive-ngxlua-check 1.")
 
 
 def test_invalid_options_in_json():
