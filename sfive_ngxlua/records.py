@@ -178,6 +178,11 @@ class RecordParser:
         self.last_seq = seq
         return Heartbeat(seq, float(when))  # type: ignore[arg-type]
 
+    def url_match(self, url: str) -> Optional[re.Match[str]]:
+        """What the name format (-F) makes of ``url``: its match, with the groups content,
+        format and quality, or None. For diagnostics (sfive-ngxlua-check); ``parse`` decides."""
+        return self._match(url)
+
     def _streamer(self, url: str) -> Union[StreamerKey, str]:
         m = self._match(url)
         if m is None:
