@@ -22,6 +22,7 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from sfive_ngxlua.metrics import MetricsService
+from sfive_ngxlua.status import DROP_REASONS
 from sfive_ngxlua.records import REASONS
 from sfive_ngxlua.service import build
 from sfive_ngxlua.settings import Options, Settings
@@ -185,7 +186,9 @@ def test_scrape_matches_the_datasets_the_hub_received(tmp_path):
     assert value("sfive_ngxlua_exporter_connected") == 1
     assert value("sfive_ngxlua_hub_connected") == 1
     assert value("sfive_ngxlua_hub_queue_length") == 0
-    assert value("sfive_ngxlua_datasets_dropped_total") == 0
+    for reason in DROP_REASONS:
+        assert value("sfive_ngxlua_datasets_dropped_total", reason=reason) == 0
+    assert value("sfive_ngxlua_source_connected") == 1
     assert value("sfive_ngxlua_last_report_timestamp_seconds") == run["now"] == T0 + 2 * D + 1
 
     response, body = run["openmetrics"]
@@ -204,8 +207,9 @@ def test_scrape_does_not_reveal_clients(tmp_path):
         for _, body in (run["first_scrape"], run["scrape"], run["openmetrics"]):
             assert ip not in body and ua not in body  # ... the metrics never do
     labels = {name for f in text_string_to_metric_families(run["scrape"][1])
-              for s in f.samples for name in s.labels}
-    assert labels == {"reason", "content", "format", "quality"}
+              for s in f.samples for name in s.labels if s.name.startswith("sfive_ngxlua_")}
+    assert labels == {"reason", "content", "format", "quality", "component", "state",
+                      "version", "python", "twisted"}
 
 
 def scrape_registry(service: MetricsService) -> Samples:
