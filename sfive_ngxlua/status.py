@@ -97,21 +97,32 @@ class HealthResource(Resource):
     render_HEAD = render_GET
 
 
-class StatusPage(Resource):
-    """``/``: the service at a glance, for a person with a browser."""
+class NotFound(Resource):
+    """404 for every other path, in one line that names the three there are."""
 
     isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"not found: the status page is /, the metrics /metrics, the health /healthz\n"
+
+    render_HEAD = render_GET
+
+
+class StatusPage(Resource):
+    """``/``: the service at a glance, for a person with a browser; the root of the site,
+    with ``/metrics`` and ``/healthz`` as its children."""
 
     def __init__(self, settings: Settings, stats: Stats, clock: IReactorTime,
                  started: Optional[float] = None) -> None:
         super().__init__()
         self.settings, self.stats, self.clock, self.started = settings, stats, clock, started
 
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self if path == b"" else NotFound()
+
     def render_GET(self, request: Request) -> bytes:
-        if request.postpath not in ([], [b""]):
-            request.setResponseCode(404)
-            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-            return b"not found: the status page is /, the metrics /metrics, the health /healthz\n"
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         return render(self.settings, self.stats, self.clock.seconds(), self.started).encode()
