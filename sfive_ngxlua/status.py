@@ -156,30 +156,37 @@ def last_hour(history: Sequence[Point], now: float, duration: int) -> List[Point
 
 
 def chart(points: Sequence[Point], duration: int, label: str) -> str:
-    """An inline SVG chart of one stream's last hour: bytes as bars, viewers as a line."""
-    width, height, pad = 360, 60, 2
+    """An inline SVG chart of one stream's last hour: bytes as bars, viewers as a line, the
+    hour's slots from left (an hour ago) to right (the last interval)."""
+    width, height, pad, axis = 360, 64, 2, 12
+    plot = height - axis - pad
     slots = max(1, math.ceil(HOUR / duration))
     step = (width - 2 * pad) / slots
-    top_bytes = max([p[2] for p in points] + [1])
-    top_clients = max([p[1] for p in points] + [1])
+    peak_bytes = max([p[2] for p in points], default=0)
+    peak_clients = max([p[1] for p in points], default=0)
+    top_bytes, top_clients = max(peak_bytes, 1), max(peak_clients, 1)
     bars, line = [], []
     first = slots - len(points)
     for i, (_, clients, sent) in enumerate(points):
         x = pad + (first + i) * step
-        h = (height - 2 * pad) * sent / top_bytes
-        bars.append(f'<rect class="bytes" x="{x:.1f}" y="{height - pad - h:.1f}" '
-                    f'width="{max(step, 1):.1f}" height="{h:.1f}"/>')
-        y = height - pad - (height - 2 * pad) * clients / top_clients
-        line.append(f"{x + step / 2:.1f},{y:.1f}")
+        h = plot * sent / top_bytes
+        bars.append(f'<rect class="bytes" x="{x:.1f}" y="{pad + plot - h:.1f}" '
+                    f'width="{max(step, 2):.1f}" height="{h:.1f}"/>')
+        y = pad + plot - plot * clients / top_clients
+        line.append(f"{x + max(step, 2) / 2:.1f},{y:.1f}")
     viewers = (f'<polyline class="viewers" points="{" ".join(line)}"/>' if line else "")
-    title = (f"{escape(label)}: last hour, {len(points)} intervals, at most "
-             f"{top_clients if points else 0} viewers and {_bytes(top_bytes if points else 0)} "
-             "per interval")
+    peak = (f"peak {peak_clients} viewers, {_bytes(peak_bytes)}" if points
+            else "no intervals yet")
+    title = f"{escape(label)}: the last hour, {len(points)} intervals, {peak}"
+    base = height - 2
     return (f'<svg class="chart" role="img" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" data-points="{len(points)}">'
             f"<title>{title}</title>"
-            f'<rect class="frame" x="0" y="0" width="{width}" height="{height}"/>'
-            f'{"".join(bars)}{viewers}</svg>')
+            f'<rect class="frame" x="0" y="0" width="{width}" height="{pad + plot}"/>'
+            f'{"".join(bars)}{viewers}'
+            f'<text x="{pad}" y="{base}">1 h ago</text>'
+            f'<text x="{width / 2:.0f}" y="{base}" text-anchor="middle">{peak}</text>'
+            f'<text x="{width - pad}" y="{base}" text-anchor="end">now</text></svg>')
 
 
 STYLE = """
@@ -191,6 +198,7 @@ td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
 .ok { color: #176317; font-weight: bold; } .bad { color: #b00020; font-weight: bold; }
 .muted { color: #777; } code { font-size: .95em; }
 svg.chart .frame { fill: #f6f6f6; stroke: #ccc; }
+svg.chart text { font-size: 9px; fill: #777; }
 svg.chart .bytes { fill: #8fb8de; } svg.chart .viewers { fill: none; stroke: #c0392b;
   stroke-width: 1.5; }
 .legend-bytes { color: #4a7fb0; } .legend-viewers { color: #c0392b; }
@@ -200,6 +208,11 @@ ul.samples { margin: 0; padding-left: 1.2em; } ul.samples code { word-break: bre
 
 def _yes(flag: bool, yes: str, no: str) -> str:
     return f'<span class="ok">{yes}</span>' if flag else f'<span class="bad">{no}</span>'
+
+
+def _state(state: str, bad: bool) -> str:
+    kind = "bad" if bad else "muted" if state == "unknown" else "ok"
+    return f'<span class="{kind}">{escape(state)}</span>'
 
 
 def render(settings: Settings, stats: Stats, now: float, started: Optional[float] = None) -> str:
@@ -257,8 +270,7 @@ def render(settings: Settings, stats: Stats, now: float, started: Optional[float
     out += ["<h2>Components</h2>", '<table id="components">',
             _row("Component", "State", '<span class="n">Errors</span>', header=True)]
     for name, current, bad in components(settings, s):
-        out.append(_row(escape(name), _yes(not bad, escape(current), escape(current)),
-                        str(s.errors.get(name, 0))))
+        out.append(_row(escape(name), _state(current, bad), str(s.errors.get(name, 0))))
     out.append("</table>")
 
     out += [f"<h2>Streams</h2><p class=\"muted\">The last interval of {settings.duration}s; "
