@@ -29,16 +29,19 @@ from . import __version__
 from .records import REASONS
 from .settings import Settings
 from .stats import Stats, StreamFigures
-from .status import DROP_REASONS, HealthResource, StatusPage, components, health
+from .status import (
+    DROP_REASONS,
+    HealthResource,
+    StatusPage,
+    components,
+    health,
+    source_connected,
+)
 
 PREFIX = "sfive_ngxlua_"
 STREAM_LABELS = ("content", "format", "quality")
 ALIASES = {"exporter_connected": "source_connected"}
 """Old metric names served one more release beside their new names (see the README)."""
-
-
-def _source_connected(stats: Stats) -> bool:
-    return bool(getattr(stats, "source_connected", stats.exporter_connected))
 
 
 class StatsCollector:
@@ -109,7 +112,7 @@ class StatsCollector:
             rejected.add_metric((reason,), counts[reason])
         yield rejected
 
-        connected = int(_source_connected(s))
+        connected = int(source_connected(s))
         yield GaugeMetricFamily(PREFIX + "source_connected", "1 while the source is open (the "
                                 "exporter's stream, or the --file log).", value=connected)
         yield GaugeMetricFamily(PREFIX + "exporter_connected", "Deprecated alias of "
