@@ -100,13 +100,17 @@ class Stats:
         self.rejected[reason] += 1
 
     def sample_rejection(self, reason: str, url: str) -> None:
-        """Keep ``url`` among the last few rejected for ``reason`` (cut to SAMPLE_CHARS)."""
+        """Keep ``url`` among the last few rejected for ``reason``: without its query string
+        (it may carry a secure link's token; kept as "?…") and cut to SAMPLE_CHARS."""
         samples = self.rejected_samples.get(reason)
         if samples is None:
             samples = self.rejected_samples[reason] = deque(maxlen=SAMPLES_PER_REASON)
-        if len(url) > SAMPLE_CHARS:
-            url = url[:SAMPLE_CHARS - 1] + "\u2026"
-        samples.append(url)
+        path, query, _ = url.partition("?")
+        if query:
+            path += "?\u2026"
+        if len(path) > SAMPLE_CHARS:
+            path = path[:SAMPLE_CHARS - 1] + "\u2026"
+        samples.append(path)
 
     def drop(self, reason: str, n: int = 1) -> None:
         """Count ``n`` datasets dropped for ``reason`` (and in ``datasets_dropped``)."""

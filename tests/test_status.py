@@ -100,6 +100,9 @@ def test_rejection_samples_are_bounded_and_truncated():
     assert urls == [f"/elsewhere/{i}" for i in range(5, stats_module.SAMPLES_PER_REASON + 5)]
     long = stats.rejected_samples["status"][0]
     assert len(long) == stats_module.SAMPLE_CHARS and long.endswith("\u2026")
+    stats.sample_rejection("status", "/live/hls/foo-high/1.ts?md5=SECRET&expires=1")
+    assert stats.rejected_samples["status"][-1] == "/live/hls/foo-high/1.ts?\u2026"
+    assert set(stats.rejected_samples) == {"url-mismatch", "status"}
 
 
 def test_stream_history_is_bounded_and_the_chart_shows_the_last_hour():
