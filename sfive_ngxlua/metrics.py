@@ -40,8 +40,6 @@ from .status import (
 
 PREFIX = "sfive_ngxlua_"
 STREAM_LABELS = ("content", "format", "quality")
-ALIASES = {"exporter_connected": "source_connected"}
-"""Old metric names served one more release beside their new names (see the README)."""
 
 
 class StatsCollector:
