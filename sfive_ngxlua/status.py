@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from html import escape
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
@@ -161,38 +161,59 @@ def last_hour(history: Sequence[Point], now: float, duration: int) -> List[Point
     return [p for p in points if p[0] is None or p[0] >= now - HOUR]
 
 
+CHART_COLUMNS = 180
+"""The chart's columns at most: more intervals than that share a column (its peak shown)."""
+
+
+def columns(points: Sequence[Point], duration: int) -> Dict[int, Tuple[int, int]]:
+    """The chart's columns (of at most CHART_COLUMNS over the hour's interval slots, the last
+    point in the last slot): column → the peak viewers and bytes of its points."""
+    slots = max(1, math.ceil(HOUR / duration))
+    width = min(slots, CHART_COLUMNS)
+    first = slots - len(points)  # the oldest point's slot; slot k is in column k*width//slots
+    clients = [p[1] for p in points]
+    sent = [p[2] for p in points]
+    peaks: Dict[int, Tuple[int, int]] = {}
+    for column in range(max(0, first) * width // slots, width):
+        lo = max(0, -(-column * slots // width) - first)
+        hi = -(-(column + 1) * slots // width) - first
+        if lo < hi:
+            peaks[column] = (max(clients[lo:hi]), max(sent[lo:hi]))
+    return peaks
+
+
 def chart(points: Sequence[Point], duration: int, label: str) -> str:
-    """An inline SVG chart of one stream's last hour: bytes as bars, viewers as a line, the
-    hour's slots from left (an hour ago) to right (the last interval)."""
+    """An inline SVG chart of one stream's last hour: bytes as bars, viewers as a line, from
+    left (an hour ago) to right (the last interval); intervals that share a column show their
+    peak. One path per series keeps the page small."""
     width, height, pad, axis = 360, 64, 2, 12
     plot = height - axis - pad
-    slots = max(1, math.ceil(HOUR / duration))
-    step = (width - 2 * pad) / slots
-    peak_bytes = max([p[2] for p in points], default=0)
-    peak_clients = max([p[1] for p in points], default=0)
-    top_bytes, top_clients = max(peak_bytes, 1), max(peak_clients, 1)
+    step = (width - 2 * pad) / min(max(1, math.ceil(HOUR / duration)), CHART_COLUMNS)
+    peaks = columns(points, duration)
+    peak_clients = max((c for c, _ in peaks.values()), default=0)
+    peak_bytes = max((b for _, b in peaks.values()), default=0)
+    top_clients, top_bytes = max(peak_clients, 1), max(peak_bytes, 1)
+    base = pad + plot
     bars, line = [], []
-    first = slots - len(points)
-    for i, (_, clients, sent) in enumerate(points):
-        x = pad + (first + i) * step
-        h = plot * sent / top_bytes
-        bars.append(f'<rect class="bytes" x="{x:.1f}" y="{pad + plot - h:.1f}" '
-                    f'width="{max(step, 2):.1f}" height="{h:.1f}"/>')
-        y = pad + plot - plot * clients / top_clients
+    for column, (most_clients, most_bytes) in sorted(peaks.items()):
+        x = pad + column * step
+        h = plot * most_bytes / top_bytes
+        if h > 0:
+            bars.append(f"M{x:.1f} {base}v{-h:.1f}h{max(step, 2):.1f}v{h:.1f}z")
+        y = base - plot * most_clients / top_clients
         line.append(f"{x + max(step, 2) / 2:.1f},{y:.1f}")
-    viewers = (f'<polyline class="viewers" points="{" ".join(line)}"/>' if line else "")
     peak = (f"peak {peak_clients} viewers, {_bytes(peak_bytes)}" if points
             else "no intervals yet")
     title = f"{escape(label)}: the last hour, {len(points)} intervals, {peak}"
-    base = height - 2
     return (f'<svg class="chart" role="img" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" data-points="{len(points)}">'
             f"<title>{title}</title>"
-            f'<rect class="frame" x="0" y="0" width="{width}" height="{pad + plot}"/>'
-            f'{"".join(bars)}{viewers}'
-            f'<text x="{pad}" y="{base}">1 h ago</text>'
-            f'<text x="{width / 2:.0f}" y="{base}" text-anchor="middle">{peak}</text>'
-            f'<text x="{width - pad}" y="{base}" text-anchor="end">now</text></svg>')
+            f'<rect class="frame" x="0" y="0" width="{width}" height="{base}"/>'
+            f'<path class="bytes" d="{"".join(bars)}"/>'
+            f'<polyline class="viewers" points="{" ".join(line)}"/>'
+            f'<text x="{pad}" y="{height - 2}">1 h ago</text>'
+            f'<text x="{width / 2:.0f}" y="{height - 2}" text-anchor="middle">{peak}</text>'
+            f'<text x="{width - pad}" y="{height - 2}" text-anchor="end">now</text></svg>')
 
 
 STYLE = """

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import shutil
 from html.parser import HTMLParser
 from typing import Dict, List, Optional, Tuple
@@ -20,7 +22,7 @@ from sfive_ngxlua.metrics import MetricsService
 from sfive_ngxlua.service import build
 from sfive_ngxlua.settings import Options, Settings
 from sfive_ngxlua.stats import Stats
-from sfive_ngxlua.status import health, last_hour, render
+from sfive_ngxlua.status import CHART_COLUMNS, columns, health, last_hour, render
 
 T0 = 1_800_000_000
 D = 10
@@ -121,6 +123,24 @@ def test_stream_history_is_bounded_and_the_chart_shows_the_last_hour():
     assert len(last_hour(unknown, now, 60)) == 60
 
 
+@pytest.mark.parametrize("duration", [1, 5, 7, 10, 15, 60, 3600, 7200])
+@pytest.mark.parametrize("n", [0, 1, 3, 100, 5000])
+def test_chart_columns_hold_the_peak_of_their_intervals(duration, n):
+    rng = random.Random(duration * 10_000 + n)
+    points = last_hour([(None, rng.randint(0, 100), rng.randint(0, 10**6)) for _ in range(n)],
+                       T0, duration)
+    slots = max(1, math.ceil(3600 / duration))
+    width = min(slots, CHART_COLUMNS)
+    expected: Dict[int, Tuple[int, int]] = {}
+    for i, (_, clients, sent) in enumerate(points):  # point i sits in slot slots-len+i
+        column = (slots - len(points) + i) * width // slots
+        old = expected.get(column, (0, 0))
+        expected[column] = (max(old[0], clients), max(old[1], sent))
+    assert columns(points, duration) == expected
+    if points:
+        assert max(expected) == width - 1, "the last interval at the right edge"
+
+
 def test_the_page_escapes_what_it_shows():
     stats = Stats()
     stats.sample_rejection("url-mismatch", "/<script>alert(1)</script>")
@@ -177,10 +197,10 @@ class Dom(HTMLParser):
             self._cell = []
         elif tag == "svg" and self._stream is not None:
             self.charts[self._stream] = (int(a["data-points"]), 0, 0)
-        elif tag in ("rect", "polyline") and self._stream in self.charts:
+        elif tag in ("path", "polyline") and self._stream in self.charts:
             points, bars, lines = self.charts[self._stream]
-            if a.get("class") == "bytes":
-                bars += 1
+            if tag == "path" and a.get("class") == "bytes":
+                bars += a["d"].count("M")
             if tag == "polyline":
                 lines += len(a["points"].split())
             self.charts[self._stream] = (points, bars, lines)
@@ -259,7 +279,8 @@ def test_the_page_in_a_real_browser_shows_streams_figures_and_charts(tmp_path):
         assert int(dom.rows["foo/hls/high"][1]) == 3
         assert dom.rows["foo/hls/high"][2] == "9.0 kB" and dom.rows["bar/hls/low"][2] == "77 B"
         points, bars, lines = dom.charts["foo/hls/high"]
-        assert bars == 3 and lines == 3
+        # 360 ten-second slots in 180 columns: the three intervals fill the last two
+        assert bars == lines == 2
         assert "/elsewhere/not-a-stream.ts" in dom.samples
         assert "healthy" in dom.health
         for ip, ua in (CLIENT_A, CLIENT_B, CLIENT_C):
