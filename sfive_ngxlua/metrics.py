@@ -1,30 +1,42 @@
-"""Prometheus metrics: the service's own Stats and each configured stream's last interval.
+"""Prometheus metrics, the status page and the health check, on one server endpoint.
 
 A collector reads ``Stats`` at scrape time, so the metrics and the per-interval log line show
-the same figures. Stream labels are the configured streamer ids only, never clients, so the
-number of series is fixed by the command line. Each service has its own registry, not the
-library's global one, so several services (or tests) can run in one process.
+the same figures. Labels are the configured streamer ids, the rejection and drop reasons and
+the component names only, never clients, so the number of series is fixed by the command line
+and every series is there from the start. Each service has its own registry, not the library's
+global one, so several services (or tests) can run in one process.
 """
 
 from __future__ import annotations
 
+import platform
 from typing import Any, Iterator, Optional
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
-from twisted.application.service import Service
+from twisted.application import strports
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+import twisted
+
+from . import __version__
 from .records import REASONS
 from .settings import Settings
 from .stats import Stats, StreamFigures
+from .status import (
+    DROP_REASONS,
+    HealthResource,
+    StatusPage,
+    components,
+    health,
+    source_connected,
+)
 
 PREFIX = "sfive_ngxlua_"
 STREAM_LABELS = ("content", "format", "quality")
@@ -33,15 +45,18 @@ STREAM_LABELS = ("content", "format", "quality")
 class StatsCollector:
     """A prometheus_client collector over one Stats object and the configured streamers."""
 
-    def __init__(self, settings: Settings, stats: Stats) -> None:
+    def __init__(self, settings: Settings, stats: Stats,
+                 clock: Optional[IReactorTime] = None, started: Optional[float] = None) -> None:
         self.settings = settings
         self.stats = stats
         self.has_hub = bool(settings.socket or settings.hub)
+        self.clock = clock
+        self.started = started
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
         counters = (
-            ("lines", "Exporter lines read (gap lines included).", s.lines),
+            ("lines", "Source lines read (the exporter's gap lines included).", s.lines),
             ("records_accepted", "Records counted into an interval.", s.accepted),
             ("records_late", "Records for an interval already reported, added to the oldest "
              "open one.", s.late),
@@ -52,8 +67,6 @@ class StatsCollector:
              "entry.", s.folded),
             ("datasets_sent", "Datasets handed to the hub (or standard output).",
              s.datasets_sent),
-            ("datasets_dropped", "Datasets dropped (hub queue full, or too large).",
-             s.datasets_dropped),
             ("datasets_trimmed", "Datasets whose client list was trimmed to fit a datagram.",
              s.datasets_trimmed),
             ("exporter_reconnects", "Reconnection attempts to the exporter.",
@@ -65,9 +78,21 @@ class StatsCollector:
              s.heartbeats),
             ("intervals_held_early", "Held intervals reported before the watermark passed "
              "them, because the held intervals reached their cap.", s.held_early),
+            ("intervals_covered", "Intervals reported whole: the watermark passed them and no "
+             "announced loss overlaps them.", s.intervals_covered),
+            ("intervals_partial", "Intervals reported with what is known (a loss overlaps "
+             "them, or --max-delay, the held cap or a stop cut them short).",
+             s.intervals_partial),
+            ("intervals_withheld", "Intervals not reported: the source never vouched for "
+             "them.", s.intervals_withheld),
+            ("records_withheld", "Records that arrived for an interval already withheld.",
+             s.records_withheld),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
+        yield from self._build_info()
+        yield from self._drops()
+        yield from self._components()
         if self.settings.file:
             yield CounterMetricFamily(PREFIX + "file_rotations", "Times the --file log was "
                                       "renamed or deleted away (then read until quiet).",
@@ -85,15 +110,32 @@ class StatsCollector:
             rejected.add_metric((reason,), counts[reason])
         yield rejected
 
-        yield GaugeMetricFamily(PREFIX + "exporter_connected",
-                                "1 while the exporter stream is open.",
-                                value=int(s.exporter_connected))
+        connected = int(source_connected(s))
+        yield GaugeMetricFamily(PREFIX + "source_connected", "1 while the source is open (the "
+                                "exporter's stream, or the --file log).", value=connected)
+        yield GaugeMetricFamily(PREFIX + "exporter_connected", "Deprecated alias of "
+                                "sfive_ngxlua_source_connected (removed in the next release).",
+                                value=connected)
+        yield GaugeMetricFamily(PREFIX + "interval_seconds", "The interval length (--duration).",
+                                value=self.settings.duration)
+        covered = GaugeMetricFamily(PREFIX + "interval_covered", "1 while the running interval "
+                                    "is covered so far, 0 when not; absent while not known.")
+        if s.covered is not None:
+            covered.add_metric((), int(s.covered))
+        yield covered
+        if self.clock is not None:
+            ok, _ = health(self.settings, s, self.clock.seconds(), self.started)
+            yield GaugeMetricFamily(PREFIX + "healthy", "1 while /healthz answers 200.",
+                                    value=int(ok))
         if self.has_hub:
             yield GaugeMetricFamily(PREFIX + "hub_connected",
                                     "1 while connected to the sfive hub.",
                                     value=int(s.hub_connected))
             yield GaugeMetricFamily(PREFIX + "hub_queue_length",
                                     "Datasets waiting for the sfive hub.", value=s.queued)
+            yield GaugeMetricFamily(PREFIX + "hub_queue_limit",
+                                    "Datasets the hub queue holds at most (--queue-limit).",
+                                    value=self.settings.queue_limit)
         yield GaugeMetricFamily(PREFIX + "exporter_protocol",
                                 "The exporter's stream protocol (1 or 2; 0 before it answered).",
                                 value=s.exporter_protocol)
@@ -138,6 +180,43 @@ class StatsCollector:
         yield interval_bytes
         yield total
 
+    def _build_info(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(PREFIX + "build_info", "Always 1: the versions running.",
+                                 labels=("version", "python", "twisted"))
+        info.add_metric((__version__, platform.python_version(), twisted.__version__), 1)
+        yield info
+
+    def _drops(self) -> Iterator[Metric]:
+        """Dropped datasets by reason; what was counted without a reason is "other"."""
+        drops = self.stats.drops
+        family = CounterMetricFamily(PREFIX + "datasets_dropped", "Datasets dropped, by "
+                                     "reason (see the README).", labels=("reason",))
+        unexplained = max(0, self.stats.datasets_dropped - sum(drops.values()))
+        for reason in DROP_REASONS:
+            family.add_metric((reason,), drops.get(reason, 0) +
+                              (unexplained if reason == "other" else 0))
+        for reason in sorted(set(drops) - set(DROP_REASONS)):
+            family.add_metric((reason,), drops[reason])
+        yield family
+
+    def _components(self) -> Iterator[Metric]:
+        s = self.stats
+        errors = CounterMetricFamily(PREFIX + "component_errors", "Unexpected errors, by "
+                                     "component (each logged with its traceback, then retried).",
+                                     labels=("component",))
+        failing = GaugeMetricFamily(PREFIX + "component_failing", "1 while the component is "
+                                    "retrying after an unexpected error (or failed).",
+                                    labels=("component",))
+        state = GaugeMetricFamily(PREFIX + "component_state", "Always 1, for the component's "
+                                  "current state.", labels=("component", "state"))
+        for name, current, bad in components(self.settings, s):
+            errors.add_metric((name,), s.errors.get(name, 0))
+            failing.add_metric((name,), int(bad))
+            state.add_metric((name, current), 1)
+        yield errors
+        yield failing
+        yield state
+
 
 class MetricsResource(Resource):
     """Renders a registry in the format the scraper asks for, in the reactor thread.
@@ -168,67 +247,64 @@ class MetricsSite(Site):
         pass
 
 
-class MetricsService(Service):
-    """Serves ``/metrics`` on a Twisted server endpoint (e.g. ``tcp:9166:interface=127.0.0.1``).
+class _Reporting:
+    """The metrics endpoint, reporting the port it listens on (for the log and the tests)."""
 
-    It listens in ``privilegedStartService`` (before twistd drops privileges) and, like
-    twistd's own servers, refuses to start when the endpoint cannot listen.
+    def __init__(self, endpoint: Any, listened: Any) -> None:
+        self.endpoint = endpoint
+        self.listened = listened
+
+    def listen(self, factory: Any) -> Deferred:
+        return self.endpoint.listen(factory).addCallback(self.listened)
+
+
+class MetricsService(MultiService):
+    """Serves ``/metrics``, ``/healthz`` and the status page ``/`` on a Twisted server endpoint
+    (e.g. ``tcp:9166:interface=127.0.0.1``).
+
+    The listener is Twisted's own ``strports.service``: it listens in
+    ``privilegedStartService`` (before twistd drops privileges) and refuses to start when the
+    endpoint cannot listen. ``listening`` fires with the port once it listens.
     """
 
     log = Logger()
 
-    def __init__(self, settings: Settings, reactor: Any, stats: Stats) -> None:
+    def __init__(self, settings: Settings, reactor: Any, stats: Stats,
+                 clock: Optional[IReactorTime] = None) -> None:
+        super().__init__()
         self.description = settings.metrics
-        self.endpoint = serverFromString(reactor, settings.metrics)
+        clock = clock if clock is not None else reactor
+        started = clock.seconds()
         self.registry = CollectorRegistry()
-        self.registry.register(StatsCollector(settings, stats))
-        root = Resource()
+        self.registry.register(StatsCollector(settings, stats, clock, started))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        root = StatusPage(settings, stats, clock, started)
         root.putChild(b"metrics", MetricsResource(self.registry))
+        root.putChild(b"healthz", HealthResource(settings, stats, clock, started))
         self.site = MetricsSite(root)
         self.port: Optional[IListeningPort] = None
-        self.listening: Optional[Deferred] = None
+        self.listening: Deferred = Deferred()
+        self.server = strports.service(settings.metrics, self.site, reactor=reactor)
+        self.server.endpoint = _Reporting(self.server.endpoint, self._listened)
+        self.server.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._listen()
-
-    def startService(self) -> None:
-        super().startService()
-        self._listen()
-
-    def _listen(self) -> None:
-        if self.listening is not None:
-            return
-        starting = True
-        at_start: list = []
-
-        def failed(failure: Failure) -> None:
-            if starting:
-                at_start.append(failure)
-            else:
-                self.log.failure("cannot serve metrics on {endpoint}", failure,
-                                 endpoint=self.description)
-
-        self.listening = self.endpoint.listen(self.site).addCallbacks(self._listened, failed)
-        starting = False
-        if at_start:
-            self.listening = None
+        try:
+            super().privilegedStartService()
+        except Exception as e:
             self.log.error("cannot serve metrics on {endpoint}: {why}",
-                           endpoint=self.description, why=at_start[0].getErrorMessage())
-            at_start[0].raiseException()
+                           endpoint=self.description, why=e)
+            raise
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        self.log.info("serving Prometheus metrics at {endpoint} (path /metrics)",
-                      endpoint=self.description)
+        self.log.info("serving Prometheus metrics at {endpoint} (/metrics; status page /, "
+                      "health check /healthz)", endpoint=self.description)
+        if not self.listening.called:
+            self.listening.callback(port)
         return port
 
     def stopService(self) -> Optional[Deferred]:
-        super().stopService()
-        listening, self.listening = self.listening, None
-        port, self.port = self.port, None
-        if port is not None:
-            return port.stopListening()
-        if listening is not None:
-            listening.cancel()
-        return None
+        self.port = None
+        return super().stopService()

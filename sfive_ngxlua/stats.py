@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Deque, Dict, Optional, Tuple
 
 from .settings import StreamerKey
+
+HISTORY_POINTS = 720
+"""Intervals each stream's history keeps: an hour at 5-second intervals (the status page)."""
+SAMPLES_PER_REASON = 10
+"""Recent rejected URLs kept per rejection reason (the status page)."""
+SAMPLE_CHARS = 200
+"""A sampled URL is cut to this many characters."""
+
+Point = Tuple[Optional[float], int, int]
+"""One reported interval of one stream: its start (None where the reporter did not say),
+clients, bytes."""
+
+
+def _history() -> Deque[Point]:
+    return deque(maxlen=HISTORY_POINTS)
 
 
 @dataclass
 class StreamFigures:
-    """One configured streamer's last reported interval and its bytes since start."""
+    """One configured streamer's last reported interval, its bytes since start, and its
+    recent intervals (bounded, in memory only)."""
 
     clients: int = 0
     bytes: int = 0
     bytes_total: int = 0
+    history: Deque[Point] = field(default_factory=_history)
 
 
 @dataclass
@@ -75,23 +92,42 @@ class Stats:
     """Whether the running interval is covered so far (None: not known yet); /healthz."""
     drops: Counter = field(default_factory=Counter)
     """Datasets dropped, by reason (queue-full, too-large, sink-error, ...): see drop()."""
+    rejected_samples: Dict[str, Deque[str]] = field(default_factory=dict)
+    """Recent rejected URLs by reason (bounded, truncated): see sample_rejection(). Never a
+    client address or user agent."""
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
+
+    def sample_rejection(self, reason: str, url: str) -> None:
+        """Keep ``url`` among the last few rejected for ``reason``: without its query string
+        (it may carry a secure link's token; kept as "?…") and cut to SAMPLE_CHARS."""
+        samples = self.rejected_samples.get(reason)
+        if samples is None:
+            samples = self.rejected_samples[reason] = deque(maxlen=SAMPLES_PER_REASON)
+        path, query, _ = url.partition("?")
+        if query:
+            path += "?\u2026"
+        if len(path) > SAMPLE_CHARS:
+            path = path[:SAMPLE_CHARS - 1] + "\u2026"
+        samples.append(path)
 
     def drop(self, reason: str, n: int = 1) -> None:
         """Count ``n`` datasets dropped for ``reason`` (and in ``datasets_dropped``)."""
         self.datasets_dropped += n
         self.drops[reason] += n
 
-    def reported(self, streamer: StreamerKey, clients: int, sent: int) -> None:
-        """Remember a streamer's figures from the interval just reported."""
+    def reported(self, streamer: StreamerKey, clients: int, sent: int,
+                 start: Optional[float] = None) -> None:
+        """Remember a streamer's figures from the interval (starting at ``start``, if given)
+        just reported."""
         figures = self.streams.get(streamer)
         if figures is None:
             figures = self.streams[streamer] = StreamFigures()
         figures.clients = clients
         figures.bytes = sent
         figures.bytes_total += sent
+        figures.history.append((start, clients, sent))
 
     def summary(self) -> dict:
         """The figures as keyword data for one structured log event."""

@@ -17,15 +17,18 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from support import DatagramHub, ExporterServer, wait_for
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
+from sfive_ngxlua import __version__
 from sfive_ngxlua.metrics import MetricsService
 from sfive_ngxlua.records import REASONS
 from sfive_ngxlua.service import build
 from sfive_ngxlua.settings import Options, Settings
 from sfive_ngxlua.stats import Stats
+from sfive_ngxlua.status import DROP_REASONS
 
 T0 = 1_800_000_000  # a multiple of the interval length: the service starts on a boundary
 D = 10
@@ -185,7 +188,9 @@ def test_scrape_matches_the_datasets_the_hub_received(tmp_path):
     assert value("sfive_ngxlua_exporter_connected") == 1
     assert value("sfive_ngxlua_hub_connected") == 1
     assert value("sfive_ngxlua_hub_queue_length") == 0
-    assert value("sfive_ngxlua_datasets_dropped_total") == 0
+    for reason in DROP_REASONS:
+        assert value("sfive_ngxlua_datasets_dropped_total", reason=reason) == 0
+    assert value("sfive_ngxlua_source_connected") == 1
     assert value("sfive_ngxlua_last_report_timestamp_seconds") == run["now"] == T0 + 2 * D + 1
 
     response, body = run["openmetrics"]
@@ -204,8 +209,9 @@ def test_scrape_does_not_reveal_clients(tmp_path):
         for _, body in (run["first_scrape"], run["scrape"], run["openmetrics"]):
             assert ip not in body and ua not in body  # ... the metrics never do
     labels = {name for f in text_string_to_metric_families(run["scrape"][1])
-              for s in f.samples for name in s.labels}
-    assert labels == {"reason", "content", "format", "quality"}
+              for s in f.samples for name in s.labels if s.name.startswith("sfive_ngxlua_")}
+    assert labels == {"reason", "content", "format", "quality", "component", "state",
+                      "version", "python", "twisted"}
 
 
 def scrape_registry(service: MetricsService) -> Samples:
@@ -291,3 +297,73 @@ def test_event_time_series_show_the_held_intervals_the_lag_and_the_ring():
     assert got[("sfive_ngxlua_watermark_lag_seconds", frozenset())] == 31.5
     assert got[("sfive_ngxlua_ring_size_records", frozenset())] == 10000
     assert got[("sfive_ngxlua_ring_history_seconds", frozenset())] == 250.0
+
+
+def test_new_series_are_there_from_the_start_with_every_label_value():
+    settings = Settings(streamers=tuple(STREAMERS), socket="/nonexistent", state_dir="/x",
+                        metrics="tcp:0:interface=127.0.0.1")
+    stats = Stats()
+    got = scrape_registry(MetricsService(settings, reactor, stats))
+    for reason in DROP_REASONS:
+        assert got[("sfive_ngxlua_datasets_dropped_total", frozenset({("reason", reason)}))] == 0
+    for component in ("fetch", "report", "sink", "checkpoint"):
+        labels = frozenset({("component", component)})
+        assert got[("sfive_ngxlua_component_errors_total", labels)] == 0
+        assert got[("sfive_ngxlua_component_failing", labels)] == 0
+    for name in ("intervals_covered_total", "intervals_partial_total",
+                 "intervals_withheld_total", "records_withheld_total"):
+        assert got[(f"sfive_ngxlua_{name}", frozenset())] == 0
+    assert got[("sfive_ngxlua_source_connected", frozenset())] == 0
+    assert got[("sfive_ngxlua_exporter_connected", frozenset())] == 0  # the old name, kept
+    assert got[("sfive_ngxlua_interval_seconds", frozenset())] == settings.duration
+    assert got[("sfive_ngxlua_hub_queue_limit", frozenset())] == settings.queue_limit
+    assert got[("sfive_ngxlua_healthy", frozenset())] == 0  # the hub is not connected
+    names = {name for name, _ in got}
+    assert "sfive_ngxlua_interval_covered" not in names, "absent while not known"
+    info = [labels for name, labels in got if name == "sfive_ngxlua_build_info"]
+    assert len(info) == 1 and ("version", __version__) in info[0]
+    # prometheus_client's process and platform collectors, on this service's own registry
+    assert got[("process_open_fds", frozenset())] > 0
+    assert got[("process_resident_memory_bytes", frozenset())] > 0
+    assert ("process_cpu_seconds_total", frozenset()) in got
+    assert any(name == "python_info" for name, _ in got)
+
+
+def test_drops_components_and_coverage_follow_stats():
+    settings = Settings(streamers=tuple(STREAMERS[:1]), metrics="tcp:0:interface=127.0.0.1")
+    stats = Stats()
+    service = MetricsService(settings, reactor, stats)
+    stats.drop("queue-full", 3)
+    stats.drop("brand-new-reason")
+    stats.datasets_dropped += 2  # counted without a reason (a path not yet using drop())
+    stats.states.update(fetch="retrying", report="running")
+    stats.errors.update(fetch=4)
+    stats.intervals_covered, stats.intervals_partial, stats.intervals_withheld = 7, 2, 1
+    stats.records_withheld, stats.covered = 5, True
+    stats.source_connected = True
+    got = scrape_registry(service)
+
+    def value(name: str, **labels: str) -> float:
+        return got[(f"sfive_ngxlua_{name}", frozenset(labels.items()))]
+
+    assert value("datasets_dropped_total", reason="queue-full") == 3
+    assert value("datasets_dropped_total", reason="brand-new-reason") == 1
+    assert value("datasets_dropped_total", reason="other") == 2
+    assert value("datasets_dropped_total", reason="too-large") == 0
+    assert value("component_errors_total", component="fetch") == 4
+    assert value("component_failing", component="fetch") == 1
+    assert value("component_failing", component="report") == 0
+    assert value("component_state", component="fetch", state="retrying") == 1
+    assert value("component_state", component="sink", state="unknown") == 1
+    assert (value("intervals_covered_total"), value("intervals_partial_total"),
+            value("intervals_withheld_total"), value("records_withheld_total")) == (7, 2, 1, 5)
+    assert value("interval_covered") == 1
+    assert value("source_connected") == value("exporter_connected") == 1
+    assert value("healthy") == 0  # fetch is retrying
+
+
+def test_the_listener_is_twisteds_own():
+    settings = Settings(streamers=tuple(STREAMERS[:1]), metrics="tcp:0:interface=127.0.0.1")
+    service = MetricsService(settings, reactor, Stats())
+    assert isinstance(service.server, StreamServerEndpointService)
+    assert service.server.parent is service
