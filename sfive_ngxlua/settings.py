@@ -19,6 +19,10 @@ StreamerKey = Tuple[str, str, str]
 """(content-id, format, quality)"""
 
 
+DEFAULT_QUEUE_BYTES = 256 << 20
+"""--queue-bytes' default (the hub queue's bound in bytes)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the model, the sinks and the services need; built once from the options."""
@@ -38,7 +42,7 @@ class Settings:
     socket: Optional[str] = None
     hub: Optional[str] = None
     queue_limit: int = 1000
-    queue_bytes: int = 256 << 20
+    queue_bytes: int = DEFAULT_QUEUE_BYTES
     state_dir: Optional[str] = None
     idle_timeout: float = 60.0
     connect_timeout: float = 10.0

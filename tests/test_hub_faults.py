@@ -137,7 +137,7 @@ async def test_stalled_hub_does_not_block_the_reactor_nor_lose_datasets(
         report_due(run, k, 1, grace=0.5)
     stalled = len(run.sink.queue)
     assert stalled > 3 * seconds // 2, "the hub's socket is full: sends got EAGAIN"
-    assert run.sink.port in reactor.getWriters(), "waiting for writability, not sleeping"
+    assert run.sink.connection in reactor.getWriters(), "waiting for writability, not sleeping"
     assert run.stats.datasets_dropped == 0
 
     await wait_for(dgram_hub.has(3 * seconds))
@@ -147,7 +147,7 @@ async def test_stalled_hub_does_not_block_the_reactor_nor_lose_datasets(
     assert sum(d["data"]["bytes-sent"] for d in got) == sum(
         (100 + i) for i in range(50)) * 3 * seconds
     assert run.stats.datasets_sent == 3 * seconds and len(run.sink.queue) == 0
-    assert run.sink.port not in reactor.getWriters(), "no busy loop once drained"
+    assert run.sink.connection not in reactor.getWriters(), "no busy loop once drained"
     assert not errors(logs)
 
 

@@ -231,7 +231,7 @@ def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
         if len(calls) <= 8:
             raise BrokenPipeError("the reader went away")
 
-    service = build(settings(exporter.url), reactor, sink=CallableSink(flaky), clock=clock,
+    service = build(settings(exporter.url), reactor, sink=flaky, clock=clock,
                     stats=stats)
     service.startService()
     try:
