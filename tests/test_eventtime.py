@@ -340,3 +340,58 @@ def test_a_gap_is_logged_with_the_time_range_up_to_the_next_record_or_heartbeat(
         assert pipeline.heartbeat.time == T0 + 9.25 and pipeline.last_seq == 7
     finally:
         globalLogPublisher.removeObserver(logs)
+
+
+def test_an_unexpected_error_in_a_tick_is_one_traceback_counted_and_reporting_resumes():
+    """Issue 17, item 2: the reporting loop does not end at an error it did not expect; it
+    starts again at the next due time and reports everything that came due meanwhile."""
+    logs = LogCapture()
+    globalLogPublisher.addObserver(logs)
+    try:
+        s = Setup(None)
+        s.add(T0 + 12)
+        real, fails = s.model.close_due, [2]
+
+        def close_due(now):
+            if fails[0]:
+                fails[0] -= 1
+                raise RuntimeError("model on fire")
+            return real(now)
+
+        s.model.close_due = close_due
+        s.to(T0 + 21)
+        assert s.stats.errors["report"] == 1 and s.stats.states["report"] == "retrying"
+        assert not s.report.loop.running and s.out == []
+        s.to(T0 + 22)  # the retry: at the next due time in phase (T0 + 31), not at once
+        assert not s.report.loop.running
+        s.to(T0 + 31)
+        assert s.stats.errors["report"] == 2, "failed again; retried again"
+        assert len([e for e in logs.events if "log_failure" in e]) == 1, "one traceback"
+        s.to(T0 + 41)
+        assert s.report.loop.running and s.stats.states["report"] == "running"
+        assert s.starts() == [hms(10), hms(20), hms(30)], "what came due meanwhile, in order"
+        assert s.bytes()[hms(10)] == 100
+        s.to(T0 + 51)
+        assert s.starts()[-1] == hms(40), "on the interval boundaries again"
+    finally:
+        globalLogPublisher.removeObserver(logs)
+
+
+def test_an_unexpected_error_when_the_source_calls_check_takes_the_same_path():
+    src = Source(T0 + 11.0)
+    s = Setup(src)
+    s.add(T0 + 12)
+    s.to(T0 + 21)  # held: the watermark is behind
+    real = s.model.close_due
+
+    def close_due(now):
+        s.model.close_due = real
+        raise RuntimeError("once")
+
+    s.model.close_due = close_due
+    src.mark = T0 + 22.0
+    s.report.check()  # the source's on_watermark: the error must not reach the source
+    assert s.stats.errors["report"] == 1 and s.stats.states["report"] == "retrying"
+    src.mark = T0 + 23.0
+    s.report.check()
+    assert s.starts() == [hms(10)] and s.stats.states["report"] == "running"
