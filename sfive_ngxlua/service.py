@@ -206,9 +206,11 @@ def restore_model(store: StateStore, settings: Settings, stats: Stats,
 
 
 class Importer(MultiService):
-    """The importer's services, built in the order the data flows (state store, queue, sink,
-    model, pipeline, source, outbox, reporter, checkpoint, metrics) and started sink first,
-    checkpoint before everything (so that it stops last)."""
+    """The importer's parts, each built once with what it needs: beside the model the state
+    store and its queue; then the model, the pipeline, the source, the sink, the outbox, the
+    reporter, the checkpoint and the metrics. Started checkpoint first (so that it stops last),
+    then sink, source and reporter. The one signal against the data's direction, the source's
+    ``on_watermark``, goes through ``_watermark_moved``."""
 
     def __init__(self, settings: Settings, reactor: Any,
                  sink: Union[Service, Callable[[Dataset], Any], None] = None,
@@ -221,11 +223,6 @@ class Importer(MultiService):
         self.queue: Optional[SqliteQueue] = (
             self.store.queue(settings.queue_limit, settings.queue_bytes)
             if self.store is not None and hub else None)
-        if sink is None:
-            sink = make_sink(settings, reactor, self.stats, clock, self.queue)
-        elif not isinstance(sink, Service):
-            sink = CallableSink(sink, self.stats)
-        self.sink: Service = sink
         self.pending: List[Dataset] = []
         """Datasets of a state saved under other settings, for a sink without a queue."""
         model = None
@@ -237,6 +234,11 @@ class Importer(MultiService):
                                        on_watermark=self._watermark_moved)
         if self.store is not None:
             self._resume(self.store)
+        if sink is None:
+            sink = make_sink(settings, reactor, self.stats, clock, self.queue)
+        elif not isinstance(sink, Service):
+            sink = CallableSink(sink, self.stats)
+        self.sink: Service = sink
         self.outbox: Outbox = (
             DurableOutbox(settings, self.store, self.model, self.source, sink, self.stats,
                           self.queue)

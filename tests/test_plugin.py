@@ -23,7 +23,7 @@ STREAMERS = "C1,C2/hls,dash/high,low"
 def iso_now(offset=0.0):
     import time
 
-    return iso(int(time.time() + offset), offset="Z")
+    return iso(int(time.time() + offset), "Z")
 
 
 @pytest.mark.parametrize("args, message", [

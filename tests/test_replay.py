@@ -27,7 +27,7 @@ ARGS = ["-S", "C1/hls/high", "-S", "C1/dash/low", "-n", "edge1", "-d", "10", "-t
 
 
 def iso(seconds, ms=0):
-    return faults.iso(seconds, ms)
+    return faults.iso(seconds, ms=ms)
 
 
 def recorded(n=300):

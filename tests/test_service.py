@@ -19,7 +19,7 @@ STREAMERS = tuple((c, f, q) for c in ("C1", "C2") for f in ("hls", "dash") for q
 
 
 def iso(seconds, ms=0):
-    return faults.iso(seconds, ms, offset="Z")
+    return faults.iso(seconds, "Z", ms)
 
 
 def settings(url, **kw):

@@ -38,14 +38,11 @@ URL = "/live/hls/foo-high/seg1.ts"
 STREAMERS = (("foo", "hls", "high"), ("foo", "hls", "low"), ("bar", "dash", "high"))
 
 
-def iso(epoch: float, ms: Optional[int] = None, offset: str = "+00:00") -> str:
-    """A record's time stamp (exporter or access log) for ``epoch``, in UTC with the offset
-    spelled as given; milliseconds when ``ms`` is given or ``epoch`` has a fraction."""
-    whole = int(epoch // 1)
-    if ms is None and epoch != whole:
-        ms = int(round((epoch - whole) * 1000))
+def iso(epoch: float, offset: str = "+00:00", ms: Optional[int] = None) -> str:
+    """A record's time stamp (exporter or access log) for the epoch second, in UTC with the
+    offset spelled as given, and ``ms`` milliseconds if given."""
     fraction = "" if ms is None else f".{ms:03d}"
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + fraction + offset
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + fraction + offset
 
 
 def record(t: float, client: str = "10.0.0.1", ua: str = "ua/1", url: str = URL,
