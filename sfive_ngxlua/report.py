@@ -122,7 +122,7 @@ class ReportService(Service):
     def _begin(self) -> None:
         self._start = None
         if self.lifecycle.state == WAITING:
-            self.lifecycle.enter(RUNNING)  # after a failure: once a tick works
+            self.lifecycle.enter(RUNNING)  # after a failure tick() does, once one works
         self.loop.start(self.settings.duration, now=True).addErrback(self._failed)
 
     def _failed(self, failure: Failure) -> None:
