@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 from twisted.python import usage
 
 from . import __version__
-from .settings import Settings, _check_endpoint, _seconds, parse_command_line
+from .settings import Settings, _seconds, check_hub, parse_command_line
 from .stats import Stats
 
 DEFAULT_STATE_DIR = "/var/lib/sfive-ngxlua"
@@ -45,11 +45,7 @@ class RetireOptions(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
-        if self["socket"] and self["hub"]:
-            raise usage.UsageError("give either --socket or --hub, not both")
-        if self["hub"] is not None:
-            _check_endpoint("--hub", self["hub"], client=True,
-                            example="unix:path=/run/sfive/pipe or tcp:host=hub:port=4000")
+        check_hub(self["socket"], self["hub"])
         if not os.path.isdir(self["state-dir"]):
             raise usage.UsageError(f"--state-dir {self['state-dir']!r}: no such directory")
         self["timeout"] = _seconds("--timeout", self["timeout"], positive=True)

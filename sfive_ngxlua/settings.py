@@ -214,6 +214,15 @@ class ModelOptions(usage.Options):
         return Settings(**self.settings_kwargs)
 
 
+def check_hub(socket: Optional[str], hub: Optional[str]) -> None:
+    """``--socket`` or ``--hub`` (a client endpoint), not both (the service, replay, retire)."""
+    if socket and hub:
+        raise usage.UsageError("give either --socket or --hub, not both")
+    if hub is not None:
+        _check_endpoint("--hub", hub, client=True,
+                        example="unix:path=/run/sfive/pipe or tcp:host=hub:port=4000")
+
+
 class HubOptions(usage.Options):
     """Where the datasets go (the service and replay): the hub and its queue's bounds. Mixed
     in after ``ModelOptions``, whose ``postOptions`` hands on to this one's."""
@@ -228,11 +237,7 @@ class HubOptions(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        if self["socket"] and self["hub"]:
-            raise usage.UsageError("give either --socket or --hub, not both")
-        if self["hub"] is not None:
-            _check_endpoint("--hub", self["hub"], client=True,
-                            example="unix:path=/run/sfive/pipe or tcp:host=hub:port=4000")
+        check_hub(self["socket"], self["hub"])
         self.settings_kwargs.update(
             socket=self["socket"],
             hub=self["hub"],
