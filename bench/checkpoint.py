@@ -30,7 +30,6 @@ from sfive_ngxlua.datasets import datasets, encode
 from sfive_ngxlua.model import IntervalModel
 from sfive_ngxlua.records import Record
 from sfive_ngxlua.settings import Settings
-from sfive_ngxlua.sinks import DiskQueue
 from sfive_ngxlua.stats import Stats
 from sfive_ngxlua.store import StateStore
 
@@ -100,7 +99,7 @@ def many_clients(clients: int, segment: int, seconds: int) -> None:
     settings = Settings(streamers=(streamer,), hostname="bench", duration=3600,
                         max_clients=max(clients, 50000))
     store = open_store(settings)
-    queue = DiskQueue(store, 1000, Stats())
+    queue = store.queue(1000)
     stats = Stats()
     model = IntervalModel(settings, stats, start=T0)
     store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 0})
@@ -122,7 +121,7 @@ def many_clients(clients: int, segment: int, seconds: int) -> None:
     for second in range(3):
         for i in range(second % segment, clients, segment):
             model.add(Record(t + second, streamer, ip(i), UA.format(i), 1_500_000))
-        store.need_full = True  # what a non-incremental checkpoint (the whole model) costs
+        store.write_all_next()  # what a non-incremental checkpoint (the whole model) costs
         position = {"kind": "exporter", "ring": None, "seq": clients + seconds + second}
         full.append(timed(lambda p=position: store.checkpoint(model, p)))
     report(f"{clients} clients, full rewrite instead", full)

@@ -49,14 +49,14 @@ from .datasets import Dataset, JsonLinesWriter, report, start_time  # noqa: E402
 from .model import IntervalModel  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 from .records import Record, RecordParser  # noqa: E402
-from .settings import ModelOptions, Settings, parse_command_line  # noqa: E402
+from .settings import HubOptions, ModelOptions, Settings, parse_command_line  # noqa: E402
 from .stats import Stats  # noqa: E402
 
 CHUNK = 1 << 20
 HUB_PATIENCE = 30.0
 
 
-class ReplayOptions(ModelOptions):
+class ReplayOptions(ModelOptions, HubOptions):
     """The service's model options and sinks, plus the files to read."""
 
     synopsis = "[options] [FILE ...]"

@@ -1,20 +1,29 @@
 """Aligned reporting by event time: close the intervals the source's watermark has passed and
-hand their datasets to a sink (or to a ``commit`` hook)."""
+hand them to the outbox (``outbox.py``)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Optional, Protocol
+from typing import List, Optional, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from .datasets import Dataset, datasets, report, start_time
+from .datasets import start_time
+from .lifecycle import RETRYING, STOPPED, Lifecycle
 from .model import Interval, IntervalModel
+from .outbox import Outbox
 from .settings import Settings
 from .stats import Stats
+
+WAITING = "waiting"
+"""Before the first interval's due time."""
+RUNNING = "running"
+RETRY_SECONDS = 1.0
+"""After an unexpected error, the loop starts again this much later (at the next due time)."""
 
 
 class Source(Protocol):
@@ -40,11 +49,10 @@ class ReportService(Service):
     all it missed. ``check`` is also called by the source whenever its watermark may have
     moved (``on_watermark``), so held intervals are reported as soon as the backlog is read.
 
-    ``commit``, when given, is called once per check with the datasets of all intervals just
-    closed (oldest first) instead of handing them to ``deliver`` one by one (the state store
-    writes them and the model's changes in one transaction, then sends them). With
-    ``keep_open`` set, a stop reports only what is due and leaves the running interval in the
-    model, for a checkpoint to save.
+    The intervals closed by one check go to the ``outbox`` together (oldest first); at a stop,
+    what is due and then what the outbox's kind closes at a stop (the running interval, or
+    nothing when a checkpoint saves it). An unexpected error in a check is logged with its
+    traceback, counted, and the loop starts again at the next due time.
 
     Clock steps: the wall clock may jump (NTP at boot). A forward step makes every interval in
     between due at once: they are reported (empty ones too) in one check, and records go into
@@ -63,25 +71,24 @@ class ReportService(Service):
     log = Logger()
 
     def __init__(self, settings: Settings, clock: IReactorTime, model: IntervalModel,
-                 deliver: Callable[[dict], Any], stats: Stats, source: Optional[Source] = None,
-                 commit: Optional[Callable[[List[Dataset]], Any]] = None,
+                 outbox: Outbox, stats: Stats, source: Optional[Source] = None,
                  held_cap: Optional[int] = None) -> None:
         """``held_cap``: client entries allowed in held intervals (default: one interval's
         worth at the client cap, ``max_clients`` times the number of streamers)."""
         self.settings = settings
         self.clock = clock
         self.model = model
-        self.deliver = deliver
+        self.outbox = outbox
         self.stats = stats
         self.source = source
-        self.commit = commit
         self.max_delay = settings.max_delay
         self.held_cap = (held_cap if held_cap is not None
                          else settings.max_clients * max(1, len(settings.streamers)))
-        self.keep_open = False
         self.loop = LoopingCall(self.tick)
         self.loop.clock = clock
+        self.lifecycle = Lifecycle("report", stats, (WAITING, RUNNING), self.log)
         self._start: Optional[IDelayedCall] = None
+        self._retry: Optional[IDelayedCall] = None
         self._lines_at: Optional[tuple] = None
         self._expired = False
 
@@ -91,8 +98,8 @@ class ReportService(Service):
         if self.model.first is None:
             self.model.begin(self.clock.seconds())
         first = self.model.first
-        self._start = self.clock.callLater(
-            max(0.0, self.model.due_at - self.clock.seconds()), self._begin)
+        self.lifecycle.enter(WAITING)
+        self._schedule()
         self.log.info(
             "first interval starts at {start}; reporting every {duration}s, {grace:g}s after "
             "each interval's end (held up to {max_delay:g}s while the exporter's records are "
@@ -100,10 +107,31 @@ class ReportService(Service):
             max_delay=self.max_delay,
         )
 
+    def _schedule(self) -> None:
+        """Start the loop at the next due time (at once if one is due, or in phase with the
+        due times after a failure), unless it runs or is about to."""
+        self._retry = None
+        if not self.running or self.loop.running or (
+                self._start is not None and self._start.active()):
+            return
+        wait = self.model.due_at - self.clock.seconds()
+        if wait < 0 and self.lifecycle.state == RETRYING:
+            wait %= self.settings.duration
+        self._start = self.clock.callLater(max(0.0, wait), self._begin)
+
     def _begin(self) -> None:
         self._start = None
-        self.loop.start(self.settings.duration, now=True).addErrback(
-            lambda f: self.log.failure("reporting loop failed", f))
+        if self.lifecycle.state == WAITING:
+            self.lifecycle.enter(RUNNING)  # after a failure tick() does, once one works
+        self.loop.start(self.settings.duration, now=True).addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        """The one path of an unexpected error: its traceback once, counted, and a retry."""
+        if self.loop.running:
+            self.loop.stop()
+        if self.running and self._retry is None:
+            self._retry = self.lifecycle.unexpected(failure, "reporting", self.clock,
+                                                    RETRY_SECONDS, self._schedule)
 
     def _source_mark(self, now: float) -> float:
         """The source's watermark (``now`` without a source: the wall-clock rule)."""
@@ -120,7 +148,10 @@ class ReportService(Service):
             return
         now = self.clock.seconds()
         if self.watermark(now) >= self.model.due_at or self.stats.held:
-            self.tick()
+            try:
+                self.tick()
+            except Exception:
+                self._failed(Failure())
 
     def tick(self) -> None:
         """Close every interval due by the effective watermark, and what the held cap
@@ -151,28 +182,20 @@ class ReportService(Service):
         self.stats.held = held
         self.stats.watermark_lag = now - mark if math.isfinite(mark) else None
         self._emit(intervals)
+        if self.lifecycle.state == RETRYING:
+            self.lifecycle.enter(RUNNING)
 
     def _held_entries(self, held: int) -> int:
         return self.model.entries(upto=self.model.reported + held)
 
     def _emit(self, intervals: List[Interval]) -> None:
-        """Report the intervals (through ``commit`` or ``deliver``), record their figures in
-        Stats, and log one line per interval."""
+        """Hand the intervals to the outbox, record their figures in Stats, and log one line
+        per interval."""
         if not intervals:
             return
-        if self.commit is not None:
-            batch: List[Dataset] = []
-            for interval in intervals:
-                batch.extend(datasets(interval, self.settings))
-            try:
-                self.commit(batch)
-            except Exception:
-                self.stats.datasets_dropped += len(batch)
-                self.log.failure("committing {n} datasets failed; dropped them", n=len(batch))
+        self.outbox.emit(intervals)
         self._ring_history()
         for interval in intervals:
-            if self.commit is None:
-                report([interval], self.settings, self._deliver)
             for streamer in self.settings.streamers:
                 clients = interval.streams[streamer]
                 self.stats.reported(streamer, clients.count, clients.total)
@@ -199,27 +222,23 @@ class ReportService(Service):
         rate = (lines - before[1]) / (now - before[0])
         self.stats.ring_history = size / rate if rate > 0 else math.inf
 
-    def _deliver(self, dataset: dict) -> None:
-        """Hand one dataset to the sink; a failing sink costs that dataset, not the loop."""
-        try:
-            self.deliver(dataset)
-        except Exception:
-            self.stats.datasets_dropped += 1
-            self.log.failure("the sink failed to take a dataset; dropped it")
-
     def stopService(self) -> None:
-        """Report what is due and the running interval with its true duration (with
-        ``keep_open``: only what is due; the rest stays in the model)."""
-        if self._start is not None and self._start.active():
-            self._start.cancel()
+        """Report what is due, then what the outbox closes at a stop (the running interval
+        with its true duration, or nothing: then it stays in the model)."""
+        for call in (self._start, self._retry):
+            if call is not None and call.active():
+                call.cancel()
+        self._start = self._retry = None
         if self.loop.running:
             self.loop.stop()
-        if self.keep_open:
+        try:
             self.tick()
-            super().stopService()
-            return
+        except Exception:  # stopping: no retry, but the traceback and the count
+            self.stats.errors["report"] = self.stats.errors.get("report", 0) + 1
+            self.log.failure("reporting what was due at the stop failed")
         super().stopService()
-        self._emit(self.model.close_all(self.clock.seconds()))
+        self._emit(self.outbox.at_stop(self.model, self.clock.seconds()))
+        self.lifecycle.enter(STOPPED)
 
 
 def _lag(now: float, mark: float) -> str:

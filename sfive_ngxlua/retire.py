@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 from twisted.python import usage
 
 from . import __version__
-from .settings import Settings, _check_endpoint, _seconds, parse_command_line
+from .settings import Settings, _seconds, check_hub, parse_command_line
 from .stats import Stats
 
 DEFAULT_STATE_DIR = "/var/lib/sfive-ngxlua"
@@ -45,11 +45,7 @@ class RetireOptions(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
-        if self["socket"] and self["hub"]:
-            raise usage.UsageError("give either --socket or --hub, not both")
-        if self["hub"] is not None:
-            _check_endpoint("--hub", self["hub"], client=True,
-                            example="unix:path=/run/sfive/pipe or tcp:host=hub:port=4000")
+        check_hub(self["socket"], self["hub"])
         if not os.path.isdir(self["state-dir"]):
             raise usage.UsageError(f"--state-dir {self['state-dir']!r}: no such directory")
         self["timeout"] = _seconds("--timeout", self["timeout"], positive=True)
@@ -87,8 +83,7 @@ def retire(options: RetireOptions, reactor: Any, err: Any = sys.stderr,
 
 
 async def _retire(options: RetireOptions, reactor: Any, err: Any, out: Any) -> int:
-    from .service import make_sink
-    from .sinks import DiskQueue
+    from .service import make_sink, report_saved
     from .store import LOCK_FILE, STATE_FILE, StateLocked, StateStore
 
     settings = options.settings()
@@ -98,10 +93,14 @@ async def _retire(options: RetireOptions, reactor: Any, err: Any, out: Any) -> i
     except StateLocked as e:
         err.write(f"sfive-ngxlua-retire: {e}\n")
         return 2
-    queue = DiskQueue(store, sys.maxsize, stats, max_bytes=sys.maxsize)
+    queue = store.queue(sys.maxsize, sys.maxsize)
     queued = len(queue)
-    intervals, datasets = store.report_saved(queue, "is being retired")
+    saved = store.saved()
+    intervals: list = []
+    if saved is not None:
+        intervals, _ = report_saved(store, saved, settings, "is being retired", queue)
     total = len(queue)
+    datasets = total - queued
     try:
         if settings.socket or settings.hub:
             sink = make_sink(settings, reactor, stats, reactor, queue)
@@ -118,7 +117,7 @@ async def _retire(options: RetireOptions, reactor: Any, err: Any, out: Any) -> i
         left = len(queue)
         store.close()
     where = settings.socket or settings.hub or "standard output"
-    err.write(f"sfive-ngxlua-retire: {intervals} saved intervals as {datasets} datasets and "
+    err.write(f"sfive-ngxlua-retire: {len(intervals)} saved intervals as {datasets} datasets and "
               f"{queued} queued datasets: {total - left} of {total} delivered to {where}\n")
     if left:
         err.write(f"sfive-ngxlua-retire: {left} datasets not delivered; the state in "

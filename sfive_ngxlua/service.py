@@ -1,26 +1,37 @@
-"""``makeService``: the whole importer as one MultiService, for twistd and for embedding."""
+"""``makeService``: the whole importer as one MultiService, for twistd and for embedding.
+
+The data's way through the house: source -> pipeline -> model -> reporter -> outbox -> sink,
+with the state store beside the model (``Importer`` builds the parts in that order, each with
+what it needs).
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, List, Optional
+from dataclasses import replace
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from .datasets import Dataset
+from .datasets import Dataset, datasets, encode, start_time
 from .fetch import LogFetchService
-from .model import IntervalModel
+from .lifecycle import STOPPED, Lifecycle
+from .model import Interval, IntervalModel, StateMismatch
+from .outbox import DirectOutbox, DurableOutbox, Outbox, Positioned, deliver
 from .pipeline import Pipeline
+from .queues import MemoryQueue, Queue
 from .report import ReportService
 from .settings import Options, Settings
-from .sinks import DatasetQueue, DiskQueue, HubDatagramSink, HubStreamSink, StdoutSink
+from .sinks import CallableSink, HubDatagramSink, HubStreamSink, StdoutSink
 from .stats import Stats
-from .store import StateLocked, StateStore, StateUnusable
+from .store import Saved, SqliteQueue, StateLocked, StateStore, StateUnusable
 
-__all__ = ["Options", "makeService", "build", "make_sink", "StateService", "make_source"]
+__all__ = ["Options", "makeService", "build", "Importer", "make_sink", "StateService",
+           "make_source", "report_saved"]
 
 log = Logger()
 
@@ -30,15 +41,15 @@ CHECKPOINT_BUDGET = 0.05
 share of its period (e.g. tens of thousands of clients changing every second) stretches the
 period, up to ``CHECKPOINT_MAX_SECONDS``."""
 CHECKPOINT_MAX_SECONDS = 10.0
+RUNNING = "running"
 
 
 def make_sink(settings: Settings, reactor: Any, stats: Stats,
-              clock: Optional[IReactorTime] = None,
-              queue: Optional[DatasetQueue] = None) -> Service:
+              clock: Optional[IReactorTime] = None, queue: Optional[Queue] = None) -> Service:
     """The sink the settings ask for: hub datagram socket, hub stream, or standard output.
     The hub sinks queue in ``queue`` (default: in memory, bounded by the settings)."""
     if queue is None and (settings.socket or settings.hub):
-        queue = DatasetQueue(settings.queue_limit, stats, settings.queue_bytes)
+        queue = MemoryQueue(settings.queue_limit, stats, settings.queue_bytes)
     if settings.socket:
         return HubDatagramSink(settings.socket, reactor, stats, settings.queue_limit, clock=clock,
                                queue=queue)
@@ -46,83 +57,6 @@ def make_sink(settings: Settings, reactor: Any, stats: Stats,
         return HubStreamSink(settings.hub, reactor, stats, settings.queue_limit, clock=clock,
                              queue=queue)
     return StdoutSink(stats)
-
-
-class StateService(Service):
-    """Keeps the model, the source's position and the hub queue in the state store.
-
-    A checkpoint every ``period`` seconds (on the injected clock) and at every report, each one
-    transaction; the report's datasets are committed with the model's changes and the position
-    and only then sent. At the stop (after the reporter, the fetcher and the sink have stopped)
-    a last checkpoint saves the running interval, and the store is closed.
-    """
-
-    log = Logger()
-
-    def __init__(self, store: StateStore, model: IntervalModel, source: Any, sink: Any,
-                 clock: IReactorTime, period: float = CHECKPOINT_SECONDS) -> None:
-        self.store = store
-        self.model = model
-        self.source = source
-        self.sink = sink
-        self.clock = clock
-        self.period = period
-        queue = getattr(sink, "queue", None)
-        self.queue = queue if isinstance(queue, DiskQueue) else None
-        self.loop = LoopingCall(self.checkpoint)
-        self.loop.clock = clock
-
-    def startService(self) -> None:
-        super().startService()
-        self.store.attach()
-        pending, self.store.pending = self.store.pending, []
-        for dataset in pending:
-            self.sink.deliver(dataset)
-        self.loop.start(self.period, now=True).addErrback(
-            lambda f: self.log.failure("checkpoint loop failed", f))
-
-    def checkpoint(self) -> bool:
-        """The model's changes and the position they cover, in one transaction; the period
-        adapts so that checkpoints take at most ``CHECKPOINT_BUDGET`` of the time."""
-        started = time.perf_counter()
-        try:
-            ok = self.store.checkpoint(self.model, self.source.position(), self.queue)
-            self.store.scrub_wal()
-        except Exception as e:  # one error line, counted; never a traceback or a stop
-            self.log.error("checkpoint failed ({why}); trying again at the next one",
-                           why=f"{type(e).__name__}: {e}")
-            self.store.stats.state_errors += 1
-            self.store.need_full = True
-            ok = False
-        cost = time.perf_counter() - started
-        self.loop.interval = min(CHECKPOINT_MAX_SECONDS,
-                                 max(self.period, cost / CHECKPOINT_BUDGET))
-        return ok
-
-    def commit(self, datasets: List[Dataset]) -> None:
-        """The report's transaction: the closed intervals' changes, their datasets into the
-        queue, the position; then send."""
-        if self.queue is not None:
-            self.store.checkpoint(self.model, self.source.position(), self.queue,
-                                  [self.sink.encode(d) for d in datasets])
-            self.sink.flush()
-            return
-        self.store.checkpoint(self.model, self.source.position())
-        for dataset in datasets:
-            self.sink.deliver(dataset)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self.loop.running:
-            self.loop.stop()
-        try:
-            if self.store.checkpoint(self.model, self.source.position(), self.queue):
-                self.log.info("state saved in {dir}: the running interval is reported after "
-                              "the restart", dir=self.store.directory)
-            self.store.scrub = True
-            self.store.scrub_wal()
-        finally:
-            self.store.close()
 
 
 def make_source(settings: Settings, reactor: Any, pipeline: Pipeline, stats: Stats,
@@ -138,72 +72,242 @@ def make_source(settings: Settings, reactor: Any, pipeline: Pipeline, stats: Sta
                            on_watermark=on_watermark)
 
 
-def build(settings: Settings, reactor: Any, sink: Optional[Service] = None,
-          clock: Optional[IReactorTime] = None, stats: Optional[Stats] = None) -> MultiService:
-    """Compose fetcher, model, reporter and sink (and the state store, with a state dir).
+class StateService(Service):
+    """The checkpoint: the model's changes and the source's position in the state store.
 
-    ``reactor`` does the networking; ``clock`` (default: the reactor) drives every timer, so a
-    test can use a ``task.Clock``. ``sink`` is any service with ``deliver(dataset)``, e.g. a
-    ``CallableSink``; by default the settings choose one. Stop order is reporter, fetcher, sink
-    (then the state's last checkpoint): without a state dir the last partial interval is
-    reported before the sink drains its queue; with one it is saved instead. Raises
-    ``StateLocked`` if another process has the state dir.
+    A checkpoint every ``period`` seconds (on the injected clock), one transaction each (the
+    outbox makes one at every report). At the stop (after the reporter, the source and the sink
+    have stopped) a last checkpoint saves the running interval, and the store is closed. A
+    failing write (a full disk) is the store's one counted line; an unexpected error is logged
+    with its traceback, counted, and the loop starts again a period later.
     """
-    clock = clock if clock is not None else reactor
-    stats = stats if stats is not None else Stats()
-    store = queue = None
-    if settings.state_dir:
+
+    log = Logger()
+
+    def __init__(self, store: StateStore, model: IntervalModel, source: Positioned,
+                 clock: IReactorTime, queue: Optional[SqliteQueue] = None,
+                 period: float = CHECKPOINT_SECONDS) -> None:
+        self.store = store
+        self.model = model
+        self.source = source
+        self.clock = clock
+        self.queue = queue
+        self.period = period
+        self.loop = LoopingCall(self.checkpoint)
+        self.loop.clock = clock
+        self.lifecycle = Lifecycle("checkpoint", store.stats, (RUNNING,), self.log)
+        self._retry: Optional[IDelayedCall] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.attach()
+        self.lifecycle.enter(RUNNING)
+        self._run()
+
+    def _run(self) -> None:
+        self._retry = None
+        if not self.running or self.loop.running:
+            return
+        self.loop.start(self.loop.interval or self.period, now=True).addErrback(self._failed)
+
+    def checkpoint(self) -> bool:
+        """The model's changes and the position they cover, in one transaction; the period
+        adapts so that checkpoints take at most ``CHECKPOINT_BUDGET`` of the time."""
+        started = time.perf_counter()
         try:
-            store = StateStore(settings.state_dir, settings, stats, clock)
+            ok = self.store.checkpoint(self.model, self.source.position(), self.queue)
+            self.store.scrub_wal()
+            if self.lifecycle.state != RUNNING:
+                self.lifecycle.enter(RUNNING)
+        except Exception:
+            self.store.stats.state_errors += 1
+            self.store.write_all_next()  # the next checkpoint that works writes everything
+            self._failed(Failure())
+            ok = False
+        cost = time.perf_counter() - started
+        self.loop.interval = min(CHECKPOINT_MAX_SECONDS,
+                                 max(self.period, cost / CHECKPOINT_BUDGET))
+        return ok
+
+    def _failed(self, failure: Failure) -> None:
+        """The one path of an unexpected error: its traceback once, counted, and a retry."""
+        if self.loop.running:
+            self.loop.stop()
+        if self.running and self._retry is None:
+            self._retry = self.lifecycle.unexpected(failure, "checkpointing", self.clock,
+                                                    self.period, self._run)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self.loop.running:
+            self.loop.stop()
+        try:
+            if self.store.checkpoint(self.model, self.source.position(), self.queue):
+                self.log.info("state saved in {dir}: the running interval is reported after "
+                              "the restart", dir=self.store.directory)
+            self.store.scrub_wal(force=True)
+        finally:
+            self.store.close()
+            self.lifecycle.enter(STOPPED)
+
+
+def report_saved(store: StateStore, saved: Saved, settings: Settings, why: str,
+                 queue: Optional[SqliteQueue] = None) -> Tuple[List[Interval], List[Dataset]]:
+    """Report a saved model as it was saved (the running interval cut where it was saved)
+    under the settings it was counted with, and clear it: its datasets into ``queue`` in the
+    same transaction (without one, they are returned for the caller to deliver). For a state
+    saved under other settings (at the start) and for retiring a node."""
+    try:
+        old = replace(settings, **_settings_from(saved.record))
+        model = IntervalModel.restore(old, Stats(), saved.snapshot)
+        intervals = model.close_all(saved.saved_at or store.now())
+    except Exception as e:
+        store.set_aside(f"{why}, and it cannot be reported as saved", e)
+        return [], []
+    items = [d for interval in intervals for d in datasets(interval, old)]
+    with store.transactions.transaction():
+        store.tables.clear()
+        if items and queue is not None:
+            queue.stage([encode(d) for d in items])
+    first = start_time(intervals[0].start) if intervals else "-"
+    store.log.warn(
+        "state in {dir} {why}: reported its {n} saved intervals from {first} as {m} "
+        "datasets under the settings they were counted with ({where}); the model starts "
+        "fresh", dir=store.directory, why=why, n=len(intervals), first=first, m=len(items),
+        where="into the hub queue" if queue is not None else "to the sink")
+    return intervals, [] if queue is not None else items
+
+
+def _settings_from(record: dict) -> dict:
+    """The settings a saved record names (``store.tables.settings_record``'s inverse)."""
+    return {"duration": record["duration"],
+            "streamers": tuple(tuple(s) for s in record["streamers"]),
+            "hostname": record["hostname"], "tags": tuple(record["tags"]),
+            "max_clients": record["max_clients"], "max_ua_length": record["max_ua_length"]}
+
+
+def restore_model(store: StateStore, settings: Settings, stats: Stats,
+                  queue: Optional[SqliteQueue]) -> Tuple[Optional[IntervalModel], List[Dataset]]:
+    """The saved model, or None (nothing saved; damaged: set aside; saved under other
+    settings: reported as it was saved, see ``report_saved``). The datasets a sink without
+    a queue still has to get."""
+    saved = store.saved()
+    if saved is None:
+        return None, []
+    try:
+        return IntervalModel.restore(settings, stats, saved.snapshot), []
+    except StateMismatch as e:
+        _, pending = report_saved(store, saved, settings, f"saved under other settings ({e})",
+                                  queue)
+        return None, pending
+
+
+class Importer(MultiService):
+    """The importer's parts, each built once with what it needs: beside the model the state
+    store and its queue; then the model, the pipeline, the source, the sink, the outbox, the
+    reporter, the checkpoint and the metrics. Started checkpoint first (so that it stops last),
+    then sink, source and reporter. The one signal against the data's direction, the source's
+    ``on_watermark``, goes through ``_watermark_moved``."""
+
+    def __init__(self, settings: Settings, reactor: Any,
+                 sink: Union[Service, Callable[[Dataset], Any], None] = None,
+                 clock: Optional[IReactorTime] = None, stats: Optional[Stats] = None) -> None:
+        super().__init__()
+        clock = clock if clock is not None else reactor
+        self.stats: Stats = stats if stats is not None else Stats()
+        self.store: Optional[StateStore] = self._open_store(settings, clock)
+        hub = sink is None and bool(settings.socket or settings.hub)
+        self.queue: Optional[SqliteQueue] = (
+            self.store.queue(settings.queue_limit, settings.queue_bytes)
+            if self.store is not None and hub else None)
+        self.pending: List[Dataset] = []
+        """Datasets of a state saved under other settings, for a sink without a queue."""
+        model = None
+        if self.store is not None:
+            model, self.pending = restore_model(self.store, settings, self.stats, self.queue)
+        self.model: IntervalModel = model or IntervalModel(settings, self.stats)
+        self.pipeline = Pipeline(settings, self.stats, self.model)
+        self.source: Any = make_source(settings, reactor, self.pipeline, self.stats, clock,
+                                       on_watermark=self._watermark_moved)
+        if self.store is not None:
+            self._resume(self.store)
+        if sink is None:
+            sink = make_sink(settings, reactor, self.stats, clock, self.queue)
+        elif not isinstance(sink, Service):
+            sink = CallableSink(sink, self.stats)
+        self.sink: Service = sink
+        self.outbox: Outbox = (
+            DurableOutbox(settings, self.store, self.model, self.source, sink, self.stats,
+                          self.queue)
+            if self.store is not None else DirectOutbox(settings, sink, self.stats))
+        self.report = ReportService(settings, clock, self.model, self.outbox, self.stats,
+                                    source=self.source)
+        self.state: Optional[StateService] = None
+        if self.store is not None:
+            self.state = StateService(self.store, self.model, self.source, clock, self.queue)
+            self._add("state", self.state)
+        self._add("sink", sink)
+        self._add("fetch", self.source)
+        self._add("report", self.report)
+        self.metrics: Optional[Service] = None
+        if settings.metrics:
+            from .metrics import MetricsService
+
+            self.metrics = MetricsService(settings, reactor, self.stats)
+            self._add("metrics", self.metrics)
+
+    def _open_store(self, settings: Settings, clock: IReactorTime) -> Optional[StateStore]:
+        if not settings.state_dir:
+            return None
+        try:
+            return StateStore(settings.state_dir, settings, self.stats, clock)
         except StateUnusable as e:
-            stats.state_errors += 1
+            self.stats.state_errors += 1
             log.error("{why}; running without a saved state (a restart loses the running "
                       "interval and the hub queue)", why=e)
-    if store is not None and sink is None and (settings.socket or settings.hub):
-        queue = DiskQueue(store, settings.queue_limit, stats, settings.queue_bytes)
-    if sink is None:
-        sink = make_sink(settings, reactor, stats, clock, queue)
-    if getattr(sink, "stats", False) is None:
-        sink.stats = stats
-    model = store.restore(stats, queue) if store is not None else None
-    if model is None:
-        model = IntervalModel(settings, stats)
-    pipeline = Pipeline(settings, stats, model)
-    top = MultiService()
-    top.stats = stats
-    top.model = model
-    top.sink = sink
-    fetch = make_source(settings, reactor, pipeline, stats, clock)
-    state = None
-    if store is not None:
-        state = StateService(store, model, fetch, sink, clock)
-        state.setName("state")
-        state.setServiceParent(top)
+            return None
+
+    def _resume(self, store: StateStore) -> None:
         position = store.position()
         if position:
             try:
-                fetch.resume(position)
+                self.source.resume(position)
             except ValueError as e:
                 store.log.warn("state in {dir}: the saved position does not fit this source "
                                "({why}); reading from now", dir=store.directory, why=e)
-    top.store = store
-    sink.setName("sink")
-    sink.setServiceParent(top)
-    fetch.setName("fetch")
-    fetch.setServiceParent(top)
-    reporter = ReportService(settings, clock, model, sink.deliver, stats, source=fetch,
-                             commit=state.commit if state is not None else None)
-    reporter.keep_open = state is not None
-    reporter.setName("report")
-    reporter.setServiceParent(top)
-    fetch.on_watermark = reporter.check
-    if settings.metrics:
-        from .metrics import MetricsService
 
-        metrics = MetricsService(settings, reactor, stats)
-        metrics.setName("metrics")
-        metrics.setServiceParent(top)
-    return top
+    def _add(self, name: str, service: Service) -> None:
+        service.setName(name)
+        service.setServiceParent(self)
+
+    def _watermark_moved(self) -> None:
+        """The source's ``on_watermark``: the reporter checks what became due."""
+        self.report.check()
+
+    def startService(self) -> None:
+        super().startService()
+        pending, self.pending = self.pending, []
+        for dataset in pending:
+            deliver(self.sink, dataset, self.stats, log)
+
+
+def build(settings: Settings, reactor: Any,
+          sink: Union[Service, Callable[[Dataset], Any], None] = None,
+          clock: Optional[IReactorTime] = None, stats: Optional[Stats] = None) -> Importer:
+    """Compose source, model, reporter and sink (and the state store, with a state dir).
+
+    ``reactor`` does the networking; ``clock`` (default: the reactor) drives every timer, so a
+    test can use a ``task.Clock``. ``sink`` is any service with ``deliver(dataset)`` or a plain
+    callable (then a ``CallableSink`` counting in the service's ``stats``); by default the
+    settings choose one. Stop order is reporter, source, sink (then the state's last
+    checkpoint): without a state dir the last partial interval is reported before the sink
+    drains its queue; with one it is saved instead. Raises ``StateLocked`` if another process
+    has the state dir.
+    """
+    return Importer(settings, reactor, sink, clock, stats)
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

@@ -19,6 +19,10 @@ StreamerKey = Tuple[str, str, str]
 """(content-id, format, quality)"""
 
 
+DEFAULT_QUEUE_BYTES = 256 << 20
+"""--queue-bytes' default (the hub queue's bound in bytes)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the model, the sinks and the services need; built once from the options."""
@@ -38,7 +42,7 @@ class Settings:
     socket: Optional[str] = None
     hub: Optional[str] = None
     queue_limit: int = 1000
-    queue_bytes: int = 256 << 20
+    queue_bytes: int = DEFAULT_QUEUE_BYTES
     state_dir: Optional[str] = None
     idle_timeout: float = 60.0
     connect_timeout: float = 10.0
@@ -167,12 +171,6 @@ class ModelOptions(usage.Options):
          "distinct clients kept per interval and streamer; more are folded into one entry"],
         ["max-ua-length", None, "512", "user agents are truncated to this many characters"],
         ["max-line-length", None, "65536", "longer exporter lines are skipped and counted"],
-        ["socket", "s", None, "the sfive hub's unix datagram socket [default: stdout]"],
-        ["hub", None, None,
-         "the sfive hub as a stream client endpoint, e.g. unix:path=/run/sfive/pipe"],
-        ["queue-limit", None, "1000", "datasets kept while the hub is away or slow"],
-        ["queue-bytes", None, "256M",
-         "bytes of datasets kept while the hub is away or slow (K, M, G suffixes)"],
     ]
 
     def __init__(self) -> None:
@@ -195,11 +193,6 @@ class ModelOptions(usage.Options):
     def postOptions(self) -> None:
         if not self["streamer-ids"]:
             raise usage.UsageError("at least one --streamer-id/-S is required")
-        if self["socket"] and self["hub"]:
-            raise usage.UsageError("give either --socket or --hub, not both")
-        if self["hub"] is not None:
-            _check_endpoint("--hub", self["hub"], client=True,
-                            example="unix:path=/run/sfive/pipe or tcp:host=hub:port=4000")
         compile_nameformat(self["nameformat"])
         self.settings_kwargs = dict(
             streamers=parse_streamer_ids(self["streamer-ids"]),
@@ -213,19 +206,50 @@ class ModelOptions(usage.Options):
             max_clients=_positive_int("--max-clients", self["max-clients"]),
             max_ua_length=_positive_int("--max-ua-length", self["max-ua-length"]),
             max_line_length=_positive_int("--max-line-length", self["max-line-length"]),
-            socket=self["socket"],
-            hub=self["hub"],
-            queue_limit=_positive_int("--queue-limit", self["queue-limit"]),
-            queue_bytes=_bytes("--queue-bytes", self["queue-bytes"]),
         )
+        super().postOptions()
 
     def settings(self) -> Settings:
         """The validated options as one frozen object."""
         return Settings(**self.settings_kwargs)
 
 
-class Options(ModelOptions):
-    """``twistd sfive-ngxlua`` options: the model's plus the exporter and the metrics endpoint."""
+def check_hub(socket: Optional[str], hub: Optional[str]) -> None:
+    """``--socket`` or ``--hub`` (a client endpoint), not both (the service, replay, retire)."""
+    if socket and hub:
+        raise usage.UsageError("give either --socket or --hub, not both")
+    if hub is not None:
+        _check_endpoint("--hub", hub, client=True,
+                        example="unix:path=/run/sfive/pipe or tcp:host=hub:port=4000")
+
+
+class HubOptions(usage.Options):
+    """Where the datasets go (the service and replay): the hub and its queue's bounds. Mixed
+    in after ``ModelOptions``, whose ``postOptions`` hands on to this one's."""
+
+    optParameters = [
+        ["socket", "s", None, "the sfive hub's unix datagram socket [default: stdout]"],
+        ["hub", None, None,
+         "the sfive hub as a stream client endpoint, e.g. unix:path=/run/sfive/pipe"],
+        ["queue-limit", None, "1000", "datasets kept while the hub is away or slow"],
+        ["queue-bytes", None, "256M",
+         "bytes of datasets kept while the hub is away or slow (K, M, G suffixes)"],
+    ]
+
+    def postOptions(self) -> None:
+        check_hub(self["socket"], self["hub"])
+        self.settings_kwargs.update(
+            socket=self["socket"],
+            hub=self["hub"],
+            queue_limit=_positive_int("--queue-limit", self["queue-limit"]),
+            queue_bytes=_bytes("--queue-bytes", self["queue-bytes"]),
+        )
+        super().postOptions()
+
+
+class Options(ModelOptions, HubOptions):
+    """``twistd sfive-ngxlua`` options: the model's and the hub's, plus the source (the
+    exporter or the access log), the state dir and the metrics endpoint."""
 
     synopsis = "[options]"
     longdesc = (

@@ -3,15 +3,16 @@
 Every sink is a service with ``deliver(dataset)``. The hub sinks keep an ordered, bounded queue
 that outlives connections: datasets wait there while the hub is away or slow and go out in order
 when it can take them; past ``--queue-limit`` datasets or ``--queue-bytes`` the oldest are
-dropped, counted and warned about. With a state dir the queue lives in the state store
-(``DiskQueue``) and survives restarts and crashes.
+dropped, counted and warned about (``queues.py``). With a state dir the queue lives in the
+state store (``store.queue.SqliteQueue``) and survives restarts and crashes.
+
+Each sink has a ``Lifecycle`` ("sink"); an unexpected error while sending is logged with its
+traceback, counted, and the sink reconnects (or sends again) a little later.
 """
 
 from __future__ import annotations
 
 import socket
-import sqlite3
-from collections import deque
 from errno import (
     EAGAIN,
     EINTR,
@@ -19,7 +20,7 @@ from errno import (
     ENOBUFS,
     EWOULDBLOCK,
 )
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Optional
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
@@ -38,10 +39,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .datasets import Dataset, JsonLinesWriter, encode, fit, shrink
+from .lifecycle import RETRYING, STOPPED, Lifecycle
+from .queues import MemoryQueue, Queue
 from .stats import Stats
 
 RETRY_SECONDS = 3.0
 DRAIN_SECONDS = 5.0
+CONNECTING, CONNECTED, AWAY = "connecting", "connected", "away"
+"""A hub sink's states (and ``lifecycle.RETRYING`` after an unexpected error)."""
 DATAGRAM_SLACK = 4096
 """Bytes under the socket's send buffer (SO_SNDBUF) that a datagram is kept below."""
 
@@ -53,222 +58,9 @@ def datagram_limit() -> int:
         return probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - DATAGRAM_SLACK
 
 
-DEFAULT_QUEUE_BYTES = 256 << 20
-WINDOW_DATASETS = 64
-"""Datasets of a disk queue held in memory at a time (its oldest)."""
-
-
-class DatasetQueue:
-    """Encoded datasets waiting for the hub, oldest first: at most ``limit`` of them and at most
-    ``max_bytes`` together (the newest dataset is always kept); past that the oldest are
-    dropped, counted and warned about."""
-
-    log = Logger()
-
-    def __init__(self, limit: int, stats: Stats, max_bytes: int = DEFAULT_QUEUE_BYTES) -> None:
-        self.items: Deque[bytes] = deque()
-        self.limit = limit
-        self.max_bytes = max_bytes
-        self.size = 0
-        self.stats = stats
-        self._waiting: List[Deferred] = []
-
-    def push(self, data: bytes) -> None:
-        self.items.append(data)
-        self.size += len(data)
-        self._bound()
-
-    def takes(self, size: int) -> bool:
-        """Whether a dataset of ``size`` bytes fits without dropping one (for a producer that
-        would rather wait, as replay does)."""
-        return not self.items or (len(self) < self.limit and self.size + size <= self.max_bytes)
-
-    def _bound(self) -> None:
-        """Drop the oldest while over either limit."""
-        while len(self) > 1 and (len(self) > self.limit or self.size > self.max_bytes):
-            full = (f"{self.limit} datasets" if len(self) > self.limit
-                    else f"{self.max_bytes / (1 << 20):g} MiB")
-            self._pop_head()
-            self.stats.datasets_dropped += 1
-            self.log.warn(
-                "hub queue full ({full}): dropped the oldest dataset ({dropped} dropped so far)",
-                full=full, dropped=self.stats.datasets_dropped)
-        self.stats.queued = len(self)
-
-    def head(self) -> Optional[bytes]:
-        """The oldest dataset, the next to send (None if the queue is empty)."""
-        return self.items[0] if self.items else None
-
-    def replace_head(self, data: bytes) -> None:
-        """The head goes out in this (trimmed) form."""
-        self.size += len(data) - len(self.items[0])
-        self.items[0] = data
-
-    def _pop_head(self) -> None:
-        self.size -= len(self.items.popleft())
-
-    def sent(self) -> None:
-        """The head went out."""
-        self._pop_head()
-        self.stats.datasets_sent += 1
-        self._taken()
-
-    def drop_head(self) -> None:
-        """The head can never go out."""
-        self._pop_head()
-        self.stats.datasets_dropped += 1
-        self._taken()
-
-    def _taken(self) -> None:
-        self.stats.queued = len(self)
-        if not len(self) and self._waiting:
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                if not d.called:
-                    d.callback(None)
-
-    def warn_undelivered(self) -> None:
-        """At a stop: say what the hub never got."""
-        if len(self):
-            self.log.warn("stopping with {n} datasets not delivered to the hub", n=len(self))
-
-    def empty(self, timeout: float, clock: IReactorTime) -> Deferred:
-        """Fires (with None) once the queue is empty, or after ``timeout`` seconds."""
-        if not len(self):
-            return succeed(None)
-        d = Deferred()
-        d.addTimeout(timeout, clock, onTimeoutCancel=lambda *a: None)
-        self._waiting.append(d)
-        return d
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-class DiskQueue(DatasetQueue):
-    """The hub queue in the state store: it survives restarts and crashes, in order; memory
-    holds only its oldest ``window`` datasets. A dataset is deleted from disk once sent (a crash
-    between sending and deleting sends it again after the restart: the only duplicate).
-
-    While the store cannot be written (a full disk), new datasets wait in memory behind those
-    on disk (the bounds count both) and are written at the next transaction that works."""
-
-    log = Logger()
-    persistent = True
-
-    def __init__(self, store: Any, limit: int, stats: Stats,
-                 max_bytes: int = DEFAULT_QUEUE_BYTES, window: int = WINDOW_DATASETS) -> None:
-        super().__init__(limit, stats, max_bytes)
-        self.store = store
-        self.window_size = window
-        self.window: Deque[Tuple[int, bytes]] = deque()
-        self.on_disk, self.size = store.queue_totals()
-        self._last_id = 0
-        if self.on_disk:
-            self.log.info("{n} datasets ({mib:.1f} MiB) saved in the hub queue, sent first",
-                          n=self.on_disk, mib=self.size / (1 << 20))
-        self.stats.queued = len(self)
-
-    def __len__(self) -> int:
-        return self.on_disk + len(self.items)
-
-    def push(self, data: bytes) -> None:
-        """One dataset, in its own transaction."""
-        try:
-            with self.store.transaction():
-                self.stage([data])
-        except sqlite3.Error as e:
-            self.store.failed(e, "hub queue write")
-            self.push_memory([data])
-
-    def stage(self, items: List[bytes]) -> None:
-        """Inside the store's transaction: write ``items`` (behind any that waited in memory
-        while the store could not be written); they count once it commits."""
-        spill = list(self.items)
-        rows = spill + items
-        ids = self.store.queue_insert(rows)
-
-        def committed() -> None:
-            for data in spill:
-                self.items.popleft()
-                self.size -= len(data)
-            self._appended(list(zip(ids, rows)))
-
-        self.store.after_commit(committed)
-
-    def _appended(self, rows: List[Tuple[int, bytes]]) -> None:
-        for i, data in rows:
-            if len(self.window) == self.on_disk and len(self.window) < self.window_size:
-                self.window.append((i, data))
-                self._last_id = i
-            self.on_disk += 1
-            self.size += len(data)
-        self._bound()
-
-    def push_memory(self, items: List[bytes]) -> None:
-        """Datasets the store could not take: they wait in memory, after those on disk."""
-        for data in items:
-            self.items.append(data)
-            self.size += len(data)
-        self._bound()
-
-    def _fill(self) -> None:
-        if not self.window and self.on_disk:
-            try:
-                rows = self.store.queue_after(self._last_id, self.window_size)
-            except sqlite3.Error as e:  # the rows stay on disk; the next send tries again
-                self.store.failed(e, "hub queue read")
-                return
-            self.window.extend(rows)
-            if rows:
-                self._last_id = rows[-1][0]
-
-    def head(self) -> Optional[bytes]:
-        self._fill()
-        if self.window:
-            return self.window[0][1]
-        return self.items[0] if self.items else None
-
-    def replace_head(self, data: bytes) -> None:
-        if self.window:
-            i, old = self.window[0]
-            self._write(lambda: self.store.queue_update(i, data))
-            self.window[0] = (i, data)
-            self.size += len(data) - len(old)
-        else:
-            super().replace_head(data)
-
-    def _pop_head(self) -> None:
-        self._fill()
-        if self.window:
-            i, data = self.window.popleft()
-            self._write(lambda: self.store.queue_delete([i]))
-            self.on_disk -= 1
-            self.size -= len(data)
-        else:
-            super()._pop_head()
-
-    def warn_undelivered(self) -> None:
-        if self.on_disk:
-            self.log.info("stopping with {n} datasets not yet delivered to the hub; kept in "
-                          "the state dir, sent after the restart", n=self.on_disk)
-        if self.items:
-            self.log.warn("stopping with {n} datasets not delivered to the hub that the state "
-                          "store could not take: lost", n=len(self.items))
-
-    def _write(self, action: Callable[[], None]) -> None:
-        """A single-statement change (it commits on its own); a failure is the store's."""
-        try:
-            action()
-        except sqlite3.Error as e:
-            self.store.failed(e, "hub queue update")
-
-
 class CallableSink(Service):
-    """Hands each dataset (a dict) to a Python callable: for embedding applications.
-
-    Without ``stats``, ``service.build`` gives it the service's own, so that its deliveries
-    show in the log line and the metrics."""
+    """Hands each dataset (a dict) to a Python callable: for embedding applications (give
+    ``service.build`` the callable itself and it makes one with the service's ``Stats``)."""
 
     log = Logger()
 
@@ -282,7 +74,7 @@ class CallableSink(Service):
         except Exception:
             self.log.failure("dataset callable failed; dataset dropped")
             if self.stats is not None:
-                self.stats.datasets_dropped += 1
+                self.stats.drop("sink-error")
         else:
             if self.stats is not None:
                 self.stats.datasets_sent += 1
@@ -321,7 +113,7 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
 
     log = Logger()
 
-    def __init__(self, path: str, proto: _HubProtocol, queue: DatasetQueue, reactor: Any) -> None:
+    def __init__(self, path: str, proto: _HubProtocol, queue: Queue, reactor: Any) -> None:
         super().__init__(path, proto, maxPacketSize=65536, reactor=reactor)
         self.queue = queue
         self._limit: Optional[int] = None
@@ -381,13 +173,13 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
         limit = min(self._limit, len(data) - 1)
         smaller = shrink(data, limit)
         if len(smaller) >= len(data):
-            self.queue.drop_head()
+            self.queue.drop_head("too-large")
             self.log.error("dataset of {size} bytes cannot be sent even without clients; dropped",
                            size=len(data))
             return
         self._limit = limit if len(smaller) <= limit else limit // 2
         self.queue.replace_head(smaller)
-        self.queue.stats.datasets_trimmed += 1
+        self.protocol.sink.stats.datasets_trimmed += 1
         self.log.warn(
             "dataset of {size} bytes exceeds the datagram limit: client list trimmed to "
             "{newsize} bytes (largest clients kept; totals unchanged)",
@@ -395,8 +187,8 @@ class HubDatagramPort(unix.ConnectedDatagramPort):
         )
 
     def doWrite(self) -> None:
-        """The hub read: go on sending."""
-        self.flush()
+        """The hub read: go on sending (through the sink, which handles any error)."""
+        self.protocol.sink.flush()
 
 
 class _HubSink(Service):
@@ -407,21 +199,56 @@ class _HubSink(Service):
     connection: Any = None
 
     def __init__(self, reactor: Any, stats: Stats, queue_limit: int, drain: float,
-                 clock: Optional[IReactorTime], queue: Optional[DatasetQueue] = None) -> None:
+                 clock: Optional[IReactorTime], queue: Optional[Queue] = None) -> None:
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.stats = stats
-        self.queue = queue if queue is not None else DatasetQueue(queue_limit, stats)
+        self.queue: Queue = queue if queue is not None else MemoryQueue(queue_limit, stats)
         self.drain = drain
         self._outage = False
+        self.lifecycle = Lifecycle("sink", stats, (CONNECTING, CONNECTED, AWAY), self.log)
+        self._recovery: Any = None
 
     def deliver(self, dataset: Dataset) -> None:
         self.queue.push(self.encode(dataset))
         self.flush()
 
     def flush(self) -> None:
-        """Send what the queue holds, as far as the connection takes it."""
-        if self.connection is not None:
+        """Send what the queue holds, as far as the connection takes it; an unexpected error
+        takes the one path (traceback once, counted) and the sink recovers later."""
+        if self.connection is None or self._recovery is not None:
+            return
+        try:
             self.connection.flush()
+        except Exception:
+            self._recovery = self.lifecycle.unexpected(
+                Failure(), "sending to the hub", self.clock, RETRY_SECONDS, self._recover)
+            self._drop_connection()
+            return
+        if self.lifecycle.state == RETRYING:
+            self.lifecycle.enter(CONNECTED if self.connection is not None else AWAY)
+
+    def _enter(self, state: str) -> None:
+        """Enter ``state``, unless retrying after an unexpected error: that stretch ends only
+        when sending works again."""
+        if self.lifecycle.state != RETRYING:
+            self.lifecycle.enter(state)
+
+    def _drop_connection(self) -> None:
+        """After an unexpected error: let the connection go (the recovery makes a new one)."""
+
+    def _recover(self) -> None:
+        self._recovery = None
+        if self.running:
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        """Send again (a new connection where the sink makes them)."""
+        self.flush()
+
+    def _cancel_recovery(self) -> None:
+        if self._recovery is not None and self._recovery.active():
+            self._recovery.cancel()
+        self._recovery = None
 
     def encode(self, dataset: Dataset) -> bytes:
         """What goes into the queue for a dataset: its whole wire form."""
@@ -445,7 +272,7 @@ class HubDatagramSink(_HubSink):
     def __init__(self, path: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
                  retry: float = RETRY_SECONDS, drain: float = DRAIN_SECONDS,
                  clock: Optional[IReactorTime] = None,
-                 queue: Optional[DatasetQueue] = None) -> None:
+                 queue: Optional[Queue] = None) -> None:
         super().__init__(reactor, stats, queue_limit, drain, clock, queue)
         self.path = path
         self.reactor = reactor
@@ -467,21 +294,29 @@ class HubDatagramSink(_HubSink):
             )
         return data
 
-    @property
-    def port(self) -> Optional[HubDatagramPort]:
-        return self.connection
-
     def startService(self) -> None:
         super().startService()
         self._connect()
 
     def _connect(self) -> None:
         self._retrying = None
+        self._enter(CONNECTING)
         port = HubDatagramPort(self.path, _HubProtocol(self), self.queue, self.reactor)
         self.connection = port
         port.startListening()
 
+    def _drop_connection(self) -> None:
+        port, self.connection = self.connection, None
+        if port is not None:
+            port.stopListening()
+        self.stats.hub_connected = False
+
+    def _reconnect(self) -> None:
+        if self.connection is None and self._retrying is None:
+            self._connect()
+
     def _connected(self, port: HubDatagramPort) -> None:
+        self._enter(CONNECTED)
         self.stats.hub_connected = True
         if self._outage:
             self.log.info("sfive hub at {path} is back; sending {n} queued datasets",
@@ -489,25 +324,24 @@ class HubDatagramSink(_HubSink):
         else:
             self.log.info("connected to the sfive hub at {path}", path=self.path)
         self._outage = False
-        port.flush()
+        self.flush()
 
     def _lost(self, why: str) -> None:
-        port, self.connection = self.connection, None
-        if port is not None:
-            port.stopListening()
-        self.stats.hub_connected = False
+        self._drop_connection()
+        self._enter(AWAY)
         self._outage_begins(
             "sfive hub at {path} unavailable ({why}); retrying every {retry:g}s, "
             "queueing up to {limit} datasets", path=self.path, why=why, retry=self.retry,
             limit=self.queue.limit,
         )
-        if self.running and self._retrying is None:
+        if self.running and self._retrying is None and self._recovery is None:
             self.stats.hub_reconnects += 1
             self._retrying = self.clock.callLater(self.retry, self._connect)
 
     def stopService(self) -> Deferred:
         """Give queued datasets up to ``drain`` seconds to reach the hub, then close."""
         super().stopService()
+        self._cancel_recovery()
         if self._retrying is not None:
             self._retrying.cancel()
             self._retrying = None
@@ -515,10 +349,8 @@ class HubDatagramSink(_HubSink):
 
     def _close(self) -> None:
         self.queue.warn_undelivered()
-        port, self.connection = self.connection, None
-        if port is not None:
-            port.stopListening()
-        self.stats.hub_connected = False
+        self._drop_connection()
+        self.lifecycle.enter(STOPPED)
 
 
 class _HubStream(protocol.Protocol):
@@ -537,7 +369,7 @@ class _HubStream(protocol.Protocol):
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self.flush()
+        self.sink.flush()
 
     def stopProducing(self) -> None:
         self.paused = True
@@ -589,7 +421,7 @@ class HubStreamSink(_HubSink):
 
     def __init__(self, description: str, reactor: Any, stats: Stats, queue_limit: int = 1000,
                  drain: float = DRAIN_SECONDS, clock: Optional[IReactorTime] = None,
-                 queue: Optional[DatasetQueue] = None) -> None:
+                 queue: Optional[Queue] = None) -> None:
         super().__init__(reactor, stats, queue_limit, drain, clock, queue)
         self.description = description
         factory = protocol.Factory.forProtocol(lambda: _HubStream(self))
@@ -602,19 +434,22 @@ class HubStreamSink(_HubSink):
 
     def startService(self) -> None:
         super().startService()
+        self._enter(CONNECTING)
         self.client.startService()
 
     def _connected(self, stream: _HubStream) -> None:
         self.connection = stream
+        self._enter(CONNECTED)
         self.stats.hub_connected = True
         self.log.info("connected to the sfive hub at {hub}; {n} datasets queued",
                       hub=self.description, n=len(self.queue))
         self._outage = False
-        stream.flush()
+        self.flush()
 
     def _lost(self, stream: _HubStream, why: str) -> None:
         if self.connection is stream:
             self.connection = None
+            self._enter(AWAY)
         self.stats.hub_connected = False
         if self.running:
             self.stats.hub_reconnects += 1
@@ -633,7 +468,9 @@ class HubStreamSink(_HubSink):
 
     def stopService(self) -> Deferred:
         super().stopService()
+        self._cancel_recovery()
         d = self._drained()
         d.addBoth(lambda _: self.queue.warn_undelivered())
         d.addBoth(lambda _: self.client.stopService())
+        d.addBoth(lambda _: self.lifecycle.enter(STOPPED))
         return d

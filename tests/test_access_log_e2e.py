@@ -36,6 +36,7 @@ from test_e2e_nginx import (
 from twisted.internet import defer
 
 from lab.nginx import SOURCE_DIR
+from sfive_ngxlua.datasets import start_time
 from sfive_ngxlua.follow import FileFollowService
 from sfive_ngxlua.service import makeService
 from sfive_ngxlua.settings import Options
@@ -149,7 +150,7 @@ def test_rotations_restart_and_backfill_give_exactly_the_truth(nginx_factory, hu
     yield viewers(nginx, "r6")  # the input then reaches past the hole by more than --grace
     yield flushed_and_read(b, log)
     last = max(map(interval_of, truth(nginx)))
-    yield wait_for(lambda: any(d["start-time"] == _iso(last) for d in hub.read()), timeout=10,
+    yield wait_for(lambda: any(d["start-time"] == start_time(last) for d in hub.read()), timeout=10,
                    what="the last interval reported")
     yield b.stopService()
 
@@ -159,8 +160,8 @@ def test_rotations_restart_and_backfill_give_exactly_the_truth(nginx_factory, hu
     hole = (a.model.reported + 1, b.model.first)  # A's last interval was cut short at its stop
     assert hole[0] < hole[1]
     result = subprocess.run(
-        [REPLAY, *STREAMER_ARGS, "--grace", "2", "--from", _iso(hole[0]),
-         "--until", _iso(hole[1]), str(log) + ".1", str(log) + ".c", str(log)],
+        [REPLAY, *STREAMER_ARGS, "--grace", "2", "--from", start_time(hole[0]),
+         "--until", start_time(hole[1]), str(log) + ".1", str(log) + ".c", str(log)],
         capture_output=True, timeout=30)
     assert result.returncode == 0, result.stderr
     replayed = [json.loads(raw) for raw in result.stdout.splitlines()]
@@ -183,10 +184,6 @@ def test_rotations_restart_and_backfill_give_exactly_the_truth(nginx_factory, hu
             assert sent <= expected[key][client]
     assert a.stats.late == b.stats.late == 0
     assert a.stats.rejected["status"] > 0 and a.stats.rejected.get("invalid-json", 0) == 0
-
-
-def _iso(k):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(k))
 
 
 def _start(d):

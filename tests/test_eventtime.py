@@ -13,10 +13,13 @@ import pytest
 from helpers.faults import LogCapture, clock_at
 from twisted.logger import globalLogPublisher
 
+from sfive_ngxlua.datasets import datasets
 from sfive_ngxlua.model import IntervalModel
+from sfive_ngxlua.outbox import DirectOutbox, DurableOutbox
 from sfive_ngxlua.records import Record
 from sfive_ngxlua.report import ReportService
 from sfive_ngxlua.settings import ModelOptions, Settings
+from sfive_ngxlua.sinks import CallableSink
 from sfive_ngxlua.stats import Stats
 
 A = ("av", "hls", "high")
@@ -35,18 +38,61 @@ class Source:
         return now if self.mark == "now" else self.mark
 
 
+class Batches:
+    """An outbox that keeps each emit's datasets together (as the durable one commits them)
+    and, like it, keeps the running interval at a stop."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.commits: list = []
+
+    def emit(self, intervals):
+        self.commits.append([d for iv in intervals for d in datasets(iv, self.settings)])
+
+    def at_stop(self, model, now):
+        return []
+
+
+class Broken:
+    """A state store whose transactions fail unexpectedly (not a full disk)."""
+
+    def __init__(self):
+        self.fail = True
+        self.commits = 0
+
+    def checkpoint(self, model, position, queue=None, items=None):
+        if self.fail:
+            raise OSError("disk full")
+        self.commits += 1
+        return True
+
+
+class Positioned:
+    def position(self):
+        return None
+
+
 class Setup:
-    def __init__(self, source=None, start=T0 + 0.5, commit=False, held_cap=None, **kw):
+    def __init__(self, source=None, start=T0 + 0.5, commit=False, held_cap=None, outbox=None,
+                 **kw):
         self.settings = Settings(streamers=(A, B), hostname="h", duration=D, grace=1.0, **kw)
         self.clock = clock_at(start)
         self.stats = Stats()
         self.model = IntervalModel(self.settings, self.stats)
         self.out: list = []
-        self.commits: list = []
+        self.batches = Batches(self.settings)
+        self.commits = self.batches.commits
         self.source = source
+        if outbox is None:
+            outbox = (self.batches if commit else
+                      DirectOutbox(self.settings, CallableSink(self.out.append), self.stats))
+        elif outbox == "durable":
+            self.store = Broken()
+            outbox = DurableOutbox(self.settings, self.store, self.model, Positioned(),
+                                   CallableSink(self.out.append), self.stats)
         self.report = ReportService(
-            self.settings, self.clock, self.model, self.out.append, self.stats, source=source,
-            commit=self.commits.append if commit else None, held_cap=held_cap)
+            self.settings, self.clock, self.model, outbox, self.stats, source=source,
+            held_cap=held_cap)
         self.report.startService()
 
     def add(self, t, client="c1", sent=100, streamer=A):
@@ -175,7 +221,7 @@ def test_the_default_held_cap_is_one_interval_at_the_client_cap():
     assert s.report.held_cap == 6
 
 
-def test_a_commit_hook_gets_all_datasets_of_the_intervals_closed_together():
+def test_an_outbox_gets_all_intervals_closed_together_in_one_emit():
     src = Source(T0 + 11.0)
     s = Setup(src, commit=True)
     s.add(T0 + 12)
@@ -186,38 +232,35 @@ def test_a_commit_hook_gets_all_datasets_of_the_intervals_closed_together():
     [batch] = s.commits
     assert [(d["start-time"][11:19], d["streamer-id"]["format"]) for d in batch] == [
         (hms(k), f) for k in (10, 20, 30) for f in ("hls", "dash")]
-    assert s.out == [], "the commit hook sends them, not deliver"
+    assert s.out == [], "the outbox sends them, not the reporter"
     assert s.stats.streams[A].bytes_total == 100
 
 
 def test_a_failing_commit_is_counted_and_the_loop_goes_on():
-    s = Setup(None)
-
-    def broken(batch):
-        raise OSError("disk full")
-
-    s.report.commit = broken
+    s = Setup(None, outbox="durable")
     s.to(T0 + 21)
-    assert s.stats.datasets_dropped == 2
-    s.report.commit = s.commits.append
+    assert s.stats.datasets_dropped == 2 and s.stats.drops["commit-failed"] == 2
+    assert s.out == [], "nothing is sent that was not committed"
+    s.store.fail = False
     s.to(T0 + 31)
-    assert len(s.commits) == 1
+    assert s.store.commits == 1 and len(s.out) == 2
 
 
-def test_keep_open_stops_without_reporting_the_running_interval():
-    s = Setup(None)
+def test_a_durable_outbox_stops_without_reporting_the_running_interval():
+    s = Setup(None, commit=True)
     s.add(T0 + 12)
     s.add(T0 + 23)
     s.to(T0 + 25)
-    s.report.keep_open = True
     s.report.stopService()
-    assert s.starts() == [hms(10)], "what is due is reported, the running interval is not"
+    assert [d["start-time"][11:19] for batch in s.commits for d in batch
+            if d["streamer-id"]["format"] == "hls"] == [hms(10)], \
+        "what is due is reported, the running interval is not"
     assert s.model.open_intervals == [(T0 + 20) // D]
     snap = s.model.snapshot()
     assert snap["open"][str((T0 + 20) // D)]["0"]["clients"] == [["c1", "ua", 100]]
 
 
-def test_a_stop_without_keep_open_reports_the_held_and_the_running_intervals():
+def test_a_direct_outbox_stop_reports_the_held_and_the_running_intervals():
     src = Source(T0 + 11.0)
     s = Setup(src)
     s.add(T0 + 12)
@@ -297,3 +340,58 @@ def test_a_gap_is_logged_with_the_time_range_up_to_the_next_record_or_heartbeat(
         assert pipeline.heartbeat.time == T0 + 9.25 and pipeline.last_seq == 7
     finally:
         globalLogPublisher.removeObserver(logs)
+
+
+def test_an_unexpected_error_in_a_tick_is_one_traceback_counted_and_reporting_resumes():
+    """Issue 17, item 2: the reporting loop does not end at an error it did not expect; it
+    starts again at the next due time and reports everything that came due meanwhile."""
+    logs = LogCapture()
+    globalLogPublisher.addObserver(logs)
+    try:
+        s = Setup(None)
+        s.add(T0 + 12)
+        real, fails = s.model.close_due, [2]
+
+        def close_due(now):
+            if fails[0]:
+                fails[0] -= 1
+                raise RuntimeError("model on fire")
+            return real(now)
+
+        s.model.close_due = close_due
+        s.to(T0 + 21)
+        assert s.stats.errors["report"] == 1 and s.stats.states["report"] == "retrying"
+        assert not s.report.loop.running and s.out == []
+        s.to(T0 + 22)  # the retry: at the next due time in phase (T0 + 31), not at once
+        assert not s.report.loop.running
+        s.to(T0 + 31)
+        assert s.stats.errors["report"] == 2, "failed again; retried again"
+        assert len([e for e in logs.events if "log_failure" in e]) == 1, "one traceback"
+        s.to(T0 + 41)
+        assert s.report.loop.running and s.stats.states["report"] == "running"
+        assert s.starts() == [hms(10), hms(20), hms(30)], "what came due meanwhile, in order"
+        assert s.bytes()[hms(10)] == 100
+        s.to(T0 + 51)
+        assert s.starts()[-1] == hms(40), "on the interval boundaries again"
+    finally:
+        globalLogPublisher.removeObserver(logs)
+
+
+def test_an_unexpected_error_when_the_source_calls_check_takes_the_same_path():
+    src = Source(T0 + 11.0)
+    s = Setup(src)
+    s.add(T0 + 12)
+    s.to(T0 + 21)  # held: the watermark is behind
+    real = s.model.close_due
+
+    def close_due(now):
+        s.model.close_due = real
+        raise RuntimeError("once")
+
+    s.model.close_due = close_due
+    src.mark = T0 + 22.0
+    s.report.check()  # the source's on_watermark: the error must not reach the source
+    assert s.stats.errors["report"] == 1 and s.stats.states["report"] == "retrying"
+    src.mark = T0 + 23.0
+    s.report.check()
+    assert s.starts() == [hms(10)] and s.stats.states["report"] == "running"

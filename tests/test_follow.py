@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import pytest_twisted
+from helpers.faults import iso
 from support import line, wait_for
 from twisted.internet import task
 
@@ -326,7 +327,7 @@ def test_watermark_while_caught_up_and_while_reading_a_backlog(log, monkeypatch)
     # the service was down for an hour: a backlog, read a budget per turn of the reactor
     base = 1_800_000_000 - 3600
     append(log, b"".join(
-        line(_iso(base + n // 20), url=URL, client=f"10.1.0.{n % 200}") for n in range(400)))
+        line(iso(base + n // 20), url=URL, client=f"10.1.0.{n % 200}") for n in range(400)))
     calls = []
     g = Follower(log, flush=1.0, position=position, on_watermark=lambda: calls.append(1),
                  start=False)
@@ -343,17 +344,11 @@ def test_watermark_while_caught_up_and_while_reading_a_backlog(log, monkeypatch)
     assert g.service.watermark(g.clock.seconds()) == g.clock.seconds() - 1.0
 
 
-def _iso(seconds: int) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(seconds))
-
-
 def test_a_future_time_does_not_move_the_watermark(log, monkeypatch):
     monkeypatch.setattr(follow, "BUDGET", 1)
     log.write_bytes(b"")
     f = Follower(log)
-    append(log, line(_iso(2_000_000_000), url=URL))
+    append(log, line(iso(2_000_000_000), url=URL))
     f.service.check()
     assert f.service.watermark(f.clock.seconds()) < f.clock.seconds()
 

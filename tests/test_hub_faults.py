@@ -137,7 +137,7 @@ async def test_stalled_hub_does_not_block_the_reactor_nor_lose_datasets(
         report_due(run, k, 1, grace=0.5)
     stalled = len(run.sink.queue)
     assert stalled > 3 * seconds // 2, "the hub's socket is full: sends got EAGAIN"
-    assert run.sink.port in reactor.getWriters(), "waiting for writability, not sleeping"
+    assert run.sink.connection in reactor.getWriters(), "waiting for writability, not sleeping"
     assert run.stats.datasets_dropped == 0
 
     await wait_for(dgram_hub.has(3 * seconds))
@@ -147,7 +147,7 @@ async def test_stalled_hub_does_not_block_the_reactor_nor_lose_datasets(
     assert sum(d["data"]["bytes-sent"] for d in got) == sum(
         (100 + i) for i in range(50)) * 3 * seconds
     assert run.stats.datasets_sent == 3 * seconds and len(run.sink.queue) == 0
-    assert run.sink.port not in reactor.getWriters(), "no busy loop once drained"
+    assert run.sink.connection not in reactor.getWriters(), "no busy loop once drained"
     assert not errors(logs)
 
 
@@ -207,6 +207,111 @@ async def test_oversized_dataset_is_trimmed_largest_first_with_exact_totals(
     assert run.stats.datasets_trimmed == 1 and run.stats.datasets_sent == 3
     assert len(logs.matching("exceeds the datagram limit: client list trimmed")) == 1
     assert not errors(logs)
+
+
+@pytest.mark.parametrize("kind", ["datagram", "stream"])
+@pytest_twisted.ensureDeferred
+async def test_an_unexpected_error_while_sending_is_one_traceback_and_the_sink_recovers(
+        kind, service, exporter, dgram_hub, tmp_path, logs):
+    """Issue 17, item 2: an error the sink does not expect (here: from its queue, once) is
+    logged with its traceback, counted, the sink is ``retrying``; a little later it sends
+    again (the datagram sink on a new connection) and nothing queued is lost."""
+    if kind == "datagram":
+        dgram_hub.open()
+        run = with_sink(service, exporter, datagram_sink(dgram_hub.path))
+        def received():
+            dgram_hub.read()
+            return dgram_hub.datasets()
+    else:
+        hub = StreamHub(f"unix:{tmp_path / 'hub.sock'}")
+        await hub.start()
+        run = with_sink(service, exporter, lambda stats, clock: HubStreamSink(
+            f"unix:path={tmp_path / 'hub.sock'}", reactor, stats, 100, clock=clock))
+        def received():
+            return hub.datasets()
+    try:
+        await wait_for(lambda: exporter.current is not None and run.sink.connection is not None)
+        assert run.stats.states["sink"] == "connected"
+        queue = run.sink.queue
+        real = queue.head
+
+        def head():
+            del queue.head  # once
+            raise RuntimeError("queue on fire")
+
+        queue.head = head
+        await stream_interval(run, exporter, 0, 10)
+        report_due(run, 0, 10)
+        assert run.stats.errors["sink"] == 1 and run.stats.states["sink"] == "retrying"
+        assert len([e for e in logs.events if "log_failure" in e]) == 1
+        assert logs.matching("sink: unexpected error while sending to the hub")
+        assert len(queue) == 3 and run.stats.datasets_dropped == 0, "queued, not lost"
+        assert queue.head == real
+        run.clock.advance(RETRY_SECONDS)
+        await wait_for(lambda: len(received()) == 3, what="the queue sent after the retry")
+        assert [key(d) for d in received()] == expected_keys(T0, 1, 10)
+        assert run.stats.states["sink"] == "connected" and run.stats.datasets_sent == 3
+        await stream_interval(run, exporter, 1, 10)
+        report_due(run, 1, 10)
+        await wait_for(lambda: len(received()) == 6, what="the next interval")
+    finally:
+        if kind == "stream":
+            await hub.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_datasets_queued_on_disk_under_a_larger_limit_are_refit_or_dropped_counted(
+        tmp_path, dgram_hub, logs):
+    """The EMSGSIZE path (issue 18, item 6): a disk queue written by an earlier run (under a
+    larger datagram limit, e.g. another host's or a larger net.core.wmem_default) holds
+    datasets this socket refuses as too large. Each is refit (largest clients kept, totals
+    exact) or, when even its client-less form does not fit, dropped: counted and logged."""
+    from sfive_ngxlua.datasets import datasets, encode
+    from sfive_ngxlua.model import IntervalModel
+    from sfive_ngxlua.records import Record
+    from sfive_ngxlua.store import StateStore
+
+    sndbuf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).getsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF)
+    s = settings(state_dir=str(tmp_path / "state"), socket=dgram_hub.path)
+    model = IntervalModel(s, Stats(), start=T0)
+    n = 4000
+    for i in range(n):
+        model.add(Record(T0 + 1, HIGH, f"10.{i // 250}.{i % 250}.1", f"Player/{i:040d}",
+                         1000 + i))
+    (interval,) = model.close_due(T0 + 11)
+    big, small = datasets(interval, s)[:2]
+    huge_tags = settings(tags=("x" * sndbuf,))
+    (unfit, *_) = datasets(interval, huge_tags)
+    unfit["data"]["clients"] = []
+    earlier = StateStore(s.state_dir, s, Stats())
+    queue = earlier.queue(100)
+    for dataset in (big, unfit, small):
+        queue.push(encode(dataset))  # whole, as a run with a larger limit queued them
+    earlier.close()
+    assert len(encode(big)) > sndbuf and len(encode(unfit)) > sndbuf
+
+    stats = Stats()
+    store = StateStore(s.state_dir, s, stats)
+    sink = HubDatagramSink(dgram_hub.path, reactor, stats, 100, clock=clock_at(),
+                           queue=store.queue(100))
+    dgram_hub.open()
+    sink.startService()
+    try:
+        await wait_for(dgram_hub.has(2), what="the refit dataset and the small one")
+        got, second = dgram_hub.datasets()
+        assert got["data"]["client-count"] == n and got["data"]["bytes-sent"] == \
+            big["data"]["bytes-sent"]
+        assert 0 < len(got["data"]["clients"]) < n
+        assert got["data"]["clients"] == big["data"]["clients"][:len(got["data"]["clients"])]
+        assert second == small
+        assert stats.datasets_trimmed == 1 and stats.datasets_sent == 2
+        assert stats.datasets_dropped == 1 and stats.drops["too-large"] == 1
+        assert logs.matching("cannot be sent even without clients; dropped")
+        assert len(sink.queue) == 0 and sink.queue.totals() == (0, 0)
+    finally:
+        await sink.stopService()
+        store.close()
 
 
 @pytest.mark.parametrize("kind", ["unix", "tcp"])

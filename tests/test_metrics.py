@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import socket
 import sys
-from datetime import datetime, timezone
 from typing import Dict, FrozenSet, Tuple
 
 import pytest
 import pytest_twisted
 import treq
+from helpers.faults import iso
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -38,10 +38,6 @@ CLIENT_A = ("198.51.100.7", "LeakCheckPlayer/1.0")
 CLIENT_B = ("198.51.100.8", "OtherPlayer/2.0")
 CLIENT_C = ("203.0.113.9", "ThirdPlayer/3.0")
 Samples = Dict[Tuple[str, FrozenSet[Tuple[str, str]]], float]
-
-
-def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
 def record(t: float, streamer: Tuple[str, str, str], client: Tuple[str, str], sent: int,

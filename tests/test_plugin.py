@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from helpers.faults import iso
 from support import DatagramHub, ExporterServer, line, wait_for
 
 BIN = Path(sys.executable).parent
@@ -22,7 +23,7 @@ STREAMERS = "C1,C2/hls,dash/high,low"
 def iso_now(offset=0.0):
     import time
 
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + offset))
+    return iso(int(time.time() + offset), "Z")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -298,8 +298,9 @@ class _Process:
         self.pipeline = Pipeline(s, stats, self.model)
         if store is not None:
             self.pipeline.parser.last_seq = store.seq
-        self.report = ReportService(s, clock, self.model, None, stats, source=self,
-                                    commit=self.commit, held_cap=10**9)
+        self.settings, self.keep_open = s, False
+        self.report = ReportService(s, clock, self.model, self, stats, source=self,
+                                    held_cap=10**9)
         self.report.startService()
         if store is not None and store.head is None:
             self.checkpoint()  # the store writes the new state at start
@@ -314,6 +315,19 @@ class _Process:
     def watermark(self, now: float) -> float:
         beat = self.pipeline.heartbeat
         return float("-inf") if beat is None else beat.time
+
+    def emit(self, intervals) -> None:
+        """The outbox (as the durable one: the report's batch in one commit; a commit that
+        fails costs that batch)."""
+        from sfive_ngxlua.datasets import datasets
+
+        try:
+            self.commit([d for iv in intervals for d in datasets(iv, self.settings)])
+        except _Died:
+            pass
+
+    def at_stop(self, model, now):
+        return [] if self.keep_open else model.close_all(now)
 
     def commit(self, batch) -> None:
         if self.store is None:
@@ -409,7 +423,7 @@ def test_checkpoints_crashes_and_restarts_give_the_datasets_of_one_uninterrupted
             elif op == "crash-in-commit":
                 proc.fail_next = True
             elif op == "restart":
-                proc.report.keep_open = True
+                proc.keep_open = True
                 proc.report.stopService()
                 if not proc.dead:
                     proc.checkpoint()

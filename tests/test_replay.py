@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from helpers import faults
 from support import DatagramHub, ExporterServer, line, wait_for
 from twisted.internet import reactor, task
 
@@ -26,7 +27,7 @@ ARGS = ["-S", "C1/hls/high", "-S", "C1/dash/low", "-n", "edge1", "-d", "10", "-t
 
 
 def iso(seconds, ms=0):
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}+00:00"
+    return faults.iso(seconds, ms=ms)
 
 
 def recorded(n=300):

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers.faults import iso
 from support import line
 from twisted.python import usage
 
@@ -22,10 +23,6 @@ from sfive_ngxlua.sinks import CallableSink
 T0 = 1795856400  # on a 10 s boundary
 REPLAY = str(Path(sys.executable).parent / "sfive-ngxlua-replay")
 ARGS = ["-S", "C1/hls/high", "-n", "edge1", "-d", "10", "--grace", "2"]
-
-
-def iso(seconds):
-    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(seconds))
 
 
 def access_log(start, seconds, per_second=4):

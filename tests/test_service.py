@@ -5,6 +5,7 @@ intervals pass when the test says so.
 """
 
 import pytest_twisted
+from helpers import faults
 from support import DatagramHub, ExporterServer, heartbeat, line, wait_for
 from twisted.internet import reactor, task
 
@@ -18,9 +19,7 @@ STREAMERS = tuple((c, f, q) for c in ("C1", "C2") for f in ("hls", "dash") for q
 
 
 def iso(seconds, ms=0):
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+    return faults.iso(seconds, "Z", ms)
 
 
 def settings(url, **kw):
@@ -231,7 +230,7 @@ def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
         if len(calls) <= 8:
             raise BrokenPipeError("the reader went away")
 
-    service = build(settings(exporter.url), reactor, sink=CallableSink(flaky), clock=clock,
+    service = build(settings(exporter.url), reactor, sink=flaky, clock=clock,
                     stats=stats)
     service.startService()
     try:

@@ -33,11 +33,10 @@ from twisted.internet import reactor
 from sfive_ngxlua.datasets import start_time
 from sfive_ngxlua.model import IntervalModel
 from sfive_ngxlua.records import Record
-from sfive_ngxlua.service import build, makeService
+from sfive_ngxlua.service import build, makeService, report_saved, restore_model
 from sfive_ngxlua.settings import Options
-from sfive_ngxlua.sinks import DiskQueue
 from sfive_ngxlua.stats import Stats
-from sfive_ngxlua.store import STATE_FILE, StateLocked, StateStore
+from sfive_ngxlua.store import STATE_FILE, SqliteQueue, StateLocked, StateStore
 
 pytest_plugins = ("helpers.fixtures",)
 
@@ -65,6 +64,11 @@ def opened(tmp_path, stats=None, **kw):
     s = state_settings(tmp_path, **kw)
     stats = stats if stats is not None else Stats()
     return StateStore(s.state_dir, s, stats, clock_at()), s, stats
+
+
+def restore(store, queue=None):
+    """What the service does at its start: the saved model (or None)."""
+    return restore_model(store, store.tables.settings, store.stats, queue)[0]
 
 
 def norm(snapshot):
@@ -122,7 +126,7 @@ def test_corrupt_file_is_moved_aside_counted_and_logged(tmp_path, logs):
     assert len(aside) == 1 and (directory / aside[0]).read_bytes().startswith(b"this is not")
     assert stats.state_errors == 1
     assert logs.matching("cannot be read") and logs.matching(aside[0])
-    assert store.restore(stats) is None and store.position() is None
+    assert restore(store) is None and store.position() is None
     store.close()
 
 
@@ -163,8 +167,8 @@ def test_a_version_1_file_opens_with_its_model_position_and_queue(tmp_path):
     db.close()
     stats = Stats()
     store = StateStore(s.state_dir, s, stats, clock_at())
-    queue = DiskQueue(store, 10, stats)
-    model = store.restore(stats, queue)
+    queue = store.queue(10)
+    model = restore(store, queue)
     assert model is not None and model.first == k
     assert store.position() == meta["position"]
     assert len(queue) == 1 and queue.head() == b'{"queued":1}\n'
@@ -189,7 +193,7 @@ def test_checkpoints_are_incremental_and_restore_in_a_new_store(tmp_path):
     assert rows == 4  # two clients and the overflow entry, one in the next interval
     store.close()
     store2, _, stats2 = opened(tmp_path, max_clients=2)
-    restored = store2.restore(stats2)
+    restored = restore(store2)
     assert norm(restored.snapshot()) == norm(model.snapshot())
     assert store2.position()["seq"] == 7
     (a, b) = restored.close_due(T0 + 21)
@@ -200,7 +204,7 @@ def test_checkpoints_are_incremental_and_restore_in_a_new_store(tmp_path):
 
 def test_delivered_clients_and_datasets_do_not_linger_in_the_files(tmp_path):
     store, s, stats = opened(tmp_path)
-    queue = DiskQueue(store, 10, stats)
+    queue = store.queue(10)
     model = IntervalModel(s, stats, start=T0)
     model.add(rec(T0 + 1, client="192.0.2.77", ua="SecretPlayer/9"))
     assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
@@ -218,7 +222,7 @@ def test_delivered_clients_and_datasets_do_not_linger_in_the_files(tmp_path):
 
 def test_a_full_disk_keeps_the_state_in_memory_and_writes_all_once_it_works(tmp_path, logs):
     store, s, stats = opened(tmp_path)
-    queue = DiskQueue(store, 10, stats)
+    queue = store.queue(10)
     model = IntervalModel(s, stats, start=T0)
     model.add(rec(T0 + 1))
     assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
@@ -236,11 +240,11 @@ def test_a_full_disk_keeps_the_state_in_memory_and_writes_all_once_it_works(tmp_
     store.db.execute("PRAGMA max_page_count=1073741823")
     assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 301}, queue)
     assert logs.matching("writable again")
-    assert store.queue_totals() == (1, 6000), "the waiting dataset is written too"
-    assert not queue.items
+    assert queue.totals() == (1, 6000), "the waiting dataset is written too"
+    assert not queue.spill
     store.close()
     store2, _, stats2 = opened(tmp_path)
-    assert norm(store2.restore(stats2).snapshot()) == norm(model.snapshot())
+    assert norm(restore(store2).snapshot()) == norm(model.snapshot())
     assert store2.position()["seq"] == 301
     store2.close()
 
@@ -254,8 +258,8 @@ def test_state_saved_under_another_duration_is_reported_as_saved_then_fresh(tmp_
     assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 2})
     store.close()
     store2, s2, stats2 = opened(tmp_path, duration=5)
-    queue = DiskQueue(store2, 10, stats2)
-    assert store2.restore(stats2, queue) is None
+    queue = store2.queue(10)
+    assert restore(store2, queue) is None
     (line,) = logs.matching("saved under other settings")
     assert "10s" in line and "5s" in line
     got = []
@@ -266,15 +270,14 @@ def test_state_saved_under_another_duration_is_reported_as_saved_then_fresh(tmp_
     high = got[0]
     assert high["start-time"] == start_time(T0) and high["duration-ms"] == 6000
     assert high["data"]["bytes-sent"] == 11 and high["data"]["client-count"] == 2
-    assert store2.restore(stats2) is None, "nothing mixed in: fresh from now on"
+    assert restore(store2) is None, "nothing mixed in: fresh from now on"
     store2.close()
 
 
 
-def test_a_state_saved_under_other_settings_reaches_a_sink_without_a_queue(tmp_path, logs):
+@pytest_twisted.ensureDeferred
+async def test_a_state_saved_under_other_settings_reaches_a_sink_without_a_queue(tmp_path, logs):
     """With a callable sink (no disk queue) the saved intervals are handed to it at the start."""
-    from sfive_ngxlua.sinks import CallableSink
-
     store, s, stats = opened(tmp_path, duration=10)
     model = IntervalModel(s, stats, start=T0)
     model.add(rec(T0 + 1, sent=5))
@@ -282,11 +285,11 @@ def test_a_state_saved_under_other_settings_reaches_a_sink_without_a_queue(tmp_p
     assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
     store.close()
     got = []
-    top = build(state_settings(tmp_path, duration=5), reactor, sink=CallableSink(got.append),
+    top = build(state_settings(tmp_path, duration=5), reactor, sink=got.append,
                 clock=clock_at(T0 + 7))
-    state = top.getServiceNamed("state")
-    state.startService()
-    state.stopService()
+    assert got == [], "not before the start"
+    top.startService()
+    await top.stopService()
     assert logs.matching("saved under other settings")
     assert [d["streamer-id"]["quality"] for d in got] == [x[2] for x in STREAMERS]
     assert got[0]["start-time"] == start_time(T0) and got[0]["data"]["bytes-sent"] == 5
@@ -296,7 +299,7 @@ def test_a_state_saved_under_other_settings_reaches_a_sink_without_a_queue(tmp_p
 
 def test_disk_queue_keeps_order_across_reopen_with_a_small_window(tmp_path):
     store, s, stats = opened(tmp_path)
-    queue = DiskQueue(store, 1000, stats, window=4)
+    queue = store.queue(1000, window=4)
     for i in range(10):
         queue.push(b"%d\n" % i)
     for i in range(3):
@@ -305,26 +308,26 @@ def test_disk_queue_keeps_order_across_reopen_with_a_small_window(tmp_path):
     assert len(queue.window) <= 4
     store.close()
     store2, _, stats2 = opened(tmp_path)
-    queue2 = DiskQueue(store2, 1000, stats2, window=4)
+    queue2 = store2.queue(1000, window=4)
     assert len(queue2) == 7 and stats2.queued == 7
     out = []
     while queue2.head() is not None:
         out.append(queue2.head())
         queue2.sent()
     assert out == [b"%d\n" % i for i in range(3, 10)]
-    assert store2.queue_totals() == (0, 0), "deleted from disk once sent"
+    assert queue2.totals() == (0, 0), "deleted from disk once sent"
     store2.close()
 
 
 @pytest.mark.parametrize("persistent", [False, True])
 def test_queue_bounded_in_bytes_drops_the_oldest_counted_and_logged(tmp_path, persistent, logs):
-    from sfive_ngxlua.sinks import DatasetQueue
+    from sfive_ngxlua.queues import MemoryQueue
 
     store, s, stats = opened(tmp_path)
     if persistent:
-        queue = DiskQueue(store, 1000, stats, max_bytes=2500, window=2)
+        queue = store.queue(1000, max_bytes=2500, window=2)
     else:
-        queue = DatasetQueue(1000, stats, max_bytes=2500)
+        queue = MemoryQueue(1000, stats, max_bytes=2500)
     for i in range(5):
         queue.push(bytes([48 + i]) * 1000)
     assert len(queue) == 2 and queue.size == 2000 and stats.datasets_dropped == 3
@@ -333,7 +336,7 @@ def test_queue_bounded_in_bytes_drops_the_oldest_counted_and_logged(tmp_path, pe
     queue.push(b"big" * 2000)
     assert len(queue) == 1 and queue.head() == b"big" * 2000, "the newest is always kept"
     if persistent:
-        assert store.queue_totals() == (1, 6000)
+        assert queue.totals() == (1, 6000)
     store.close()
 
 
@@ -435,14 +438,12 @@ class Node:
 
     def crash(self):
         """Die without a word: nothing more is written; the lock goes with the process."""
-        for service in list(self.top):
-            if service.name == "state":
-                service.loop.stop() if service.loop.running else None
-            if service.name == "report":
-                if service.loop.running:
-                    service.loop.stop()
-                if service._start is not None and service._start.active():
-                    service._start.cancel()
+        for service in (self.top.state, self.top.report):
+            if service.loop.running:
+                service.loop.stop()
+            for call in (getattr(service, "_start", None), service._retry):
+                if call is not None and call.active():
+                    call.cancel()
         fetch = self.top.getServiceNamed("fetch")
         fetch.running = False
         if fetch.body is not None and fetch.body.transport is not None:
@@ -453,7 +454,7 @@ class Node:
         if sink._retrying is not None and sink._retrying.active():
             sink._retrying.cancel()
         self.store.db.close()
-        os.close(self.store._lock_fd)
+        self.store.lock.release()
 
 
 def advance_to(clock, t):
@@ -528,7 +529,7 @@ async def test_crash_between_closing_an_interval_and_committing_it(tmp_path, rin
         crashed.append(items)
         raise Crash()
 
-    monkeypatch.setattr(node.store, "queue_insert", die)
+    monkeypatch.setattr(node.top.queue, "_insert", die)
     await advance(node, T0 + 21.5)
     assert crashed, "the report's transaction was reached"
     node.crash()
@@ -552,7 +553,7 @@ async def test_crash_between_sending_a_dataset_and_marking_it_sent(tmp_path, rin
     node = await Node(tmp_path, ring, hub, clock).start()
     ring.log(*records_for(1, 3))
     await node.read(9)
-    sent = DiskQueue.sent
+    sent = SqliteQueue.sent
     calls = []
 
     def second_dies(self):
@@ -561,7 +562,7 @@ async def test_crash_between_sending_a_dataset_and_marking_it_sent(tmp_path, rin
             raise Crash()
         sent(self)
 
-    monkeypatch.setattr(DiskQueue, "sent", second_dies)
+    monkeypatch.setattr(SqliteQueue, "sent", second_dies)
     await advance(node, T0 + 21)
     assert len(calls) == 2, "the crash came"
     node.crash()
@@ -575,7 +576,7 @@ async def test_crash_between_sending_a_dataset_and_marking_it_sent(tmp_path, rin
     assert len(received) == 4
     assert got([simplejson.loads(d) for d in received[:1] + received[2:]]) == \
         expected(ring.logged)
-    assert node2.store.queue_totals() == (0, 0)
+    assert node2.top.queue.totals() == (0, 0)
     await node2.top.stopService()
 
 
@@ -701,8 +702,8 @@ def test_any_stream_cut_by_checkpoints_crashes_and_restarts_gives_the_same_datas
         def open_node():
             stats = Stats()
             store = StateStore(s.state_dir, s, stats, clock_at(now))
-            queue = DiskQueue(store, 10_000, stats)
-            restored = store.restore(stats, queue)
+            queue = store.queue(10_000)
+            restored = restore(store, queue)
             position = store.position()
             return (store, queue, restored or IntervalModel(s, stats, start=T0 + 5),
                     0 if not position else position["seq"] + 1)
@@ -722,7 +723,7 @@ def test_any_stream_cut_by_checkpoints_crashes_and_restarts_gives_the_same_datas
             elif what == "crash" and i not in crashed:
                 crashed.add(i)
                 store.db.close()  # the process dies: what was committed is all there is
-                os.close(store._lock_fd)
+                store.lock.release()
                 store, queue, model, i = open_node()
                 continue
             i += 1
@@ -804,12 +805,12 @@ def test_a_saved_model_of_another_format_is_kept_aside_never_mixed_in(tmp_path, 
         {"format": 0, "first": T0 // 10, "reported": T0 // 10 - 1, "live": True}),))
     store.close()
     store2, _, stats2 = opened(tmp_path)
-    assert store2.restore(stats2, DiskQueue(store2, 10, stats2)) is None
+    assert restore(store2, store2.queue(10)) is None
     (line,) = logs.matching("cannot be reported as saved")
     assert "format 0" in line
     aside = [n for n in os.listdir(tmp_path / "state") if ".unusable-" in n]
     assert aside and stats2.state_errors == 1
-    assert store2.restore(stats2) is None and store2.position() is None
+    assert restore(store2) is None and store2.position() is None
     store2.close()
 
 
@@ -828,33 +829,52 @@ def test_damaged_rows_are_set_aside_counted_and_logged_never_a_traceback(tmp_pat
     model = IntervalModel(s, stats, start=T0)
     model.add(rec(T0 + 1))
     assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
-    with store.transaction():
+    with store.transactions.transaction():
         store.db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
     store.close()
     store2, _, stats2 = opened(tmp_path)
     if key == "saved_at":  # the model is fine; only reporting it as saved needs saved_at
-        assert store2.report_saved(DiskQueue(store2, 10, stats2), "is being retired") == (0, 0)
+        saved = store2.saved()
+        assert report_saved(store2, saved, s, "is being retired", store2.queue(10)) == ([], [])
     else:
-        assert store2.restore(stats2, DiskQueue(store2, 10, stats2)) is None
+        assert restore(store2, store2.queue(10)) is None
     assert stats2.state_errors == 1 and logs.matching("moved it to")
     assert [n for n in os.listdir(tmp_path / "state") if ".unusable-" in n]
-    assert store2.restore(stats2) is None and store2.position() is None
+    assert restore(store2) is None and store2.position() is None
     store2.close()
 
 
-def test_an_unexpected_checkpoint_error_is_one_line_and_counted_not_a_traceback(tmp_path, logs):
-    top = build(settings(state_dir=str(tmp_path / "state")), reactor, clock=clock_at())
-    state = top.getServiceNamed("state")
+def test_an_unexpected_checkpoint_error_is_one_traceback_counted_and_the_loop_recovers(
+        tmp_path, logs):
+    """The one path (issue 17, item 2): the traceback once per stretch (not every second),
+    counted, the checkpoint retrying; once the store works again the loop runs again and
+    the next checkpoint writes everything."""
+    clock = clock_at()
+    top = build(settings(state_dir=str(tmp_path / "state")), reactor, clock=clock)
+    state = top.state
+    real = state.store.checkpoint
+    calls = []
 
     def broken(*args, **kwargs):
+        calls.append(clock.seconds())
         raise RuntimeError("disk on fire")
 
     state.store.checkpoint = broken
+    state.startService()
     try:
-        assert state.checkpoint() is False
-        assert top.stats.state_errors == 1
-        assert state.store.need_full  # the next checkpoint that works writes everything
-        assert logs.matching("checkpoint failed (RuntimeError: disk on fire)")
-        assert not [e for e in logs.events if "log_failure" in e]
+        assert calls and top.stats.state_errors == 1 and top.stats.errors["checkpoint"] == 1
+        assert top.stats.states["checkpoint"] == "retrying"
+        assert state.store.tables.need_full  # the next checkpoint that works writes everything
+        assert len([e for e in logs.events if "log_failure" in e]) == 1
+        assert logs.matching("unexpected error while checkpointing")
+        clock.advance(1.0)
+        assert len(calls) == 2 and top.stats.errors["checkpoint"] == 2, "retried"
+        assert len([e for e in logs.events if "log_failure" in e]) == 1, "once per stretch"
+        state.store.checkpoint = real
+        clock.advance(1.0)
+        assert top.stats.states["checkpoint"] == "running" and state.loop.running
+        assert state.store.position() == top.source.position()
+        clock.advance(1.0)
+        assert len(calls) == 2 and top.stats.errors["checkpoint"] == 2
     finally:
-        state.store.close()
+        state.stopService()

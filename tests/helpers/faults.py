@@ -38,9 +38,11 @@ URL = "/live/hls/foo-high/seg1.ts"
 STREAMERS = (("foo", "hls", "high"), ("foo", "hls", "low"), ("bar", "dash", "high"))
 
 
-def iso(epoch: float, offset: str = "+00:00") -> str:
-    """An exporter time stamp for an epoch second (the offset spelled as given, time in UTC)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + offset
+def iso(epoch: float, offset: str = "+00:00", ms: Optional[int] = None) -> str:
+    """A record's time stamp (exporter or access log) for the epoch second, in UTC with the
+    offset spelled as given, and ``ms`` milliseconds if given."""
+    fraction = "" if ms is None else f".{ms:03d}"
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + fraction + offset
 
 
 def record(t: float, client: str = "10.0.0.1", ua: str = "ua/1", url: str = URL,
