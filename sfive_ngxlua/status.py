@@ -22,7 +22,7 @@ from .records import REASONS
 from .settings import Settings
 from .stats import Point, Stats, StreamFigures
 
-DROP_REASONS = ("queue-full", "too-large", "sink-error", "other")
+DROP_REASONS = ("queue-full", "too-large", "sink-error", "commit-failed", "other")
 """Reasons a dataset is dropped, listed from the start; "other": counted without a reason."""
 FAILING = frozenset({"retrying", "failed"})
 """Component states in which /healthz answers 503."""
