@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 from twisted.python import usage
 
+from .privacy import FULL, ClientIP
+
 DEFAULT_NAMEFORMAT = r"/[^/]+/(?P<format>hls|dash)/(?P<content>.+)-(?P<quality>[^-]+)/.*"
 DEFAULT_URL = "http://localhost/sfive"
 
@@ -45,6 +47,7 @@ class Settings:
     metrics: Optional[str] = None
     file: Optional[str] = None
     flush_period: float = 1.0
+    client_ip: ClientIP = FULL
 
 
 def parse_streamer_ids(specs: list[str]) -> Tuple[StreamerKey, ...]:
@@ -140,6 +143,13 @@ def _statuses(value: str) -> FrozenSet[int]:
     return frozenset(codes)
 
 
+def _client_ip(value: str) -> ClientIP:
+    try:
+        return ClientIP.parse(value)
+    except ValueError as e:
+        raise usage.UsageError(f"--client-ip: {e}") from None
+
+
 def parse_command_line(options: usage.Options, argv: Optional[List[str]], program: str) -> None:
     """A console command's options from ``argv`` (default: the process's arguments); on a
     usage error, the usage and the message on standard error and exit status 64 (EX_USAGE)."""
@@ -173,6 +183,9 @@ class ModelOptions(usage.Options):
         ["queue-limit", None, "1000", "datasets kept while the hub is away or slow"],
         ["queue-bytes", None, "256M",
          "bytes of datasets kept while the hub is away or slow (K, M, G suffixes)"],
+        ["client-ip", None, "full",
+         "client addresses as counted and sent: full, truncate (IPv4 /24, IPv6 /48) or "
+         "keyed:FILE (a keyed hash, the key in FILE; a new key is picked up while running)"],
     ]
 
     def __init__(self) -> None:
@@ -217,6 +230,7 @@ class ModelOptions(usage.Options):
             hub=self["hub"],
             queue_limit=_positive_int("--queue-limit", self["queue-limit"]),
             queue_bytes=_bytes("--queue-bytes", self["queue-bytes"]),
+            client_ip=_client_ip(self["client-ip"]),
         )
 
     def settings(self) -> Settings:

@@ -75,7 +75,8 @@ def _settings_record(settings: Settings) -> dict:
     """What the saved state's meaning depends on (and what its datasets are reported under)."""
     return {"duration": settings.duration, "streamers": [list(s) for s in settings.streamers],
             "hostname": settings.hostname, "tags": list(settings.tags),
-            "max_clients": settings.max_clients, "max_ua_length": settings.max_ua_length}
+            "max_clients": settings.max_clients, "max_ua_length": settings.max_ua_length,
+            "client_ip": settings.client_ip.saved}
 
 
 def _settings_from(record: dict, settings: Settings) -> Settings:
@@ -432,6 +433,7 @@ class StateStore:
             return None
         record, snap = saved
         try:
+            self.settings.client_ip.check_saved(record, self)
             return IntervalModel.restore(self.settings, stats, snap)
         except StateMismatch as e:
             mismatch = str(e)
