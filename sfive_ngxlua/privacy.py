@@ -90,7 +90,9 @@ class ClientIP:
     @classmethod
     def parse(cls, text: str) -> ClientIP:
         """``full``, ``truncate`` or ``keyed:FILE``; ValueError saying what is wrong."""
-        if text in ("full", "truncate"):
+        if text == "full":
+            return FULL
+        if text == "truncate":
             return cls(text)
         if text.startswith("keyed:"):
             path = text[len("keyed:"):]
@@ -157,12 +159,12 @@ class ClientIP:
 
         if saved == "full":
             queued = store.queue_totals()[0]
-            if queued:
-                self.log.warn(
-                    "state in {dir}: {n} datasets queued under --client-ip full hold full "
-                    "client addresses; they are sent as they are (stop the service and "
-                    "delete {path} to drop them)", dir=store.directory, n=queued,
-                    path=store.path)
+            self.log.warn(
+                "state in {dir} was counted under --client-ip full: its saved intervals{queue} "
+                "hold full client addresses and are reported as they are (to drop them "
+                "instead, stop the service and delete {path})", dir=store.directory,
+                queue=f" and its hub queue ({queued} datasets)" if queued else "",
+                queued=queued, path=store.path)
         raise StateMismatch(f"the saved state has --client-ip {_shown(saved)}, the settings "
                             f"{_shown(self.saved)}")
 
