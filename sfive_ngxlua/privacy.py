@@ -95,6 +95,10 @@ class ClientIP:
             except OSError:
                 pass  # read_key says what is wrong
             self.key = read_key(path)
+            if os.stat(path).st_mode & 0o004:
+                self.log.warn("--client-ip key file {path} may be read by anyone: whoever has "
+                              "the key can test guessed addresses against the hashes (chmod "
+                              "o-r)", path=path)
 
     @classmethod
     def parse(cls, text: str) -> ClientIP:

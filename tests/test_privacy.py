@@ -325,3 +325,29 @@ def test_truncate_and_canonical_spellings():
     assert privacy.keyed(key, "2001:DB8::1") == privacy.keyed(key, "2001:db8:0::1")
     assert privacy.keyed(key, "10.1.2.3") != privacy.keyed(b"j" * 16, "10.1.2.3")
     assert privacy.keyed(key, "unix:") != "unix:"
+
+
+def test_a_key_file_anyone_may_read_is_warned_about(tmp_path, logs):
+    key = tmp_path / "key"
+    key.write_bytes(KEY_A)
+    key.chmod(0o640)
+    parse("--client-ip", f"keyed:{key}")
+    assert not logs.matching("may be read by anyone")
+    key.chmod(0o644)
+    parse("--client-ip", f"keyed:{key}")
+    assert logs.matching("may be read by anyone")
+
+
+def test_saved_settings_without_a_mode_are_from_full(tmp_path):
+    """A state saved by a release before --client-ip: full addresses."""
+    from sfive_ngxlua.model import StateMismatch
+
+    privacy.FULL.check_saved({"duration": 10}, store=None)
+    with pytest.raises(StateMismatch, match="--client-ip full, the settings truncate"):
+        class Store:
+            directory, path = str(tmp_path), str(tmp_path / STATE_FILE)
+
+            def queue_totals(self):
+                return 0, 0
+
+        privacy.ClientIP.parse("truncate").check_saved({"duration": 10}, Store())
