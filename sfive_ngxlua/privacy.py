@@ -156,7 +156,7 @@ class ClientIP:
             self.log.info("--client-ip key file {path} is good again", path=self.path)
         if key.secret != self.key.secret:
             self.log.info("--client-ip key file {path}: a new key (fingerprint {fingerprint}) "
-                          "from the next interval the records reach", path=self.path,
+                          "from the interval the records are entering on", path=self.path,
                           fingerprint=key.fingerprint)
             self.key = key
         return self.key

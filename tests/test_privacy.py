@@ -327,6 +327,16 @@ def test_truncate_and_canonical_spellings():
     assert privacy.keyed(key, "unix:") != "unix:"
 
 
+def test_one_address_as_the_model_gets_it(tmp_path):
+    """``Addresses`` called on one address (for a sample shown to a person)."""
+    key = tmp_path / "key"
+    key.write_bytes(KEY_A)
+    assert privacy.ClientIP.parse("truncate").addresses(D)("192.0.2.7") == "192.0.2.0"
+    one = privacy.ClientIP.parse(f"keyed:{key}").addresses(D)
+    assert one("192.0.2.7", T0) == one("192.0.2.7") == privacy.keyed(KEY_A, "192.0.2.7")
+    assert privacy.FULL.addresses(D) is None
+
+
 def test_a_key_file_anyone_may_read_is_warned_about(tmp_path, logs):
     key = tmp_path / "key"
     key.write_bytes(KEY_A)
