@@ -34,6 +34,8 @@ class Pipeline:
         self.stats = stats
         self.model = model
         self.parser = RecordParser(settings)
+        self.addresses = settings.client_ip.addresses(settings.duration, stats)
+        """--client-ip's work on each record's client (None: full addresses)."""
         self.splitter = LineSplitter(settings.max_line_length)
         self.heartbeat: Optional[Heartbeat] = None
         self.last_time: Optional[int] = None
@@ -58,6 +60,8 @@ class Pipeline:
         stats = self.stats
         parse = self.parser.parse
         add = self.model.add
+        if self.addresses is not None:
+            add = self.addresses.wrap(add)
         on_time = self.on_time
         due = math.inf if on_time is None else -math.inf
         gap = self._gap is not None

@@ -198,6 +198,8 @@ def restore_model(store: StateStore, settings: Settings, stats: Stats,
     if saved is None:
         return None, []
     try:
+        settings.client_ip.check_saved(saved.record, store,
+                                       queue.totals()[0] if queue is not None else 0)
         return IntervalModel.restore(settings, stats, saved.snapshot), []
     except StateMismatch as e:
         _, pending = report_saved(store, saved, settings, f"saved under other settings ({e})",

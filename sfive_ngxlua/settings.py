@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 from twisted.python import usage
 
+from .privacy import FULL, ClientIP
+
 DEFAULT_NAMEFORMAT = r"/[^/]+/(?P<format>hls|dash)/(?P<content>.+)-(?P<quality>[^-]+)/.*"
 DEFAULT_URL = "http://localhost/sfive"
 
@@ -49,6 +51,7 @@ class Settings:
     metrics: Optional[str] = None
     file: Optional[str] = None
     flush_period: float = 1.0
+    client_ip: ClientIP = FULL
 
 
 def parse_streamer_ids(specs: list[str]) -> Tuple[StreamerKey, ...]:
@@ -144,6 +147,13 @@ def _statuses(value: str) -> FrozenSet[int]:
     return frozenset(codes)
 
 
+def _client_ip(value: str) -> ClientIP:
+    try:
+        return ClientIP.parse(value)
+    except ValueError as e:
+        raise usage.UsageError(f"--client-ip: {e}") from None
+
+
 def parse_command_line(options: usage.Options, argv: Optional[List[str]], program: str) -> None:
     """A console command's options from ``argv`` (default: the process's arguments); on a
     usage error, the usage and the message on standard error and exit status 64 (EX_USAGE)."""
@@ -171,6 +181,9 @@ class ModelOptions(usage.Options):
          "distinct clients kept per interval and streamer; more are folded into one entry"],
         ["max-ua-length", None, "512", "user agents are truncated to this many characters"],
         ["max-line-length", None, "65536", "longer exporter lines are skipped and counted"],
+        ["client-ip", None, "full",
+         "client addresses as counted and sent: full, truncate (IPv4 /24, IPv6 /48) or "
+         "keyed:FILE (a keyed hash, the key in FILE; a new key is picked up while running)"],
     ]
 
     def __init__(self) -> None:
@@ -206,6 +219,7 @@ class ModelOptions(usage.Options):
             max_clients=_positive_int("--max-clients", self["max-clients"]),
             max_ua_length=_positive_int("--max-ua-length", self["max-ua-length"]),
             max_line_length=_positive_int("--max-line-length", self["max-line-length"]),
+            client_ip=_client_ip(self["client-ip"]),
         )
         super().postOptions()
 

@@ -17,7 +17,8 @@ def settings_record(settings: Settings) -> dict:
     """What the saved state's meaning depends on (and what its datasets are reported under)."""
     return {"duration": settings.duration, "streamers": [list(s) for s in settings.streamers],
             "hostname": settings.hostname, "tags": list(settings.tags),
-            "max_clients": settings.max_clients, "max_ua_length": settings.max_ua_length}
+            "max_clients": settings.max_clients, "max_ua_length": settings.max_ua_length,
+            "client_ip": settings.client_ip.saved}
 
 
 @dataclass(frozen=True)
