@@ -42,7 +42,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from . import __version__
-from .lifecycle import STOPPED, Lifecycle
+from .lifecycle import RETRYING, STOPPED, Lifecycle
 from .pipeline import Pipeline
 from .settings import Settings
 from .stats import Stats
@@ -238,7 +238,8 @@ class LogFetchService(Service):
     def _request_stream(self) -> None:
         self._attempt += 1
         attempt = self._attempt
-        self.lifecycle.enter(CONNECTING)
+        if self.lifecycle.state != RETRYING:  # a retry stays one until it streams
+            self.lifecycle.enter(CONNECTING)
         params = {"v": str(PROTOCOL)}
         if self.ring is not None:
             params["ring"] = self.ring
