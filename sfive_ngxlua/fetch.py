@@ -264,13 +264,11 @@ class LogFetchService(Service):
             response.deliverBody(_Discard())
             self._retry_later(f"HTTP {response.code} {response.phrase.decode('latin-1')}")
             return
-        self.body = _Body(self)
-        self._last_data = self.clock.seconds()
-        self._watchdog = self.clock.callLater(self.idle_timeout, self._check_idle)
         try:
             self._handshake(response)
-        finally:  # the body is ours (or, if the handshake raised, stopped by the teardown)
-            response.deliverBody(self.body)
+        except Exception:
+            response.deliverBody(_Discard())
+            raise
         self.failures = 0
         self.stats.exporter_connected = self.stats.source_connected = True
         self.lifecycle.enter(STREAMING)
@@ -279,7 +277,12 @@ class LogFetchService(Service):
                       how=f" (protocol 2, ring {self.ring})" if self.protocol == 2 else "",
                       protocol=self.protocol, ring=self.ring)
         self._had_connection = True
-        self._moved()
+        body = self.body = _Body(self)
+        self._last_data = self.clock.seconds()
+        self._watchdog = self.clock.callLater(self.idle_timeout, self._check_idle)
+        response.deliverBody(body)
+        if body is self.body:  # (what the body already held may have failed)
+            self._moved()
 
     def _handshake(self, response: Any) -> None:
         """Read the protocol headers: v2 and its ring, or v1 (none)."""
