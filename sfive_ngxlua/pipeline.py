@@ -56,6 +56,7 @@ class Pipeline:
         """``feed`` through the caller's own splitter (the file follower reads several files at
         once, each with its own partial line); returns the complete lines. The first ``skip``
         lines are not fed (they were, before a feed that raised)."""
+        self.handled = 0
         lines = splitter.feed(data)
         self.feed_lines(lines[skip:] if skip else lines)
         self._count_too_long(splitter)

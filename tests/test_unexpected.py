@@ -166,3 +166,37 @@ async def test_a_header_that_isdigit_accepts_and_int_refuses_leaves_no_dead_fetc
         assert run.stats.states["fetch"] == "streaming"
     finally:
         await exporter.stop()
+
+
+def test_a_line_that_raises_is_uncounted_and_last_seq_is_the_line_before():
+    """The pipeline's part (no I/O): the line whose handling raised and those after it are not
+    counted, ``handled`` says how many were, and ``last_seq`` is that of the last one handled
+    (a heartbeat's here), so that reading on after it neither skips nor repeats a line."""
+    from sfive_ngxlua.model import IntervalModel
+    from sfive_ngxlua.pipeline import Pipeline
+    from sfive_ngxlua.stats import Stats
+
+    s = settings()
+    stats = Stats()
+    model = IntervalModel(s, stats)
+    pipeline = Pipeline(s, stats, model)
+    pipeline.resume_after(0)
+    lines = [line(T0 + 1, seq=1, sent=1), heartbeat(2, T0 + 1), line(T0 + 1, seq=3, sent=3),
+             line(T0 + 1, seq=4, sent=4)]
+    lines = [ln.rstrip(b"\n") for ln in lines]
+    add = model.add
+
+    def failing_add(record):
+        if record.bytes_sent == 3:
+            raise RuntimeError("injected into the model's add")
+        return add(record)
+
+    model.add = failing_add
+    with pytest.raises(RuntimeError):
+        pipeline.feed_lines(lines)
+    assert pipeline.handled == 2 and pipeline.last_seq == 2
+    assert stats.lines == 1 and stats.heartbeats == 1
+    model.add = add
+    pipeline.feed_lines(lines[pipeline.handled:])
+    assert pipeline.handled == 2 and pipeline.last_seq == 4
+    assert stats.lines == 3 and stats.heartbeats == 1 and not stats.rejected
