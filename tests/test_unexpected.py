@@ -102,6 +102,9 @@ async def test_an_unexpected_error_is_logged_once_counted_and_retried_without_lo
         run.clock.advance(T0 + 12 - run.clock.seconds())
         await wait_for(lambda: run.datasets)
         assert run.datasets[0]["data"]["bytes-sent"] == 1 + 2 + 3 + 4 + 5
+        run.clock.advance(30.0)  # the recovered stream has its idle watchdog too
+        await wait_for(lambda: logs.matching("exporter sent nothing for"))
+        await wait_for(lambda: stats.states["fetch"] == "backoff")
     finally:
         await exporter.stop()
 
