@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import sys
-import time
 from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 import simplejson
 
 from .model import ClientKey, Clients, Interval
+from .records import start_time
 from .settings import Settings
 from .stats import Stats
 
 Dataset = Dict[str, Any]
-
-
-def start_time(epoch: int) -> str:
-    """``YYYY-MM-DDTHH:MM:SSZ`` in UTC."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def _rank(item: Tuple[ClientKey, int]) -> Tuple[int, ClientKey]:

@@ -3,7 +3,9 @@
 The fetcher never stops the reactor: an answer other than 200, a refused or failed connection,
 headers that do not come within the connect timeout, a body that goes idle for longer than the
 idle timeout, or the stream's end all lead to a new attempt after an exponential backoff with
-jitter (reset after every good connection). It resumes after the last exporter sequence number
+jitter (reset after every good connection). So does an error nobody expected (its traceback is
+logged once and counted: lifecycle.Lifecycle); its states are ``connecting``, ``streaming``,
+``backoff`` and ``retrying``. It resumes after the last exporter sequence number
 it read (``?after=N``), so records still in the exporter's ring are not lost to a reconnect.
 
 Protocol v2 (nginx/README.md, "Protocol 2"): it asks ``v=2`` and, once it knows the
@@ -30,13 +32,17 @@ from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from . import __version__
+from .lifecycle import RETRYING, STOPPED, Lifecycle
 from .pipeline import Pipeline
 from .settings import Settings
 from .stats import Stats
@@ -90,10 +96,37 @@ def _cancelled(failure: Failure) -> bool:
     return any(_cancelled(r) for r in getattr(failure.value, "reasons", None) or ())
 
 
-class _QuietFactory(_HTTP11ClientFactory):
-    """No "Starting factory" / "Stopping factory" lines for every reconnect."""
+CONNECTING, STREAMING, BACKOFF = "connecting", "streaming", "backoff"
 
-    noisy = False
+
+@implementer(IStreamClientEndpoint)
+class _Quiet:
+    """An endpoint whose factories say no "Starting factory" / "Stopping factory" line for
+    every reconnect (``Factory.noisy``)."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def connect(self, factory: protocol.Factory) -> Deferred:
+        factory.noisy = False
+        return self.endpoint.connect(factory)
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """The endpoints an Agent makes by default (TCP with the connect timeout; TLS by the
+    browser-like policy for https), made quiet."""
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+        self.tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:  # noqa: N802 (the interface)
+        endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        return _Quiet(endpoint)
 
 
 class _Body(protocol.Protocol):
@@ -101,7 +134,7 @@ class _Body(protocol.Protocol):
         self.fetcher = fetcher
 
     def dataReceived(self, data: bytes) -> None:
-        self.fetcher._data(data)
+        self.fetcher._data(self, data)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.fetcher._ended(self, reason)
@@ -134,10 +167,9 @@ class LogFetchService(Service):
         self.connect_timeout = settings.connect_timeout
         self.url, self.auth, self.safe_url = split_credentials(settings.url)
         if client is None:
-            pool = HTTPConnectionPool(reactor, persistent=False)
-            pool._factory = _QuietFactory
-            client = treq.client.HTTPClient(
-                Agent(reactor, connectTimeout=settings.connect_timeout, pool=pool))
+            client = treq.client.HTTPClient(Agent.usingEndpointFactory(
+                reactor, _Endpoints(reactor, settings.connect_timeout),
+                HTTPConnectionPool(reactor, persistent=False)))
         self.client = client
         self.retry_policy = retry_policy or backoffPolicy(initialDelay=1.0, maxDelay=30.0)
         self.failures = 0
@@ -147,6 +179,10 @@ class LogFetchService(Service):
         self._watchdog: Optional[IDelayedCall] = None
         self._last_data = 0.0
         self._had_connection = False
+        self._attempt = 0
+        """Counts requests; an answer or failure of an earlier one is not this one's."""
+        self.lifecycle = Lifecycle("fetch", stats, (CONNECTING, STREAMING, BACKOFF),
+                                   log=self.log)
 
     def startService(self) -> None:
         super().startService()
@@ -154,14 +190,11 @@ class LogFetchService(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        for call in (self._retry, self._watchdog):
-            if call is not None and call.active():
-                call.cancel()
-        self._retry = self._watchdog = None
-        if self._request is not None:
-            self._request.cancel()
-        if self.body is not None and self.body.transport is not None:
-            self.body.transport.stopProducing()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        self._teardown()
+        self.lifecycle.enter(STOPPED)
 
     def watermark(self, now: float) -> float:
         """Event time up to which every record is in the model (-inf: nothing known)."""
@@ -187,7 +220,7 @@ class LogFetchService(Service):
         if seq is not None and type(seq) is not int:
             raise ValueError(f"not a sequence number: {seq!r}")
         self.ring = ring
-        self.pipeline.parser.last_seq = seq
+        self.pipeline.resume_after(seq)
 
     def _moved(self) -> None:
         if self.on_watermark is not None:
@@ -195,6 +228,18 @@ class LogFetchService(Service):
 
     def _connect(self) -> None:
         self._retry = None
+        if not self.running:
+            return
+        try:
+            self._request_stream()
+        except Exception:
+            self._unexpected(Failure(), "asking the exporter for its stream")
+
+    def _request_stream(self) -> None:
+        self._attempt += 1
+        attempt = self._attempt
+        if self.lifecycle.state != RETRYING:  # a retry stays one until it streams
+            self.lifecycle.enter(CONNECTING)
         params = {"v": str(PROTOCOL)}
         if self.ring is not None:
             params["ring"] = self.ring
@@ -206,28 +251,38 @@ class LogFetchService(Service):
             self.url, params=params, headers={b"User-Agent": [USER_AGENT]}, auth=self.auth,
             unbuffered=True, timeout=self.connect_timeout, reactor=self.clock,
         )
-        d.addCallbacks(self._response, self._failed)
-        d.addErrback(lambda f: self.log.failure("unexpected error in the exporter fetch", f))
+        d.addCallbacks(self._response, self._failed, callbackArgs=(attempt,),
+                       errbackArgs=(attempt,))
+        d.addErrback(self._unexpected, "reading the exporter's answer")
 
-    def _response(self, response: Any) -> None:
+    def _response(self, response: Any, attempt: int) -> None:
+        if attempt != self._attempt:  # torn down meanwhile: not ours any more
+            response.deliverBody(_Discard())
+            return
         self._request = None
         if response.code != 200:
             response.deliverBody(_Discard())
             self._retry_later(f"HTTP {response.code} {response.phrase.decode('latin-1')}")
             return
+        try:
+            self._handshake(response)
+        except Exception:
+            response.deliverBody(_Discard())
+            raise
         self.failures = 0
-        self.stats.exporter_connected = True
-        self._handshake(response)
+        self.stats.exporter_connected = self.stats.source_connected = True
+        self.lifecycle.enter(STREAMING)
         self.log.info("{what} to {url}{how}", url=self.safe_url,
                       what="reconnected" if self._had_connection else "connected",
                       how=f" (protocol 2, ring {self.ring})" if self.protocol == 2 else "",
                       protocol=self.protocol, ring=self.ring)
         self._had_connection = True
-        self.body = _Body(self)
+        body = self.body = _Body(self)
         self._last_data = self.clock.seconds()
         self._watchdog = self.clock.callLater(self.idle_timeout, self._check_idle)
-        response.deliverBody(self.body)
-        self._moved()
+        response.deliverBody(body)
+        if body is self.body:  # (what the body already held may have failed)
+            self._moved()
 
     def _handshake(self, response: Any) -> None:
         """Read the protocol headers: v2 and its ring, or v1 (none)."""
@@ -247,13 +302,15 @@ class LogFetchService(Service):
                 "exporter {url}: a new ring {ring} (was {old}): nginx was restarted; reading "
                 "the new ring from its first record", url=self.safe_url, ring=ring,
                 old=self.ring)
-            self.pipeline.parser.last_seq = None
+            self.pipeline.resume_after(None)
         self.ring = ring
         size = _header(response, b"X-Sfive-Ring-Size")
         if size is not None and size.isdigit() and int(size) > 0:
             self.stats.ring_size = int(size)
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure, attempt: int) -> None:
+        if attempt != self._attempt:
+            return
         self._request = None
         if not self.running:
             return
@@ -262,40 +319,64 @@ class LogFetchService(Service):
         else:
             self._retry_later(describe(failure))
 
-    def _data(self, data: bytes) -> None:
+    def _data(self, body: _Body, data: bytes) -> None:
+        if body is not self.body:
+            return
         self._last_data = self.clock.seconds()
-        self.pipeline.feed(data)
-        self._moved()
+        try:
+            self.pipeline.feed(data)
+            self._moved()
+        except Exception:
+            self._unexpected(Failure(), "reading the exporter's stream")
 
     def _check_idle(self) -> None:
-        idle = self.clock.seconds() - self._last_data
-        if idle < self.idle_timeout:
-            self._watchdog = self.clock.callLater(self.idle_timeout - idle, self._check_idle)
-            return
         self._watchdog = None
-        self.log.warn("exporter sent nothing for {idle:.0f}s; reconnecting", idle=idle)
-        if self.body is not None and self.body.transport is not None:
-            self.body.transport.stopProducing()
+        try:
+            idle = self.clock.seconds() - self._last_data
+            if idle < self.idle_timeout:
+                self._watchdog = self.clock.callLater(self.idle_timeout - idle,
+                                                      self._check_idle)
+                return
+            self.log.warn("exporter sent nothing for {idle:.0f}s; reconnecting", idle=idle)
+            if self.body is not None and self.body.transport is not None:
+                self.body.transport.stopProducing()
+        except Exception:
+            self._unexpected(Failure(), "watching the stream for silence")
 
     def _ended(self, body: _Body, reason: Failure) -> None:
         if body is not self.body:
             return
-        self.body = None
-        self.stats.exporter_connected = False
-        self._v1_watermark = self.clock.seconds()
+        try:
+            dropped = self._teardown()
+            if not self.running:
+                return
+            why = "stream ended" if reason.check(ResponseDone) else describe(reason)
+            if dropped:
+                why += f"; discarded a partial line of {dropped} bytes"
+            self._retry_later(why)
+        except Exception:
+            self._unexpected(Failure(), "closing the exporter's stream")
+
+    def _teardown(self) -> int:
+        """Let go of the current request or stream (if any): no timer, no body, the partial
+        line discarded (its byte count returned), not connected."""
+        self._attempt += 1
+        self.stats.exporter_connected = self.stats.source_connected = False
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
-        dropped = self.pipeline.cut()
-        if not self.running:
-            return
-        why = "stream ended" if reason.check(ResponseDone) else describe(reason)
-        if dropped:
-            why += f"; discarded a partial line of {dropped} bytes"
-        self._retry_later(why)
+        request, self._request = self._request, None
+        if request is not None:
+            request.cancel()
+        body, self.body = self.body, None
+        if body is not None:
+            self._v1_watermark = self.clock.seconds()
+            if body.transport is not None:
+                body.transport.stopProducing()
+        return self.pipeline.cut()
 
     def _retry_later(self, why: str) -> None:
-        self.stats.exporter_connected = False
+        self.stats.exporter_connected = self.stats.source_connected = False
         if not self.running:
             return
         delay = self.retry_policy(self.failures)
@@ -303,4 +384,26 @@ class LogFetchService(Service):
         self.stats.exporter_reconnects += 1
         self.log.warn("exporter {url}: {why}; reconnecting in {delay:.1f}s",
                       url=self.safe_url, why=why, delay=delay)
+        self.lifecycle.enter(BACKOFF)
         self._retry = self.clock.callLater(delay, self._connect)
+
+    def _unexpected(self, failure: Failure, doing: str) -> None:
+        """The one path of an error nobody expected: whatever was open is let go, the
+        traceback logged (once per stretch) and counted, and a new attempt made after the
+        backoff, resuming after the last record folded into the model."""
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        try:
+            self._teardown()
+        except Exception:
+            self.log.failure("fetch: letting go of the stream failed too")
+        if not self.running:
+            self.log.failure("fetch: unexpected error while {doing} (stopping)", failure,
+                             doing=doing)
+            return
+        delay = self.retry_policy(self.failures)
+        self.failures += 1
+        self.stats.exporter_reconnects += 1
+        self._retry = self.lifecycle.unexpected(failure, doing, self.clock, delay,
+                                                self._connect)

@@ -18,6 +18,11 @@ A file is known by its device, inode and first line (its "head"), never by its p
 Changes are noticed through inotify on the file's directory where Twisted has it, and by polling
 on the injected clock anyway (every second with inotify, as a safety net; four times a second
 without).
+
+Its states (lifecycle.Lifecycle): ``waiting-for-file`` (no readable file at the path),
+``reading-backlog``, ``following`` (caught up), and ``retrying`` after an error nobody expected
+(its traceback logged once and counted; the next look comes after a backoff, and reading goes
+on from the first line not yet folded into the model).
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 import stat
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from .lifecycle import STOPPED, Lifecycle
 from .lines import LineSplitter
 from .pipeline import Pipeline
 from .settings import Settings
@@ -49,8 +56,7 @@ ROTATED_SLACK = 1.0
 """Seconds a rotated file must be quiet beyond the flush period before it is let go."""
 POLL_WITH_INOTIFY = 1.0
 POLL_WITHOUT_INOTIFY = 0.25
-
-_TIME = re.compile(rb'"time":"([^"]{19,40})"')
+WAITING, BACKLOG, FOLLOWING = "waiting-for-file", "reading-backlog", "following"
 
 
 def _digest(head: bytes) -> str:
@@ -71,6 +77,8 @@ class _File:
         self.splitter = LineSplitter(max_line)
         self.head: Optional[bytes] = None
         self.last_growth = now
+        self.skip = 0
+        """Lines at ``offset`` already folded into the model: a feed raised after them."""
 
     def learn_head(self) -> None:
         """Remember the first line (up to HEAD bytes) once the file has it."""
@@ -116,7 +124,6 @@ class FileFollowService(Service):
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.pipeline = pipeline
-        pipeline.parser.repair_utf8 = True  # escape=json passes invalid UTF-8 through
         self.stats = stats
         self.on_watermark = on_watermark
         self.use_inotify = inotify
@@ -135,6 +142,10 @@ class FileFollowService(Service):
         self._warned: set = set()
         self._base = os.path.basename(self.path)
         self._writes = 0
+        self.lifecycle = Lifecycle("follow", stats, (WAITING, BACKLOG, FOLLOWING), log=self.log)
+        self.retry_policy = backoffPolicy(initialDelay=1.0, maxDelay=30.0)
+        self.failures = 0
+        self._retry: Optional[IDelayedCall] = None
 
     # --- the source's contract: watermark, position, resume ----------------------------------
 
@@ -181,7 +192,7 @@ class FileFollowService(Service):
         self._resume = None
         self._watch()
         interval = POLL_WITH_INOTIFY if self._notify is not None else POLL_WITHOUT_INOTIFY
-        self._poll.start(interval, now=False)
+        self._poll.start(interval, now=False).addErrback(self._poll_ended, interval)
         # the first read waits for the next turn of the reactor: the services started after
         # this one (the reporter, which begins the live model) are running by then
         self._soon = self.clock.callLater(0, self.check)
@@ -192,9 +203,10 @@ class FileFollowService(Service):
         super().stopService()
         if self._poll.running:
             self._poll.stop()
-        if self._soon is not None and self._soon.active():
-            self._soon.cancel()
-        self._soon = None
+        for call in (self._soon, self._retry):
+            if call is not None and call.active():
+                call.cancel()
+        self._soon = self._retry = None
         if self._notify is not None:
             self._notify.loseConnection()
             self._notify = None
@@ -203,7 +215,35 @@ class FileFollowService(Service):
         self.current = None
         self.rotated = []
         self._caught_up = False
-        self.stats.exporter_connected = False
+        self.stats.source_connected = False
+        self.lifecycle.enter(STOPPED)
+
+    def _poll_ended(self, failure: Failure, interval: float) -> None:
+        """The polling loop stopped on an error (``check`` catches its own, so this is a
+        safety net): counted, logged, and the loop started again after the backoff."""
+        def again() -> None:
+            self._retry = None
+            if self.running and not self._poll.running:
+                self._poll.start(interval, now=True).addErrback(self._poll_ended, interval)
+
+        self._unexpected(failure, "polling", again)
+
+    def _unexpected(self, failure: Failure, doing: str, retry: Callable[[], object]) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if not self.running:
+            self.log.failure("follow: unexpected error while {doing} (stopping)", failure,
+                             doing=doing)
+            return
+        self.stats.source_connected = False
+        delay = self.retry_policy(self.failures)
+        self.failures += 1
+        self._retry = self.lifecycle.unexpected(failure, f"{doing} {self.path}", self.clock,
+                                                delay, retry)
+
+    def _retried(self) -> None:
+        self._retry = None
+        self.check()
 
     def _watch(self) -> None:
         if self.use_inotify is False:
@@ -240,12 +280,21 @@ class FileFollowService(Service):
     # --- following ----------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Look at the path, read what every open file gained, let quiet rotated files go."""
+        """Look at the path, read what every open file gained, let quiet rotated files go.
+        While a retry is pending (after an unexpected error) only the retry looks."""
         if self._soon is not None and self._soon.active():
             self._soon.cancel()
         self._soon = None
-        if not self.running:
+        if not self.running or (self._retry is not None and self._retry.active()):
             return
+        try:
+            self._check()
+        except Exception:
+            self._unexpected(Failure(), "following", self._retried)
+            return
+        self.failures = 0
+
+    def _check(self) -> None:
         now = self.clock.seconds()
         self._follow_path(now)
         budget = BUDGET
@@ -259,7 +308,11 @@ class FileFollowService(Service):
             self._caught_up_at = now
         else:
             self._soon = self.clock.callLater(0, self.check)
-        self.stats.exporter_connected = self.current is not None
+        self.stats.source_connected = self.current is not None
+        if self.current is None and not self.rotated:
+            self.lifecycle.enter(WAITING)
+        else:
+            self.lifecycle.enter(FOLLOWING if self._caught_up else BACKLOG)
         if self.on_watermark is not None:
             self.on_watermark()
 
@@ -426,13 +479,13 @@ class FileFollowService(Service):
             if not data:
                 break
             got += len(data)
+            lines = self._feed(f, data)
             start = f.offset
             f.offset += len(data)
             nl = data.rfind(b"\n")
             if nl >= 0:
                 f.line_end = start + nl + 1
             f.last_growth = now
-            lines = self.pipeline.feed_split(f.splitter, data)
             if f.head is None:
                 f.learn_head()
             if lines:
@@ -441,14 +494,25 @@ class FileFollowService(Service):
                 break
         return got
 
+    def _feed(self, f: _File, data: bytes) -> List[bytes]:
+        """``data`` (read at ``f.offset``) to the pipeline. If the pipeline raises, ``f`` is
+        left as it was before, knowing how many of the lines there are already in the model,
+        so that the next read neither skips a line nor counts one twice."""
+        before = f.splitter.state()
+        try:
+            lines = self.pipeline.feed_split(f.splitter, data, f.skip)
+        except Exception:
+            f.splitter.restore(before)
+            f.skip += self.pipeline.handled
+            raise
+        f.skip = 0
+        return lines
+
     def _note_time(self, lines: List[bytes], now: float) -> None:
         """The time of the last line that has one (not beyond the clock: a hostile line's future
         time must not move the watermark)."""
         for line in reversed(lines[-16:]):
-            m = _TIME.search(line)
-            if m is None:
-                continue
-            t = self.pipeline.parser.seconds(m.group(1).decode("ascii", "replace"))
+            t = self.pipeline.time_of(line)
             if t is not None and t <= now:
                 self._last_time = max(self._last_time, t)
                 return
@@ -483,6 +547,7 @@ class FileFollowService(Service):
         """copytruncate (or another in-place rewrite): read the copy's rest, then start over."""
         self.stats.file_truncations += 1
         cur.splitter.reset()
+        cur.skip = 0
         copy = None
         if cur.head is not None:
             copy = self._find_copy(len(cur.head), _digest(cur.head), cur.line_end, now,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 
 class LineSplitter:
@@ -58,6 +58,14 @@ class LineSplitter:
         self._pending = b""
         self._skipping = False
         return dropped
+
+    def state(self) -> Tuple[bytes, bool, int]:
+        """What the splitter holds (the partial line, whether it is skipping an over-long one,
+        the over-long count): ``restore`` it to feed the same bytes again after a failure."""
+        return self._pending, self._skipping, self.too_long
+
+    def restore(self, state: Tuple[bytes, bool, int]) -> None:
+        self._pending, self._skipping, self.too_long = state
 
     @property
     def pending(self) -> int:

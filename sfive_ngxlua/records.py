@@ -10,6 +10,7 @@ from __future__ import annotations
 import calendar
 import codecs
 import re
+import time
 from typing import Dict, NamedTuple, Optional, Union
 
 import simplejson
@@ -92,7 +93,7 @@ REASONS = (
 class RecordParser:
     """Turns lines into records under one Settings; remembers the last exporter sequence number."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, repair_utf8: bool = False) -> None:
         self._statuses = settings.statuses
         self._match = compile_nameformat(settings.nameformat).match
         self._streamers = {key: key for key in settings.streamers}
@@ -100,7 +101,7 @@ class RecordParser:
         self._seconds: Dict[str, int] = {}
         self._tails: Dict[str, int] = {}
         self.last_seq: Optional[int] = None
-        self.repair_utf8 = False
+        self.repair_utf8 = repair_utf8
         """nginx's access log (``escape=json``) passes invalid UTF-8 through, where the exporter
         writes U+FFFD for each invalid byte: with this set, the parser does the same instead of
         rejecting the line, so that the same requests count from both sources."""
@@ -216,6 +217,24 @@ class RecordParser:
                 self._tails.clear()
             self._tails[tail] = offset
         return head - offset
+
+
+    def time_of(self, line: bytes) -> Optional[int]:
+        """The UTC second of a line's ``time`` field, whatever else the line holds or lacks;
+        None if it has no valid one. (Not the hot path: the file follower asks it of the last
+        line of a read, for its watermark.)"""
+        try:
+            obj = _decoder.decode(line.decode("utf-8", "sfive-per-byte"))
+        except (ValueError, RecursionError):
+            return None
+        when = obj.get("time") if type(obj) is dict else None
+        return self.seconds(when) if type(when) is str else None
+
+
+def start_time(epoch: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SSZ`` in UTC: how the service writes a time (a dataset's start, a
+    time range in the log)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def _head_seconds(head: str) -> Optional[int]:

@@ -262,8 +262,9 @@ class Replay:
             self.model = IntervalModel(settings, self.stats, start=None)
         else:
             self.model = WindowModel(settings, self.stats, *window)
-        self.pipeline = Pipeline(settings, self.stats, self.model, on_time=self._time)
-        self.pipeline.parser.repair_utf8 = True  # access logs: invalid UTF-8 as the exporter
+        # access logs: invalid UTF-8 read as the exporter writes it
+        self.pipeline = Pipeline(settings, self.stats, self.model, on_time=self._time,
+                                 repair_utf8=True)
         self.datasets = 0
 
     def _time(self, now: int) -> None:

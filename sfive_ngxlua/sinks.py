@@ -20,21 +20,15 @@ from errno import (
     ENOBUFS,
     EWOULDBLOCK,
 )
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet import protocol, unix
+from twisted.internet import abstract, protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.logger import (
-    FilteringLogObserver,
-    Logger,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogPublisher,
-)
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -103,43 +97,62 @@ class _HubProtocol(protocol.ConnectedDatagramProtocol):
         self.sink._lost("connection refused")
 
 
-class HubDatagramPort(unix.ConnectedDatagramPort):
-    """A connected unix datagram port that never drops on EAGAIN and never sleeps.
+class HubDatagramPort(abstract.FileDescriptor):
+    """A connected unix datagram socket that never drops on EAGAIN and never sleeps.
 
     It sends from the sink's queue in order; when the socket is full (EAGAIN, ENOBUFS) it waits
     for writability and goes on from ``doWrite``; a datagram too large for the socket (EMSGSIZE)
-    has its client list trimmed until it fits.
+    has its client list trimmed until it fits. (A FileDescriptor of its own: Twisted's
+    ConnectedDatagramPort drops a datagram on EAGAIN, and it is never read from.)
     """
 
     log = Logger()
 
     def __init__(self, path: str, proto: _HubProtocol, queue: Queue, reactor: Any) -> None:
-        super().__init__(path, proto, maxPacketSize=65536, reactor=reactor)
+        super().__init__(reactor)
+        self.path = path
+        self.protocol = proto
         self.queue = queue
+        self.socket: Optional[socket.socket] = None
         self._limit: Optional[int] = None
         self._stopping = False
 
+    def fileno(self) -> int:
+        return self.socket.fileno() if self.socket is not None else -1
+
     def startListening(self) -> None:
-        """Connect without the stock port's log lines: a hub that stays away for hours is
-        retried every few seconds, and each outage is logged once, by the sink."""
-        skt = self.createInternetSocket()
+        """Connect, without a log line: a hub that stays away for hours is retried every few
+        seconds, and each outage is logged once, by the sink."""
+        skt = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        skt.setblocking(False)
         try:
-            skt.connect(self.remoteaddr)
+            skt.connect(self.path)
         except OSError as e:
             skt.close()
             self.protocol.connectionFailed(Failure(e))
             return
         self.socket = skt
-        self.fileno = skt.fileno
         self.connected = 1
-        self._connectToProtocol()
+        self.protocol.makeConnection(self)
 
-    def stopListening(self) -> Optional[Deferred]:
-        """Idempotent: a failed connect and the sink may both ask."""
+    def stopListening(self) -> None:
+        """Close; idempotent: a failed connect and the sink may both ask."""
         if self._stopping:
-            return None
+            return
         self._stopping = True
-        return super().stopListening()
+        self.stopWriting()
+        self.connected = 0
+        self.disconnected = 1
+        skt, self.socket = self.socket, None
+        if skt is not None:
+            skt.close()
+            self.protocol.doStop()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor gave up on the socket: the hub is lost (the sink reconnects)."""
+        super().connectionLost(reason)
+        if not self._stopping:
+            self.protocol.connectionFailed(reason)
 
     def flush(self) -> None:
         """Send queued datasets until the queue is empty or the socket is full."""
@@ -392,27 +405,47 @@ class _HubStream(protocol.Protocol):
 
 @implementer(IStreamClientEndpoint)
 class _Attempts:
-    """The hub's endpoint, reporting each failed connection attempt to the sink."""
+    """The hub's endpoint, tried until it connects: each failed attempt is reported to the sink
+    (counted there, logged once per outage) and tried again after a backoff on the sink's
+    clock. ClientService, which logs every retry it schedules, so sees a connection or its
+    loss, never the attempts of an outage."""
 
-    def __init__(self, endpoint: IStreamClientEndpoint,
-                 failed: Callable[[Failure], None]) -> None:
+    def __init__(self, endpoint: IStreamClientEndpoint, failed: Callable[[Failure], None],
+                 clock: IReactorTime, policy: Callable[[int], float], name: str) -> None:
         self.endpoint = endpoint
         self.failed = failed
+        self.clock = clock
+        self.policy = policy
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"the sfive hub at {self.name}"
 
     def connect(self, factory: protocol.Factory) -> Deferred:
-        def failed(failure: Failure) -> Failure:
+        current: List[Any] = [None]  # the attempt in flight (a Deferred) or the next (a call)
+        cancelled: List[bool] = []
+
+        def cancel(_: Deferred) -> None:
+            cancelled.append(True)
+            if isinstance(current[0], Deferred):
+                current[0].cancel()
+            elif current[0] is not None and current[0].active():
+                current[0].cancel()
+
+        result = Deferred(cancel)
+
+        def attempt(n: int) -> None:
+            d = current[0] = self.endpoint.connect(factory)
+            d.addCallbacks(result.callback, failed, errbackArgs=(n,))
+
+        def failed(failure: Failure, n: int) -> None:
+            if cancelled:
+                return
             self.failed(failure)
-            return failure
+            current[0] = self.clock.callLater(self.policy(n), attempt, n + 1)
 
-        return self.endpoint.connect(factory).addErrback(failed)
-
-
-class _QuietClientService(ClientService):
-    """ClientService without its info line per connection attempt: the sink logs each outage
-    once, however many attempts it takes."""
-
-    _log = Logger(observer=FilteringLogObserver(
-        globalLogPublisher, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)]))
+        attempt(0)
+        return result
 
 
 class HubStreamSink(_HubSink):
@@ -426,10 +459,10 @@ class HubStreamSink(_HubSink):
         self.description = description
         factory = protocol.Factory.forProtocol(lambda: _HubStream(self))
         factory.noisy = False
-        self.client = _QuietClientService(
-            _Attempts(clientFromString(reactor, description), self._failed), factory,
-            retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=RETRY_SECONDS * 10),
-            clock=self.clock,
+        policy = backoffPolicy(initialDelay=1.0, maxDelay=RETRY_SECONDS * 10)
+        self.client = ClientService(
+            _Attempts(clientFromString(reactor, description), self._failed, self.clock, policy,
+                      description), factory, retryPolicy=policy, clock=self.clock,
         )
 
     def startService(self) -> None:

@@ -52,6 +52,8 @@ class Stats:
     queued: int = 0
     exporter_reconnects: int = 0
     exporter_connected: bool = False
+    source_connected: bool = False
+    """The source is reading: the exporter's stream is open, or the followed file is."""
     hub_connected: bool = False
     hub_reconnects: int = 0
     file_rotations: int = 0

@@ -224,7 +224,9 @@ def _tls_material(tmp_path):
     pem = serialization.Encoding.PEM
     (tmp_path / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
     (tmp_path / "other-ca.pem").write_bytes(other_cert.public_bytes(pem))
-    context = ssl.CertificateOptions(privateKey=key, certificate=cert)
+    # through PEM: Debian's pyOpenSSL (23.0) takes no cryptography objects
+    context = ssl.PrivateCertificate.loadPEM(cert.public_bytes(pem) + key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())).options()
     return context, tmp_path / "ca.pem", tmp_path / "other-ca.pem"
 
 

@@ -481,3 +481,75 @@ def test_resume_after_a_copytruncate_while_down_reads_the_copy(log):
     g = Follower(log, position=position)
     assert g.clients() == ips([1, 2])
     assert g.stats.file_truncations == 1
+
+
+@pytest.mark.parametrize("point", ["poll", "stat", "read", "model-add"])
+def test_an_unexpected_error_is_logged_once_counted_and_retried_without_loss(
+        log, monkeypatch, point):
+    """An error nobody expected, at each point of a look: counted in ``errors["follow"]``, its
+    traceback logged once, the follower ``retrying`` (polls wait for the retry, the loop keeps
+    running), then every line read exactly once, from the first one not folded into the model.
+    """
+    from twisted.logger import globalLogPublisher
+
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        log.write_bytes(b"")
+        f = Follower(log)
+        assert f.stats.states["follow"] == "following"
+        folded: list = []
+        add = f.model.add
+
+        def counted_add(record):
+            if point == "model-add" and record.client == ips([2])[0] and not injected:
+                once("the model's add")
+            folded.append(record.client)
+            return add(record)
+
+        monkeypatch.setattr(f.model, "add", counted_add)
+        injected: list = []
+
+        def once(what):
+            if not injected:
+                injected.append(what)
+                raise (OSError(5, "stray I/O error") if what == "read" else
+                       RuntimeError(f"injected into {what}"))
+
+        def failing(real, what):
+            def call(*args, **kw):
+                once(what)
+                return real(*args, **kw)
+            return call
+
+        if point == "poll":
+            monkeypatch.setattr(f.service, "_retire_quiet",
+                                failing(f.service._retire_quiet, "poll"))
+        elif point == "stat":
+            monkeypatch.setattr(follow.os, "stat", failing(os.stat, "stat"))
+        elif point == "read":  # the open file's head, re-read at every look
+            monkeypatch.setattr(follow._File, "head_matches",
+                                failing(follow._File.head_matches, "read"))
+        append(log, b"".join(entry(n) for n in range(5)))
+        f.tick()
+        assert injected and f.stats.errors["follow"] == 1
+        assert f.stats.states["follow"] == "retrying"
+        failures = [e for e in events if "log_failure" in e and e.get("component") == "follow"]
+        assert len(failures) == 1, "the traceback, once"
+        before = {"model-add": ips([0, 1]), "poll": ips(range(5))}.get(point, [])
+        assert folded == before, "what was folded before the error (the poll's is after reading)"
+        for _ in range(3):  # polls before the retry's backoff do not look
+            f.tick()
+        assert f.stats.errors["follow"] == 1 and folded == before
+        assert f.service._poll.running, "the poll loop is still running"
+
+        f.tick(2.0)  # past the first retry's backoff (1 s and up to 1 s of jitter)
+        assert folded == ips(range(5)), "each line folded once"
+        assert f.stats.accepted == f.stats.lines == 5 and not f.stats.rejected
+        assert f.stats.states["follow"] == "following" and f.stats.source_connected
+        assert f.service.position()["file"]["offset"] == log.stat().st_size
+        append(log, entry(5))
+        f.tick()
+        assert folded == ips(range(6)) and f.stats.errors["follow"] == 1
+    finally:
+        globalLogPublisher.removeObserver(events.append)

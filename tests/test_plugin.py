@@ -83,3 +83,5 @@ def test_twistd_sends_datasets_and_survives_an_exporter_restart(tmp_path):
     assert "Server Shut Down." in log
     assert "reconnecting in" in log
     assert "Traceback" not in log
+    assert "Starting factory" not in log and "Stopping factory" not in log, \
+        "no line per reconnect from Twisted's HTTP client"

@@ -1,0 +1,205 @@
+"""Errors nobody expected, injected into the exporter fetcher: each is logged once with its
+traceback, counted in ``stats.errors["fetch"]``, the fetcher goes to ``retrying`` and, after
+its backoff, reads on after the last record folded into the model: nothing skipped, nothing
+counted twice. Real HTTP against the tests' exporter on 127.0.0.1; timers on a task.Clock.
+(The follower's counterparts are in test_follow.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from helpers import faults
+from helpers.faults import T0, Exporter, heartbeat, line, settings
+from support import wait_for
+
+from sfive_ngxlua.fetch import LogFetchService
+
+pytest_plugins = ("helpers.fixtures",)
+
+RING = "00c0ffee00c0ffee"
+BACKOFF = 2.0
+"""More than the first retry's delay (1 s and up to 1 s of jitter)."""
+
+
+def chunk(first: int, last: int) -> bytes:
+    """Records ``first`` to ``last`` (sequence numbers; each sends that many bytes) as one
+    chunk, so that an error in one line leaves lines after it in the same read."""
+    return b"".join(line(T0 + 1, seq=n, sent=n) for n in range(first, last + 1))
+
+
+def tracebacks(logs, component: str) -> list:
+    return [e for e in logs.events if "log_failure" in e and e.get("component") == component]
+
+
+def after(request) -> int:
+    return int(request.args.get(b"after", [b"0"])[0])
+
+
+@pytest.mark.parametrize("point", ["headers", "data", "model-add"])
+@pytest_twisted.ensureDeferred
+async def test_an_unexpected_error_is_logged_once_counted_and_retried_without_loss(
+        service, logs, monkeypatch, point):
+    exporter = Exporter(ring=RING).listen()
+    injected = []
+
+    def once(what: str) -> None:
+        if not injected:
+            injected.append(what)
+            raise RuntimeError(f"injected into {what}")
+
+    if point == "headers":
+        handshake = LogFetchService._handshake
+
+        def failing_handshake(self, response):
+            once("header parsing")
+            return handshake(self, response)
+
+        monkeypatch.setattr(LogFetchService, "_handshake", failing_handshake)
+    try:
+        run = service(settings(url=exporter.url()))
+        stats = run.stats
+        await wait_for(lambda: exporter.requests)
+        if point == "data":
+            feed = run.fetch.pipeline.feed
+
+            def failing_feed(data):
+                once("data handling")
+                feed(data)
+
+            monkeypatch.setattr(run.fetch.pipeline, "feed", failing_feed)
+        elif point == "model-add":
+            add = run.top.model.add
+
+            def failing_add(record):
+                if record.bytes_sent == 3:
+                    once("the model's add")
+                return add(record)
+
+            monkeypatch.setattr(run.top.model, "add", failing_add)
+        if point != "headers":
+            await wait_for(lambda: stats.exporter_connected)
+            exporter.send(chunk(1, 5))
+        await wait_for(lambda: stats.errors["fetch"] == 1)
+        assert stats.states["fetch"] == "retrying"
+        assert not stats.exporter_connected and not stats.source_connected
+        assert len(tracebacks(logs, "fetch")) == 1, "the traceback, once"
+        folded = {"headers": 0, "data": 0, "model-add": 2}[point]
+        assert stats.accepted == stats.lines == folded, "the failing line and those after it"
+        assert run.fetch.pipeline.last_seq == (folded or None)
+        assert len(exporter.requests) == 1, "the retry waits for its backoff"
+
+        run.clock.advance(BACKOFF)
+        await wait_for(lambda: len(exporter.requests) == 2)
+        assert after(exporter.requests[1]) == folded, "resumes after the last record folded"
+        await wait_for(lambda: stats.exporter_connected)
+        assert stats.states["fetch"] == "streaming"
+        exporter.send(chunk(folded + 1, 5))
+        await wait_for(lambda: stats.accepted == 5)
+        assert stats.lines == 5 and not stats.rejected
+        assert stats.errors["fetch"] == 1 and len(tracebacks(logs, "fetch")) == 1
+        exporter.send(heartbeat(5, T0 + 12))  # protocol 2: the watermark closes the interval
+        run.clock.advance(T0 + 12 - run.clock.seconds())
+        await wait_for(lambda: run.datasets)
+        assert run.datasets[0]["data"]["bytes-sent"] == 1 + 2 + 3 + 4 + 5
+        run.clock.advance(30.0)  # the recovered stream has its idle watchdog too
+        await wait_for(lambda: logs.matching("exporter sent nothing for"))
+        await wait_for(lambda: stats.states["fetch"] == "backoff")
+    finally:
+        await exporter.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_error_again_is_one_line_without_traceback_and_still_retried(
+        service, logs, monkeypatch):
+    exporter = Exporter(ring=RING).listen()
+    failing = [True]
+    handshake = LogFetchService._handshake
+
+    def failing_handshake(self, response):
+        if failing[0]:
+            raise RuntimeError("injected into header parsing")
+        return handshake(self, response)
+
+    monkeypatch.setattr(LogFetchService, "_handshake", failing_handshake)
+    try:
+        run = service(settings(url=exporter.url()))
+        for n in (1, 2, 3):
+            await wait_for(lambda n=n: run.stats.errors["fetch"] == n)
+            run.clock.advance(30.0)  # the longest backoff
+        assert len(tracebacks(logs, "fetch")) == 1
+        assert len(logs.matching("the same unexpected error again")) >= 2
+        failing[0] = False
+        await wait_for(lambda: run.stats.exporter_connected)
+        exporter.send(chunk(1, 2))
+        await wait_for(lambda: run.stats.accepted == 2)
+        assert run.stats.states["fetch"] == "streaming"
+    finally:
+        await exporter.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_header_that_isdigit_accepts_and_int_refuses_leaves_no_dead_fetcher(
+        service, logs, monkeypatch):
+    """The case that was found: ``'²'.isdigit()`` is true, ``int('²')`` raises. Whether the
+    ring size reader refuses it or an unexpected error is retried, the fetcher is never left
+    connected-looking and idle."""
+    headers = faults.v2_headers
+    odd = [True]
+
+    def odd_headers(request, ring, ring_size):
+        headers(request, ring, ring_size)
+        if odd[0]:
+            request.setHeader(b"X-Sfive-Ring-Size", b"\xb2")  # latin-1 for '²'
+
+    monkeypatch.setattr(faults, "v2_headers", odd_headers)
+    exporter = Exporter(ring=RING).listen()
+    try:
+        run = service(settings(url=exporter.url()))
+        await wait_for(lambda: run.stats.exporter_connected or run.stats.errors["fetch"])
+        if run.stats.errors["fetch"]:
+            assert len(tracebacks(logs, "fetch")) == 1
+            assert run.stats.states["fetch"] == "retrying"
+            assert not run.stats.exporter_connected
+            odd[0] = False
+            run.clock.advance(BACKOFF)
+            await wait_for(lambda: run.stats.exporter_connected)
+        exporter.send(chunk(1, 3))
+        await wait_for(lambda: run.stats.accepted == 3)
+        assert run.stats.states["fetch"] == "streaming"
+    finally:
+        await exporter.stop()
+
+
+def test_a_line_that_raises_is_uncounted_and_last_seq_is_the_line_before():
+    """The pipeline's part (no I/O): the line whose handling raised and those after it are not
+    counted, ``handled`` says how many were, and ``last_seq`` is that of the last one handled
+    (a heartbeat's here), so that reading on after it neither skips nor repeats a line."""
+    from sfive_ngxlua.model import IntervalModel
+    from sfive_ngxlua.pipeline import Pipeline
+    from sfive_ngxlua.stats import Stats
+
+    s = settings()
+    stats = Stats()
+    model = IntervalModel(s, stats)
+    pipeline = Pipeline(s, stats, model)
+    pipeline.resume_after(0)
+    lines = [line(T0 + 1, seq=1, sent=1), heartbeat(2, T0 + 1), line(T0 + 1, seq=3, sent=3),
+             line(T0 + 1, seq=4, sent=4)]
+    lines = [ln.rstrip(b"\n") for ln in lines]
+    add = model.add
+
+    def failing_add(record):
+        if record.bytes_sent == 3:
+            raise RuntimeError("injected into the model's add")
+        return add(record)
+
+    model.add = failing_add
+    with pytest.raises(RuntimeError):
+        pipeline.feed_lines(lines)
+    assert pipeline.handled == 2 and pipeline.last_seq == 2
+    assert stats.lines == 1 and stats.heartbeats == 1
+    model.add = add
+    pipeline.feed_lines(lines[pipeline.handled:])
+    assert pipeline.handled == 2 and pipeline.last_seq == 4
+    assert stats.lines == 3 and stats.heartbeats == 1 and not stats.rejected
