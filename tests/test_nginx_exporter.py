@@ -32,6 +32,7 @@ pytestmark = pytest.mark.timeout(30)
 SEG1 = "/live/hls/foo-high/seg1.ts"
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$")
 FIELDS = ["seq", "time", "client", "ua", "url", "status", "bytes-sent"]
+HEARTBEAT = ["seq", "hb", "oldest", "oldest-time"]
 
 
 def as_log(record):
@@ -221,27 +222,27 @@ def test_live_subscriber_lapped_by_the_ring_gets_a_gap_line(nginx_factory):
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_too_small_dict_loses_records_but_never_its_identity(nginx_factory):
+def test_a_small_dict_keeps_the_newest_records_and_its_identity(nginx_factory):
+    # a 32 KB dict and ring_size 1000: the bytes bind; the oldest batches go (the dict's own
+    # eviction never runs: the ring's identity and counters stay), the newest are all there
     nginx = nginx_factory(ring_size=1000, dict_size="32k",
-                          knobs={"pending_timeout": 0.2, **UNBATCHED})
+                          knobs={"pending_timeout": 30, **UNBATCHED})
     response, _ = yield subscribe(nginx, v=2)
     ring = ring_of(response)
     for _ in range(5):
         yield make_requests(nginx, 20)
     yield wait_for(lambda: len(nginx.access_log()) >= 100, what="100 requests logged")
-    yield wait_for(lambda: "is too small" in nginx.error_log(), what="the dict to fill")
     response, stream = yield subscribe(nginx, after=0, v=2)
     yield wait_for(lambda: any(line.get("seq") == 100 for line in stream.heartbeats()),
                    what="a heartbeat at the newest record")
     records = stream.records()
     assert 10 < len(records) < 90, "the dict held an unexpected number of records"
-    # safe_set: the newest records are lost (and said so), the ring's keys are never evicted
-    assert seqs(records) == list(range(1, len(records) + 1))
-    after = [line for line in stream.lines[stream.lines.index(records[-1]) + 1:]
-             if "hb" not in line]
-    assert after == [{"lost": 100 - len(records), "seq": 101}]
+    first = records[0]["seq"]
+    assert stream.lines[0] == {"lost": first - 1, "seq": first}
+    assert seqs(records) == list(range(first, 101)), "the newest records are kept"
+    assert all(hb["oldest"] >= first for hb in stream.heartbeats()[-1:])
     assert ring_of(response) == ring
-    assert "is too small for ring_size 1000" in nginx.error_log()
+    assert "no room" not in nginx.error_log()
     stream.close()
 
 
@@ -446,8 +447,9 @@ def test_v1_subscribers_get_todays_lines_only(nginx_factory):
                    what="both streams to end")
     assert all(list(line) == FIELDS for line in v1.lines)
     last = v2.lines[-1]
-    assert list(last) == ["seq", "hb"] and last["seq"] == 3, "a last heartbeat ends the stream"
-    assert re.fullmatch(rb'\{"seq":3,"hb":\d+\.\d{1,3}\}', v2.raw[-1])
+    assert list(last) == HEARTBEAT and last["seq"] == 3, "a last heartbeat ends the stream"
+    assert re.fullmatch(rb'\{"seq":3,"hb":\d+\.\d{1,3},"oldest":1,"oldest-time":\d+\.\d{3}\}',
+                        v2.raw[-1])
 
 
 @pytest_twisted.inlineCallbacks
@@ -476,7 +478,7 @@ def test_a_reload_while_workers_log_loses_nothing(nginx):
     yield wait_for(lambda: load.made >= 100, what="100 requests")
     yield threads.deferToThread(nginx.reload)
     yield wait_for(lambda: old.reason is not None, what="the old stream to end after draining")
-    assert old.done.result and list(old.lines[-1]) == ["seq", "hb"]
+    assert old.done.result and list(old.lines[-1]) == HEARTBEAT
     _, new = yield subscribe(nginx, v=2, ring=ring_of(response), after=old.lines[-1]["seq"])
     made = load.made
     yield wait_for(lambda: load.made >= made + 50, what="50 requests after the reload")
@@ -516,7 +518,7 @@ def test_a_graceful_stop_while_workers_log_loses_nothing(nginx_factory):
     assert [len(b) for b in bodies] == [1400] * 4
     yield wait_for(lambda: stream.reason is not None, what="the stream to end")
     yield load.stop()
-    assert stream.done.result and list(stream.lines[-1]) == ["seq", "hb"]
+    assert stream.done.result and list(stream.lines[-1]) == HEARTBEAT
     logged = logged_uas(nginx, "load-")
     assert len(logged) >= 50 and {f"load-slow-{i}" for i in range(4)} <= logged
     assert exported_uas(stream.records()) == logged
@@ -542,7 +544,7 @@ def test_records_still_buffered_when_a_worker_exits_are_delivered(nginx_factory)
     records = stream.records() + new.records()
     assert exported_uas(records) == logged_uas(nginx, "reload-") | logged_uas(nginx, "quit-")
     assert len(records) == 11 and seqs(records) == list(range(1, 12))
-    assert new.lines[-1] == {"seq": 11, "hb": new.lines[-1]["hb"]}
+    assert list(new.lines[-1]) == HEARTBEAT and new.lines[-1]["seq"] == 11
 
 
 @pytest_twisted.inlineCallbacks
@@ -657,3 +659,54 @@ function M.serve()
 end
 return M
 """
+
+
+# --- a ring bounded in bytes: the oldest batches go, never the newest ---------------------------
+
+
+def ordinary_after_a_burst(nginx, bursts, ua_bytes, ordinary):
+    """``bursts`` requests with distinct user agents of ``ua_bytes`` (a scanner: 404s), then
+    ``ordinary`` viewers of SEG1, each pipelined as fast as nginx serves them (lab.nginx.burst)."""
+    from lab.nginx import burst
+
+    scans = burst(nginx, [f"/scan/{i}" for i in range(bursts)],
+                  [f"bot-{i}-".ljust(ua_bytes, "x") for i in range(bursts)])
+    viewers = burst(nginx, [SEG1] * ordinary, [f"viewer-{i}" for i in range(ordinary)])
+    return scans, viewers
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("capped", [True, False], ids=["shipped", "uncapped"])
+@pytest_twisted.inlineCallbacks
+def test_a_burst_of_huge_user_agents_does_not_starve_the_ordinary_records(nginx_factory, capped):
+    # the shipped dict size and ring_size: 12,000 user agents of 7 KB are more than the dict
+    # holds. Before the ring was bounded in bytes, the *newest* batches were refused and the
+    # ordinary requests after the burst were lost until ring_size records later (488 and 1000
+    # of 1000 in two runs). Shipped, the user agents are cut to max_ua_bytes and all fit;
+    # uncapped (max_ua_bytes 8192) the byte bound deletes the oldest batches instead.
+    knobs = {"pending_timeout": 30} if capped else {"pending_timeout": 30, "max_ua_bytes": 8192}
+    nginx = nginx_factory(knobs=knobs)
+    response, _ = yield subscribe(nginx, v=2)
+    scans, viewers = yield threads.deferToThread(ordinary_after_a_burst, nginx, 12_000, 7000,
+                                                 1000)
+    assert (scans, viewers) == (12_000, 1000)
+    again, stream = yield subscribe(nginx, after=0, v=2)
+    yield wait_for(lambda: any(hb["seq"] >= 13_000 for hb in stream.heartbeats()),
+                   timeout=20, what="the newest record (no stall on deleted batches)")
+    records = stream.records()
+    got = {r["ua"] for r in records if r["ua"].startswith("viewer-")}
+    lost = 1000 - len(got)
+    gaps = [line for line in stream.lines if "lost" in line]
+    print(f"ordinary records lost: {lost} of 1000; burst records held {len(records) - len(got)}, "
+          f"gaps {gaps}")
+    assert lost == 0
+    assert seqs(records) == list(range(records[0]["seq"], 13_001)), "a hole after the oldest"
+    if capped:
+        assert gaps == [] and {len(r["ua"]) for r in records if r["ua"].startswith("bot-")} \
+            == {2048}
+    else:
+        assert gaps == [{"lost": records[0]["seq"] - 1, "seq": records[0]["seq"]}]
+        assert stream.heartbeats()[-1]["oldest"] == records[0]["seq"]
+    assert ring_of(again) == ring_of(response), "the dict's eviction took the ring's identity"
+    assert "no room" not in nginx.error_log()
+    stream.close()
