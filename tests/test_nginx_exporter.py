@@ -710,3 +710,27 @@ def test_a_burst_of_huge_user_agents_does_not_starve_the_ordinary_records(nginx_
     assert ring_of(again) == ring_of(response), "the dict's eviction took the ring's identity"
     assert "no room" not in nginx.error_log()
     stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_live_subscriber_lapped_by_the_byte_bound_gets_its_gap_without_a_stall(nginx_factory):
+    # ring_size would hold everything, the bytes (16 KB) hold a few dozen records: the deleted
+    # batches are below the "gc" marker, so the subscriber (asleep for 1.5 s) learns at once
+    # that they are gone instead of waiting pending_timeout (30 s) on each of them
+    from lab.nginx import burst
+
+    nginx = nginx_factory(dict_size="1m", knobs={"ring_bytes": 16384, "poll_interval": 1.5,
+                                                 "pending_timeout": 30, **UNBATCHED})
+    _, stream = yield subscribe(nginx, v=2)
+    yield wait_for(lambda: stream.heartbeats(), what="the first heartbeat")
+    made = yield threads.deferToThread(burst, nginx, [SEG1] * 400,
+                                       [f"v{i}" for i in range(400)])
+    assert made == 400
+    yield wait_for(lambda: any(hb["seq"] == 400 for hb in stream.heartbeats()), timeout=10,
+                   what="the newest record, past the deleted batches")
+    records = stream.records()
+    gaps = [line for line in stream.lines if "lost" in line]
+    assert gaps and sum(g["lost"] for g in gaps) + len(records) == 400
+    assert 10 < len(records) < 100 and seqs(records)[-1] == 400
+    assert stream.heartbeats()[-1]["oldest"] <= records[-1]["seq"]
+    stream.close()
