@@ -8,7 +8,8 @@ it read (``?after=N``), so records still in the exporter's ring are not lost to 
 
 Protocol v2 (nginx/README.md, "Protocol 2"): it asks ``v=2`` and, once it knows the
 exporter's ring, sends ``ring=ID``. An exporter that answers ``X-Sfive-Protocol: 2`` names its
-ring (``X-Sfive-Ring``) and sends heartbeats; a ring other than the one the fetcher knew means
+ring (``X-Sfive-Ring``) and sends heartbeats (which also say the oldest record the ring holds:
+``stats.ring_size`` and ``stats.ring_history``); a ring other than the one the fetcher knew means
 nginx was restarted, and the exporter then streams the new ring from its first record (so the
 sequence tracking starts again). An exporter without these headers (v1) gets protocol 1's requests
 and behaviour.
@@ -38,6 +39,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11C
 
 from . import __version__
 from .pipeline import Pipeline
+from .records import Heartbeat
 from .settings import Settings
 from .stats import Stats
 
@@ -249,9 +251,6 @@ class LogFetchService(Service):
                 old=self.ring)
             self.pipeline.parser.last_seq = None
         self.ring = ring
-        size = _header(response, b"X-Sfive-Ring-Size")
-        if size is not None and size.isdigit() and int(size) > 0:
-            self.stats.ring_size = int(size)
 
     def _failed(self, failure: Failure) -> None:
         self._request = None
@@ -264,8 +263,20 @@ class LogFetchService(Service):
 
     def _data(self, data: bytes) -> None:
         self._last_data = self.clock.seconds()
+        beat = self.pipeline.heartbeat
         self.pipeline.feed(data)
+        if self.pipeline.heartbeat is not beat:
+            self._ring_history(self.pipeline.heartbeat)
         self._moved()
+
+    def _ring_history(self, beat: Heartbeat) -> None:
+        """The ring's extent from a heartbeat that names its oldest record (nginx/README.md,
+        "Protocol 2"): the records from it to the heartbeat's, and their time span."""
+        if beat.oldest is None:
+            return
+        self.stats.ring_size = max(0, beat.seq - beat.oldest + 1)
+        if beat.oldest_time is not None:
+            self.stats.ring_history = max(0.0, beat.time - beat.oldest_time)
 
     def _check_idle(self) -> None:
         idle = self.clock.seconds() - self._last_data

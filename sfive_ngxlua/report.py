@@ -82,7 +82,6 @@ class ReportService(Service):
         self.loop = LoopingCall(self.tick)
         self.loop.clock = clock
         self._start: Optional[IDelayedCall] = None
-        self._lines_at: Optional[tuple] = None
         self._expired = False
 
     def startService(self) -> None:
@@ -169,7 +168,6 @@ class ReportService(Service):
             except Exception:
                 self.stats.datasets_dropped += len(batch)
                 self.log.failure("committing {n} datasets failed; dropped them", n=len(batch))
-        self._ring_history()
         for interval in intervals:
             if self.commit is None:
                 report([interval], self.settings, self._deliver)
@@ -188,16 +186,6 @@ class ReportService(Service):
                 start=start_time(interval.start), duration_ms=interval.duration_ms,
                 **self.stats.summary(),
             )
-
-    def _ring_history(self) -> None:
-        """The ring's history in seconds: its size over the line rate since the last report."""
-        now, lines = self.clock.seconds(), self.stats.lines
-        before, self._lines_at = self._lines_at, (now, lines)
-        size = self.stats.ring_size
-        if size is None or before is None or now <= before[0]:
-            return
-        rate = (lines - before[1]) / (now - before[0])
-        self.stats.ring_history = size / rate if rate > 0 else math.inf
 
     def _deliver(self, dataset: dict) -> None:
         """Hand one dataset to the sink; a failing sink costs that dataset, not the loop."""
