@@ -734,3 +734,62 @@ def test_a_live_subscriber_lapped_by_the_byte_bound_gets_its_gap_without_a_stall
     assert 10 < len(records) < 100 and seqs(records)[-1] == 400
     assert stream.heartbeats()[-1]["oldest"] <= records[-1]["seq"]
     stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_service_knows_the_ring_history_from_the_real_exporter(nginx_factory):
+    # the heartbeats name the oldest record held and its time; before, the service read
+    # X-Sfive-Ring-Size, which sfive.lua never sent: ring_history was always "-"
+    from helpers.faults import Running, settings
+
+    nginx = nginx_factory(ring_size=50, knobs=UNBATCHED)
+    _, stream = yield subscribe(nginx, v=2)
+    yield make_requests(nginx, 20, prefix="early")
+    yield wait_for(lambda: len(stream.records()) >= 20, what="the first 20 records")
+    yield make_requests(nginx, 40, prefix="late")
+    yield wait_for(lambda: len(stream.records()) >= 60, what="all 60 records")
+    times = {r["seq"]: epoch(r) for r in stream.records()}
+    yield wait_for(lambda: stream.heartbeats()[-1]["hb"] > times[60] + 1, what="a second more")
+    run = Running(settings(url=nginx.url("/sfive"))).start()
+    try:
+        yield wait_for(lambda: run.stats.ring_history, what="the ring's history")
+        beat = run.fetch.pipeline.heartbeat
+        assert (beat.seq, beat.oldest, run.stats.ring_size) == (60, 11, 50)
+        assert beat.time - times[11] - 0.002 <= run.stats.ring_history \
+            <= beat.time - times[1] + 0.002
+        assert run.stats.summary()["history"] == f"{run.stats.ring_history:.0f}s"
+    finally:
+        yield run.stop()
+        stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_user_agents_and_urls_are_cut_on_a_utf8_boundary(nginx_factory):
+    # shipped max_ua_bytes 2048 = 4 x the service's default --max-ua-length 512: even a user
+    # agent of 4-byte characters keeps the 512 characters the service counts, as the access log
+    # does; a URL over max_url_bytes (64 here) is cut, marked, and rejected by the service
+    from sfive_ngxlua.records import RecordParser
+    from sfive_ngxlua.settings import Settings
+
+    nginx = nginx_factory(knobs={"max_url_bytes": 64})
+    _, stream = yield subscribe(nginx)
+    emoji = "\U0001f3a5" * 600                                  # 2400 bytes
+    mixed = "a" * 2047 + "é" + "b" * 100                        # the cut would split the é
+    yield fetch(nginx.url(SEG1), ua=emoji)
+    yield fetch(nginx.url(SEG1), ua=mixed)
+    long_url = "/live/hls/foo-high/" + "ü" * 30 + ".ts"         # 19 + 60 + 3 bytes
+    yield fetch(nginx.url(long_url.replace("ü", "%C3%BC")), ua="player")
+    yield wait_for(lambda: len(stream.lines) >= 3 and len(nginx.access_log()) >= 3,
+                   what="3 records")
+    first, second, third = stream.lines[:3]
+    assert first["ua"] == "\U0001f3a5" * 512 and second["ua"] == "a" * 2047
+    log = nginx.access_log()
+    for line, entry in zip(stream.lines[:2], log):
+        assert line["ua"][:512] == entry["ua"][:512], "the service would count another client"
+    assert third["url"] == "/live/hls/foo-high/" + "ü" * 22  # 63 bytes: the 23rd would split
+    assert third["url-truncated"] == 82 and third["status"] == 404
+    assert list(third) == FIELDS[:5] + ["url-truncated"] + FIELDS[5:]
+    parse = RecordParser(Settings(streamers=(("foo", "hls", "high"),))).parse
+    assert parse(stream.raw[2]) == "status"
+    assert parse(stream.raw[2].replace(b'"status":404', b'"status":200')) == "url-truncated"
+    stream.close()
