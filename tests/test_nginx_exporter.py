@@ -435,7 +435,10 @@ def test_another_ring_streams_from_the_first_record_this_ring_holds(nginx_factor
 @pytest_twisted.inlineCallbacks
 def test_v1_subscribers_get_todays_lines_only(nginx_factory):
     nginx = nginx_factory(ring_size=4, knobs={"heartbeat_interval": 0.05})
-    _, v1 = yield subscribe(nginx)
+    response, v1 = yield subscribe(nginx)
+    # the headers whatever ?v asks (the tests' fake exporters answer so too)
+    assert response.headers.getRawHeaders(b"x-sfive-protocol") == [b"2"]
+    assert re.fullmatch(r"[0-9a-f]{16}", ring_of(response))
     _, v2 = yield subscribe(nginx, v=2)
     yield make_requests(nginx, 3)
     yield wait_for(lambda: len(v1.lines) >= 3 and len(v2.heartbeats()) >= 5,
@@ -744,6 +747,8 @@ def test_the_service_knows_the_ring_history_from_the_real_exporter(nginx_factory
 
     nginx = nginx_factory(ring_size=50, knobs=UNBATCHED)
     _, stream = yield subscribe(nginx, v=2)
+    yield wait_for(lambda: stream.heartbeats(), what="a first heartbeat")
+    assert stream.lines[0] == {"seq": 0, "hb": stream.lines[0]["hb"]}, "an empty ring: no history"
     yield make_requests(nginx, 20, prefix="early")
     yield wait_for(lambda: len(stream.records()) >= 20, what="the first 20 records")
     yield make_requests(nginx, 40, prefix="late")
