@@ -678,7 +678,7 @@ def ordinary_after_a_burst(nginx, bursts, ua_bytes, ordinary):
     return scans, viewers
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("capped", [True, False], ids=["shipped", "uncapped"])
 @pytest_twisted.inlineCallbacks
 def test_a_burst_of_huge_user_agents_does_not_starve_the_ordinary_records(nginx_factory, capped):
@@ -695,7 +695,7 @@ def test_a_burst_of_huge_user_agents_does_not_starve_the_ordinary_records(nginx_
     assert (scans, viewers) == (12_000, 1000)
     again, stream = yield subscribe(nginx, after=0, v=2)
     yield wait_for(lambda: any(hb["seq"] >= 13_000 for hb in stream.heartbeats()),
-                   timeout=20, what="the newest record (no stall on deleted batches)")
+                   timeout=60, what="the newest record (no stall on deleted batches)")
     records = stream.records()
     got = {r["ua"] for r in records if r["ua"].startswith("viewer-")}
     lost = 1000 - len(got)
@@ -729,7 +729,7 @@ def test_a_live_subscriber_lapped_by_the_byte_bound_gets_its_gap_without_a_stall
     made = yield threads.deferToThread(burst, nginx, [SEG1] * 400,
                                        [f"v{i}" for i in range(400)])
     assert made == 400
-    yield wait_for(lambda: any(hb["seq"] == 400 for hb in stream.heartbeats()), timeout=10,
+    yield wait_for(lambda: any(hb["seq"] == 400 for hb in stream.heartbeats()), timeout=15,
                    what="the newest record, past the deleted batches")
     records = stream.records()
     gaps = [line for line in stream.lines if "lost" in line]
