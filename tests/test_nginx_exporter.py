@@ -221,12 +221,17 @@ def test_live_subscriber_lapped_by_the_ring_gets_a_gap_line(nginx_factory):
     stream.close()
 
 
+@pytest.mark.parametrize("ring_bytes", [None, 32768], ids=["counted", "dict-full"])
 @pytest_twisted.inlineCallbacks
-def test_a_small_dict_keeps_the_newest_records_and_its_identity(nginx_factory):
+def test_a_small_dict_keeps_the_newest_records_and_its_identity(nginx_factory, ring_bytes):
     # a 32 KB dict and ring_size 1000: the bytes bind; the oldest batches go (the dict's own
-    # eviction never runs: the ring's identity and counters stay), the newest are all there
-    nginx = nginx_factory(ring_size=1000, dict_size="32k",
-                          knobs={"pending_timeout": 30, **UNBATCHED})
+    # eviction never runs: the ring's identity and counters stay), the newest are all there.
+    # With ring_bytes the whole dict, the dict is full before the count says so: safe_set's
+    # "no memory" makes the oldest go as well.
+    knobs = {"pending_timeout": 30, **UNBATCHED}
+    if ring_bytes is not None:
+        knobs["ring_bytes"] = ring_bytes
+    nginx = nginx_factory(ring_size=1000, dict_size="32k", knobs=knobs)
     response, _ = yield subscribe(nginx, v=2)
     ring = ring_of(response)
     for _ in range(5):
