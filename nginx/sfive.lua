@@ -383,7 +383,7 @@ end
 -- ring_size records old, or while the ring takes more than ring_bytes, or (force: the dict had
 -- no room for a new entry) at least one. Slots from `mine` on (the caller's own batch and newer)
 -- are never touched. gc_due is this worker's idea of when the oldest batch falls out by records.
--- Returns whether it deleted anything.
+-- Returns whether it deleted anything (nil: another worker holds the lock).
 local gc_due = 0
 local gc_missing, gc_missing_since
 
@@ -394,7 +394,7 @@ local function collect(dict, mine, newest, force)
         if ngx.now() - (dict:get(GC_TIME) or 0) > 10 then
             dict:safe_set(GC_LOCK, 0)  -- its holder died in the middle (a crashed worker)
         end
-        return false
+        return nil
     end
     dict:safe_set(GC_TIME, ngx.now())
     local first = dict:get(GC_KEY) or 1
@@ -440,20 +440,72 @@ local function collect(dict, mine, newest, force)
     return freed
 end
 
+local function warn_lost(first, last, why)
+    warn_once("noroom", "lua_shared_dict '", config.dict, "' has no room for a batch of records (",
+              why, "): records ", first, "-", last, " are lost; make the dict larger")
+end
+
 -- safe_set, making room by deleting the oldest batches when the dict is full (fragmented, or
 -- holding entries the byte count does not know of); false, err if it still does not fit.
+-- The third result is true when it gave up because another worker held the deletion lock
+-- all along (it may have been descheduled): worth trying again a moment later.
 local function store(dict, key, value, mine, newest)
     local ok, err = dict:safe_set(key, value)
-    local tries = 0
-    while not ok and err == "no memory" and tries < 32 do
-        tries = tries + 1
-        if not collect(dict, mine, newest, true) then
-            ok, err = dict:safe_set(key, value)  -- another worker was collecting: once more
-            break
+    local tries, waits, freed = 0, 0, true
+    while not ok and err == "no memory" and tries < 32 and waits < 200 do
+        freed = collect(dict, mine, newest, true)
+        if freed == false then
+            break  -- nothing older left to delete: a batch larger than what the dict can hold
+        elseif freed == nil then
+            waits = waits + 1  -- another worker is deleting: try again
+        else
+            tries = tries + 1
         end
         ok, err = dict:safe_set(key, value)
     end
-    return ok, err
+    return ok, err, not ok and freed == nil
+end
+
+-- A batch and then its meta entry (the meta entry says the batch is complete).
+local function put_batch(dict, first, last, key, batch, meta)
+    local ok, err, busy = store(dict, key, batch, first, last)
+    if ok then
+        ok, err, busy = store(dict, META .. first, meta, first, last)
+        if not ok then
+            dict:delete(key)
+        end
+    end
+    return ok, err, busy
+end
+
+local function put_done(dict, ok, err, first, last, bytes, size)
+    if not ok then
+        dict:incr(BYTES_KEY, -bytes)
+        if err == "no memory" then
+            warn_lost(first, last, size .. " bytes")
+        else
+            ngx.log(ngx.ERR, "sfive: cannot store records ", first, "-", last, ": ", err)
+        end
+    elseif first < (dict:get(GC_KEY) or 1) then
+        -- given up as never stored while it took this worker so long (pending_timeout): the
+        -- subscribers were told it is lost, and nobody would delete it
+        delete_batch(dict, first, bytes)
+    end
+end
+
+-- The dict was full and another worker kept the deletion lock: try again for a while from a
+-- timer, which may sleep (the log phase may not), well within pending_timeout.
+local function put_later(_, first, last, key, batch, meta, bytes)
+    local dict = shared[config.dict]
+    local ok, err, busy
+    for _ = 1, 100 do
+        ngx.sleep(0.002)
+        ok, err, busy = put_batch(dict, first, last, key, batch, meta)
+        if ok or not busy then
+            break
+        end
+    end
+    put_done(dict, ok, err, first, last, bytes, #batch)
 end
 
 -- The JSON text of user agents and URLs seen lately (at most cache_bytes, then it starts again),
@@ -518,11 +570,6 @@ local timer_pending = false
 local timer_at = ngx.timer.at
 local ngx_now = ngx.now
 
-local function warn_lost(first, last, why)
-    warn_once(why, "lua_shared_dict '", config.dict, "' has no room for a batch of records (",
-              why, "): records ", first, "-", last, " are lost; make the dict larger")
-end
-
 local function flush()
     local n = nbuf
     if n == 0 then
@@ -546,8 +593,7 @@ local function flush()
     end
     local key = BATCH .. first
     local batch = concat(buf, "", 1, n * SLOTS)
-    local meta_key = META .. first
-    local bytes = entry_bytes(#key, #batch) + entry_bytes(#meta_key, 40)
+    local bytes = entry_bytes(#key, #batch) + entry_bytes(#META + #key - #BATCH, 40)
     local meta = format("%d %d %.3f", last, bytes, buf_since)
     -- make room first (the oldest batches go), then store: safe_set never evicts, so the ring's
     -- identity, its counters and its order stay whatever the dict's size
@@ -555,25 +601,10 @@ local function flush()
     if (used or 0) > config.ring_bytes or last - config.ring_size >= gc_due then
         collect(dict, first, last, false)
     end
-    local ok
-    ok, err = store(dict, key, batch, first, last)
-    if ok then
-        ok, err = store(dict, meta_key, meta, first, last)
-        if not ok then
-            dict:delete(key)
-        end
-    end
-    if not ok then
-        dict:incr(BYTES_KEY, -bytes)
-        if err == "no memory" then
-            warn_lost(first, last, #batch .. " bytes")
-        else
-            ngx.log(ngx.ERR, "sfive: cannot store records ", first, "-", last, ": ", err)
-        end
-    elseif first < (dict:get(GC_KEY) or 1) then
-        -- given up as never stored while it took this worker so long (pending_timeout): the
-        -- subscribers were told it is lost, and nobody would delete it
-        delete_batch(dict, first, bytes)
+    local ok, busy
+    ok, err, busy = put_batch(dict, first, last, key, batch, meta)
+    if not (busy and ngx.timer.at(0, put_later, first, last, key, batch, meta, bytes)) then
+        put_done(dict, ok, err, first, last, bytes, #batch)
     end
     local late = ngx_now() - buf_since - config.flush_interval
     if late > CLOCK_SLACK then
