@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -354,6 +355,29 @@ http {{
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines() if line]
+
+
+def burst(server: NginxServer, paths: list[str], user_agents: list[str],
+          per_connection: int = 500) -> int:
+    """Make one request per (path, user agent) fast: pipelined on keep-alive connections
+    (raw sockets, a sender thread per connection), blocking until every response has come.
+    Returns how many responses came. For bursts of thousands of requests (a scanner, a bot)."""
+    requests = [f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: {ua}\r\n".encode()
+                for path, ua in zip(paths, user_agents)]
+    answered = 0
+    for start in range(0, len(requests), per_connection):
+        chunk = requests[start:start + per_connection]
+        data = (b"".join(r + b"\r\n" for r in chunk[:-1])
+                + chunk[-1] + b"Connection: close\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+            sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
+            sender.start()
+            reply = bytearray()
+            while block := sock.recv(1 << 20):
+                reply += block
+            sender.join(60)
+        answered += len(re.findall(rb"HTTP/1\.1 \d\d\d [A-Z][A-Za-z ]*\r\n", bytes(reply)))
+    return answered
 
 
 # --- Twisted helpers: real HTTP clients -------------------------------------------------------

@@ -6,8 +6,13 @@
 -- which also runs when the worker exits) and then hands the whole batch to the ring, an
 -- ngx.shared dict, with one incr by N (the sequence numbers: all workers share one ordered
 -- stream) and one safe_set of the batch under "b<first seq>". So the dict's lock is taken per
--- batch, not per request. Batches whose records are more than ring_size records old are deleted
--- (by whichever worker flushes, one at a time).
+-- batch, not per request. The ring is bounded in records (ring_size) and in bytes (ring_bytes,
+-- counted by the exporter itself): the oldest batches are deleted to stay within both (by
+-- whichever worker flushes, one at a time), never the newest, and never by the dict's own LRU
+-- eviction (every new entry is stored with safe_set). "gc" marks the oldest batch still held.
+-- User agents and URLs are cut to max_ua_bytes / max_url_bytes (on a UTF-8 boundary); a cut URL
+-- is marked ("url-truncated": its length), so that the service rejects it instead of counting a
+-- wrong stream.
 --
 -- Content phase (M.serve): streams the ring to a subscriber, from "now" or from ?after=N (also
 -- in the middle of a batch), with its own cursor, so any number of subscribers each see every
@@ -20,9 +25,11 @@
 -- and X-Sfive-Ring: ID, the ring's identity (16 hex digits, made once per shared dict with
 -- dict:add, so a reload keeps it and a restart makes a new one). ?ring=ID naming another ring
 -- starts from the first record this ring holds. A v=2 subscriber also gets heartbeat lines
--- {"seq":S,"hb":T} at least every heartbeat_interval: it has everything up to S, and every record
--- whose time is before T (epoch seconds) has been delivered at or before S. When the worker
--- exits (reload, quit), a stream first drains what the other workers still log.
+-- {"seq":S,"hb":T,"oldest":O,"oldest-time":OT} at least every heartbeat_interval: it has
+-- everything up to S, and every record whose time is before T (epoch seconds) has been delivered
+-- at or before S; O is the oldest record the ring still holds and OT about its time (both only
+-- once the ring holds a record). When the worker exits (reload, quit), a stream first drains
+-- what the other workers still log.
 --
 -- Works with lua-nginx-module >= 0.10.6 (Debian bookworm's libnginx-mod-http-lua 0.10.23) and
 -- OpenResty. Needs no Lua library besides the module itself.
@@ -32,7 +39,7 @@ local shared = ngx.shared
 local byte, find, format, gsub, match, sub =
     string.byte, string.find, string.format, string.gsub, string.match, string.sub
 local concat = table.concat
-local floor, min = math.floor, math.min
+local ceil, floor, min = math.ceil, math.floor, math.min
 local os_date = os.date
 local pairs, tonumber, tostring, type = pairs, tonumber, tostring, type
 
@@ -40,15 +47,20 @@ local M = { _VERSION = "1.0" }
 
 local SEQ_KEY = "seq"          -- the newest sequence number taken
 local RING_KEY = "ring"        -- the ring's identity
-local GC_KEY = "gc"            -- first seq of the oldest batch not yet deleted
+local GC_KEY = "gc"            -- first seq of the oldest batch not yet deleted: the oldest held
+local BYTES_KEY = "bytes"      -- what the stored batches take in the dict (the ring's own count)
 local GC_LOCK = "gclock"       -- > 0 while a worker deletes old batches
 local GC_TIME = "gctime"       -- when that worker began
 local BATCH = "b"              -- a batch's key: "b" .. its first seq
-local LAST = "e"               -- "e" .. a batch's first seq: its last seq
+local LAST = "e"               -- "e" .. a batch's first seq: its last seq (older exporters)
+local META = "m"               -- "m" .. a batch's first seq: "<last seq> <bytes> <first time>"
 local FORMAT_KEY = "format"    -- how the ring is laid out: FORMAT
 local FORMAT = 2
 local PROTOCOL = 2
 local MAX_BATCH = 1000         -- batch_size at most: a reader looks this far for a batch's start
+local PAGE = 4096              -- the slab allocator's page: larger entries take whole pages
+local NODE = 80                -- an entry's bookkeeping in the dict besides its key and value
+local CACHE_STRING_MAX = 1024  -- longer user agents and URLs are cut and escaped every time
 
 -- How long after its time a record may become visible in the ring at most, beyond the
 -- buffering (a worker's cached clock lags the real one by its event-loop iteration, a timer
@@ -58,6 +70,10 @@ local CLOCK_SLACK = 0.3
 local config = {
     dict = "sfive",          -- name of the lua_shared_dict holding the ring
     ring_size = 100000,      -- records held for subscribers that fall behind or reconnect
+    ring_bytes = false,      -- bytes the ring's batches may take (false: 3/4 of the dict)
+    max_ua_bytes = 2048,     -- user agents are cut to this (>= 4 x the service's --max-ua-length)
+    max_url_bytes = 8192,    -- URLs are cut to this, and the cut is marked (url-truncated)
+    cache_bytes = 1048576,   -- per worker: escaped user agents and URLs kept for reuse
     poll_interval = 0.05,    -- seconds a caught-up subscriber sleeps between polls
     batch_max = 1000,        -- most records sent with one ngx.print / ngx.flush
     pending_timeout = 1,     -- seconds to wait for a counted but unwritten slot before skipping it
@@ -102,9 +118,20 @@ function M.configure(opts)
           "batch_size must be an integer from 1 to " .. MAX_BATCH)
     check(type(config.flush_interval) == "number" and config.flush_interval > 0
           and config.flush_interval <= 1, "flush_interval must be a number of seconds in (0, 1]")
+    check(is_int(config.max_ua_bytes, 16), "max_ua_bytes must be an integer >= 16")
+    check(is_int(config.max_url_bytes, 16), "max_url_bytes must be an integer >= 16")
+    check(is_int(config.cache_bytes, 0), "cache_bytes must be an integer >= 0")
     local dict = shared[config.dict]
     check(dict ~= nil, "lua_shared_dict '" .. config.dict
           .. "' is not declared; add 'lua_shared_dict " .. config.dict .. " 64m;' to http {}")
+    local capacity = dict.capacity and dict:capacity()
+    if config.ring_bytes == false then
+        check(capacity ~= nil, "ring_bytes must be set (this nginx-lua has no dict:capacity())")
+        config.ring_bytes = floor(capacity * 3 / 4)
+    end
+    check(is_int(config.ring_bytes, PAGE), "ring_bytes must be an integer >= " .. PAGE)
+    check(capacity == nil or config.ring_bytes <= capacity, "ring_bytes must be at most the "
+          .. "size of lua_shared_dict '" .. config.dict .. "' (" .. tostring(capacity) .. ")")
     M.ring_id(dict)
     return M
 end
@@ -134,6 +161,7 @@ function M.ring_id(dict)
     dict = dict or shared[config.dict]
     local id = dict:get(RING_KEY)
     if id and dict:get(FORMAT_KEY) == FORMAT then
+        dict:safe_add(BYTES_KEY, 0)  -- a reload from an exporter without it: its batches uncounted
         return id
     end
     if ngx.get_phase() == "init" and (id or dict:get(SEQ_KEY)) then
@@ -146,6 +174,7 @@ function M.ring_id(dict)
     dict:add(FORMAT_KEY, FORMAT)
     dict:add(SEQ_KEY, 0)
     dict:add(GC_KEY, 1)
+    dict:add(BYTES_KEY, 0)
     dict:add(GC_LOCK, 0)
     dict:add(GC_TIME, 0)
     dict:add(RING_KEY, random_hex(8))  -- fails harmlessly if another worker was first
@@ -309,74 +338,226 @@ local function batch_last(batch)
     end
 end
 
--- Deleting batches that fell out of the ring: one worker at a time (GC_LOCK, an incr on a key
--- that always exists, so that a full dict never stops it), a few batches per flush. gc_due is
--- this worker's idea of when the oldest batch falls out (the last seq it holds).
+-- What an entry takes in the dict (key, value and bookkeeping, as the slab allocator rounds it:
+-- whole pages above half a page, else a power of two), for the ring's own byte count.
+local function entry_bytes(key_len, value_len)
+    local n = NODE + key_len + value_len
+    if n > PAGE / 2 then
+        return ceil(n / PAGE) * PAGE
+    end
+    local size = 16
+    while size < n do
+        size = size * 2
+    end
+    return size
+end
+
+-- A batch's meta entry: its last seq, the bytes it was counted with, its first record's time.
+local function read_meta(dict, first)
+    local meta = dict:get(META .. first)
+    if meta then
+        local last, bytes, t = match(meta, "^(%d+) (%d+) (%S+)$")
+        return tonumber(last), tonumber(bytes), tonumber(t)
+    end
+    local last = dict:get(LAST .. first)  -- a batch of an older exporter (a reload): uncounted
+    if last == nil then
+        local batch = dict:get(BATCH .. first)  -- stored, its meta not (yet)
+        last = batch and (batch_last(batch) or first)
+    end
+    return last
+end
+
+local function delete_batch(dict, first, bytes)
+    dict:delete(BATCH .. first)
+    dict:delete(META .. first)
+    dict:delete(LAST .. first)
+    if bytes then
+        dict:incr(BYTES_KEY, -bytes)
+    end
+end
+
+-- Deleting the oldest batches: one worker at a time (GC_LOCK, an incr on a key that always
+-- exists, so that a full dict never stops it), a few batches per flush, in sequence order, so
+-- that GC_KEY always marks the oldest batch held (a reader that finds a batch gone and its seq
+-- below GC_KEY knows at once that it was deleted). Batches go while their records are more than
+-- ring_size records old, or while the ring takes more than ring_bytes, or (force: the dict had
+-- no room for a new entry) at least one. Slots from `mine` on (the caller's own batch and newer)
+-- are never touched. gc_due is this worker's idea of when the oldest batch falls out by records.
+-- Returns whether it deleted anything (nil: another worker holds the lock).
 local gc_due = 0
 local gc_missing, gc_missing_since
 
-local function collect(dict, newest)
+local function collect(dict, mine, newest, force)
     local limit = newest - config.ring_size   -- batches ending at or before it are out
     if dict:incr(GC_LOCK, 1, 0) ~= 1 then
         dict:incr(GC_LOCK, -1)
         if ngx.now() - (dict:get(GC_TIME) or 0) > 10 then
             dict:safe_set(GC_LOCK, 0)  -- its holder died in the middle (a crashed worker)
         end
-        return
+        return nil
     end
     dict:safe_set(GC_TIME, ngx.now())
     local first = dict:get(GC_KEY) or 1
-    for _ = 1, 8 do
-        if first > limit then
+    local freed = false
+    for _ = 1, force and 64 or 16 do
+        if first >= mine then
+            break
+        end
+        local over = (dict:get(BYTES_KEY) or 0) > config.ring_bytes or (force and not freed)
+        if first > limit and not over then
             gc_due = first
             break
         end
-        local last = dict:get(LAST .. first)
-        if last == nil then
-            local batch = dict:get(BATCH .. first)
-            last = batch and (batch_last(batch) or first)
-        end
+        local last, bytes = read_meta(dict, first)
         if last then
-            if last > limit then
+            if last > limit and not over then
                 gc_due = last
                 break
             end
-            dict:delete(BATCH .. first)
-            dict:delete(LAST .. first)
-            first = last + 1
+            -- the marker first: whoever then misses the batch sees that it is gone
+            dict:safe_set(GC_KEY, last + 1)
+            delete_batch(dict, first, bytes)
+            first, freed = last + 1, true
         else
-            -- never stored (a full dict, a worker that died between incr and safe_set) or not
-            -- yet: after pending_timeout, go on at the next batch stored
+            -- never stored (a worker that died between incr and safe_set) or not yet: after
+            -- pending_timeout (at once if the dict is full) go on at the next batch stored
             local now = ngx.now()
             if gc_missing ~= first then
                 gc_missing, gc_missing_since = first, now
             end
-            if now - gc_missing_since < config.pending_timeout then
+            if now - gc_missing_since < config.pending_timeout and not force then
                 break
             end
-            local s, stop = first + 1, min(first + MAX_BATCH, limit)
-            while s <= stop and dict:get(LAST .. s) == nil and dict:get(BATCH .. s) == nil do
+            local s, stop = first + 1, min(first + MAX_BATCH, mine)
+            while s < stop and dict:get(META .. s) == nil and dict:get(LAST .. s) == nil do
                 s = s + 1
             end
             first = s
+            dict:safe_set(GC_KEY, first)
         end
     end
-    dict:safe_set(GC_KEY, first)
     dict:incr(GC_LOCK, -1)
+    return freed
 end
 
--- The JSON text of strings seen lately (at most CACHE_MAX, then it starts again).
-local CACHE_MAX = 2000
-local cached, ncached = {}, 0
+local function warn_lost(first, last, why)
+    warn_once("noroom", "lua_shared_dict '", config.dict, "' has no room for a batch of records (",
+              why, "): records ", first, "-", last, " are lost; make the dict larger")
+end
 
-local function cache(s)
-    if ncached >= CACHE_MAX then
-        cached, ncached = {}, 0
+-- safe_set, making room by deleting the oldest batches when the dict is full (fragmented, or
+-- holding entries the byte count does not know of); false, err if it still does not fit.
+-- The third result is true when it gave up because another worker held the deletion lock
+-- all along (it may have been descheduled): worth trying again a moment later.
+local function store(dict, key, value, mine, newest)
+    local ok, err = dict:safe_set(key, value)
+    local tries, waits, freed = 0, 0, true
+    while not ok and err == "no memory" and tries < 32 and waits < 200 do
+        freed = collect(dict, mine, newest, true)
+        if freed == false then
+            break  -- nothing older left to delete: a batch larger than what the dict can hold
+        elseif freed == nil then
+            waits = waits + 1  -- another worker is deleting: try again
+        else
+            tries = tries + 1
+        end
+        ok, err = dict:safe_set(key, value)
     end
-    local text = json_text(s)
-    cached[s] = text
-    ncached = ncached + 1
+    return ok, err, not ok and freed == nil
+end
+
+-- A batch and then its meta entry (the meta entry says the batch is complete).
+local function put_batch(dict, first, last, key, batch, meta)
+    local ok, err, busy = store(dict, key, batch, first, last)
+    if ok then
+        ok, err, busy = store(dict, META .. first, meta, first, last)
+        if not ok then
+            dict:delete(key)
+        end
+    end
+    return ok, err, busy
+end
+
+local function put_done(dict, ok, err, first, last, bytes, size)
+    if not ok then
+        dict:incr(BYTES_KEY, -bytes)
+        if err == "no memory" then
+            warn_lost(first, last, size .. " bytes")
+        else
+            ngx.log(ngx.ERR, "sfive: cannot store records ", first, "-", last, ": ", err)
+        end
+    elseif first < (dict:get(GC_KEY) or 1) then
+        -- given up as never stored while it took this worker so long (pending_timeout): the
+        -- subscribers were told it is lost, and nobody would delete it
+        delete_batch(dict, first, bytes)
+    end
+end
+
+-- The dict was full and another worker kept the deletion lock: try again for a while from a
+-- timer, which may sleep (the log phase may not), well within pending_timeout.
+local function put_later(_, first, last, key, batch, meta, bytes)
+    local dict = shared[config.dict]
+    local ok, err, busy
+    for _ = 1, 100 do
+        ngx.sleep(0.002)
+        ok, err, busy = put_batch(dict, first, last, key, batch, meta)
+        if ok or not busy then
+            break
+        end
+    end
+    put_done(dict, ok, err, first, last, bytes, #batch)
+end
+
+-- The JSON text of user agents and URLs seen lately (at most cache_bytes, then it starts again),
+-- cut to their caps; a URL's text includes its closing quote and, if cut, the url-truncated
+-- field (the batch layout has no separate slot for it).
+local cached_ua, cached_url, cache_used = {}, {}, 0
+
+-- s cut to at most n bytes, never inside a UTF-8 sequence (the one the cut would split goes)
+local function cut(s, n)
+    for q = n, n > 3 and n - 2 or 1, -1 do
+        local c = byte(s, q)
+        if c < 0x80 then
+            break
+        end
+        if c >= 0xC2 then
+            local len = utf8_len(s, q, #s)
+            if len and q + len - 1 > n then
+                return sub(s, 1, q - 1)
+            end
+            break
+        end
+    end
+    return sub(s, 1, n)
+end
+
+M.cut = cut
+
+local function remember(urls, s, text)
+    if #s <= CACHE_STRING_MAX then
+        local size = #s + #text + 64
+        if cache_used + size > config.cache_bytes then
+            cached_ua, cached_url, cache_used = {}, {}, 0
+        end
+        if size <= config.cache_bytes then
+            (urls and cached_url or cached_ua)[s] = text
+            cache_used = cache_used + size
+        end
+    end
     return text
+end
+
+local function ua_text(s)
+    local max = config.max_ua_bytes
+    return remember(false, s, json_text(#s > max and cut(s, max) or s))
+end
+
+local function url_text(s)
+    local max = config.max_url_bytes
+    if #s > max then
+        return remember(true, s, json_text(cut(s, max)) .. '","url-truncated":' .. #s)
+    end
+    return remember(true, s, json_text(s) .. '"')
 end
 
 -- This worker's buffer: SLOTS pieces per record, laid out so that one table.concat makes the
@@ -410,30 +591,26 @@ local function flush()
         buf[k] = seq
         k = k + SLOTS
     end
-    -- safe_set never evicts: a dict too small for its ring loses this batch (subscribers get a
-    -- gap line for it) instead of evicting the ring's identity, its counters or older records
-    local ok
-    ok, err = dict:safe_set(BATCH .. first, concat(buf, "", 1, n * SLOTS))
-    if ok then
-        dict:safe_set(LAST .. first, last)  -- for the deletion, which then need not read the batch
+    local key = BATCH .. first
+    local batch = concat(buf, "", 1, n * SLOTS)
+    local bytes = entry_bytes(#key, #batch) + entry_bytes(#META + #key - #BATCH, 40)
+    local meta = format("%d %d %.3f", last, bytes, buf_since)
+    -- make room first (the oldest batches go), then store: safe_set never evicts, so the ring's
+    -- identity, its counters and its order stay whatever the dict's size
+    local used = dict:incr(BYTES_KEY, bytes)
+    if (used or 0) > config.ring_bytes or last - config.ring_size >= gc_due then
+        collect(dict, first, last, false)
     end
-    if not ok then
-        if err == "no memory" then
-            warn_once("small", "lua_shared_dict '", config.dict, "' is too small for ",
-                      "ring_size ", config.ring_size, ": records are lost (first: ", first,
-                      "); make the dict larger")
-        else
-            ngx.log(ngx.ERR, "sfive: cannot store records ", first, "-", last, ": ", err)
-        end
+    local ok, busy
+    ok, err, busy = put_batch(dict, first, last, key, batch, meta)
+    if not (busy and ngx.timer.at(0, put_later, first, last, key, batch, meta, bytes)) then
+        put_done(dict, ok, err, first, last, bytes, #batch)
     end
     local late = ngx_now() - buf_since - config.flush_interval
     if late > CLOCK_SLACK then
         warn_once("late", "records reached the ring ", format("%.3f", late), " s later than ",
                   "flush_interval (a worker too busy for its timers): heartbeats may have ",
                   "promised their time too early")
-    end
-    if last - config.ring_size >= gc_due then
-        collect(dict, last)
     end
 end
 
@@ -450,7 +627,7 @@ function M.log()
     if n >= nready then
         buf[base + 1], buf[base + 3] = '{"seq":', ',"time":"'
         buf[base + 8], buf[base + 10] = '","ua":"', '","url":"'
-        buf[base + 12], buf[base + 14], buf[base + 16] = '","status":', ',"bytes-sent":', '}\n'
+        buf[base + 12], buf[base + 14], buf[base + 16] = ',"status":', ',"bytes-sent":', '}\n'
         nready = n + 1
     end
     local now = ngx_now()
@@ -465,18 +642,10 @@ function M.log()
     buf[base + 6] = offset_client
     buf[base + 7] = var.remote_addr or ""  -- nginx's own text of an address: nothing to escape
     -- user agents and URLs come back again and again (players, segments fetched by every
-    -- viewer): each is checked for escaping once, then found in a small cache
+    -- viewer): each is cut and checked for escaping once, then found in a small cache
     local ua, uri = var.http_user_agent or "", var.uri or ""
-    local text = cached[ua]
-    if text == nil then
-        text = cache(ua)
-    end
-    buf[base + 9] = text
-    text = cached[uri]
-    if text == nil then
-        text = cache(uri)
-    end
-    buf[base + 11] = text
+    buf[base + 9] = cached_ua[ua] or ua_text(ua)
+    buf[base + 11] = cached_url[uri] or url_text(uri)
     local status = var.status
     if status == nil or byte(status, 1) == 48 then
         status = "0"  -- "000": no status was set
@@ -552,6 +721,29 @@ local function next_batch(dict, seq, newest)
             return batch, first
         end
     end
+end
+
+-- The oldest record the ring still holds (for newest): the oldest batch not deleted (GC_KEY,
+-- kept by collect), and never older than ring_size records.
+local function oldest_held(dict, newest, ring)
+    local gc = dict:get(GC_KEY) or 1
+    local by_records = newest - ring + 1
+    return gc > by_records and gc or by_records
+end
+
+-- The heartbeat's fields of the ring's history: the oldest record held and about its time (its
+-- batch's first record), or "" while the ring holds none.
+local function history(dict, newest, ring)
+    local oldest = oldest_held(dict, newest, ring)
+    if oldest > newest then
+        return ""
+    end
+    local gc = dict:get(GC_KEY) or 1
+    local _, _, t = read_meta(dict, gc)
+    if t == nil then
+        return format(',"oldest":%d', oldest)
+    end
+    return format(',"oldest":%d,"oldest-time":%.3f', oldest, t)
 end
 
 local function on_abort()
@@ -640,7 +832,7 @@ function M.serve()
     local drain_start, quiet_since, drain_newest
     while true do
         newest = dict:get(SEQ_KEY) or newest
-        local oldest = newest - ring + 1
+        local oldest = oldest_held(dict, newest, ring)
         if cursor < oldest then
             lost = lost + (oldest - cursor)
             cursor, aligned = oldest, false
@@ -654,12 +846,14 @@ function M.serve()
             end
             if not batch then
                 -- not stored: not yet (another worker is between incr and safe_set), never (a
-                -- full dict, a worker that died in between), or deleted (lapped by the ring)
+                -- full dict, a worker that died in between), or deleted (lapped by the ring:
+                -- then it is below the oldest held, and the gap is known at once)
                 local t = now()
                 newest = dict:get(SEQ_KEY) or newest
-                if cursor < newest - ring + 1 then
-                    lost = lost + (newest - ring + 1 - cursor)
-                    cursor, aligned = newest - ring + 1, false
+                local oldest = oldest_held(dict, newest, ring)
+                if cursor < oldest then
+                    lost = lost + (oldest - cursor)
+                    cursor, aligned = oldest, false
                 else
                     pending_since = pending_since or t
                     if t - pending_since < config.pending_timeout then
@@ -732,7 +926,8 @@ function M.serve()
                 hb_time = floor(promise * 1000) / 1000
             end
             nout = nout + 1
-            out[nout] = format('{"seq":%d,"hb":%.3f}\n', s, hb_time)
+            out[nout] = format('{"seq":%d,"hb":%.3f%s}\n', s, hb_time,
+                               history(dict, newest, ring))
             next_hb = t + hb_interval
         end
         if nout > 0 then

@@ -10,7 +10,8 @@ it read (``?after=N``), so records still in the exporter's ring are not lost to 
 
 Protocol v2 (nginx/README.md, "Protocol 2"): it asks ``v=2`` and, once it knows the
 exporter's ring, sends ``ring=ID``. An exporter that answers ``X-Sfive-Protocol: 2`` names its
-ring (``X-Sfive-Ring``) and sends heartbeats; a ring other than the one the fetcher knew means
+ring (``X-Sfive-Ring``) and sends heartbeats (which also say the oldest record the ring holds:
+``stats.ring_size`` and ``stats.ring_history``); a ring other than the one the fetcher knew means
 nginx was restarted, and the exporter then streams the new ring from its first record (so the
 sequence tracking starts again). An exporter without these headers (v1) gets protocol 1's requests
 and behaviour.
@@ -44,6 +45,7 @@ from zope.interface import implementer
 from . import __version__
 from .lifecycle import RETRYING, STOPPED, Lifecycle
 from .pipeline import Pipeline
+from .records import Heartbeat
 from .settings import Settings
 from .stats import Stats
 
@@ -304,9 +306,6 @@ class LogFetchService(Service):
                 old=self.ring)
             self.pipeline.resume_after(None)
         self.ring = ring
-        size = _header(response, b"X-Sfive-Ring-Size")
-        if size is not None and size.isdigit() and int(size) > 0:
-            self.stats.ring_size = int(size)
 
     def _failed(self, failure: Failure, attempt: int) -> None:
         if attempt != self._attempt:
@@ -324,10 +323,22 @@ class LogFetchService(Service):
             return
         self._last_data = self.clock.seconds()
         try:
+            beat = self.pipeline.heartbeat
             self.pipeline.feed(data)
+            if self.pipeline.heartbeat is not beat:
+                self._ring_history(self.pipeline.heartbeat)
             self._moved()
         except Exception:
             self._unexpected(Failure(), "reading the exporter's stream")
+
+    def _ring_history(self, beat: Heartbeat) -> None:
+        """The ring's extent from a heartbeat that names its oldest record (nginx/README.md,
+        "Protocol 2"): the records from it to the heartbeat's, and their time span."""
+        if beat.oldest is None:
+            return
+        self.stats.ring_size = max(0, beat.seq - beat.oldest + 1)
+        if beat.oldest_time is not None:
+            self.stats.ring_history = max(0.0, beat.time - beat.oldest_time)
 
     def _check_idle(self) -> None:
         self._watchdog = None

@@ -146,8 +146,8 @@ class StatsCollector:
             ("watermark_lag_seconds", "How far the event-time watermark is behind the clock; "
              "absent while unknown.", s.watermark_lag),
             ("ring_size_records", "Records the exporter's ring holds, if it says.", s.ring_size),
-            ("ring_history_seconds", "Seconds of traffic the exporter's ring holds at the last "
-             "interval's rate: how long an outage or restart may last before records are lost.",
+            ("ring_history_seconds", "Seconds of traffic the exporter's ring holds (from its "
+             "heartbeats): how long an outage or restart may last before records are lost.",
              s.ring_history),
         )
         for name, doc, value in optional:

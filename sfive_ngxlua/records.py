@@ -61,10 +61,13 @@ class Gap(NamedTuple):
 class Heartbeat(NamedTuple):
     """Protocol v2: the subscriber has everything up to ``seq``, and every record whose time is
     before ``time`` (epoch seconds) has been delivered at or before it: the event-time
-    watermark."""
+    watermark. ``oldest`` and ``oldest_time``: the oldest record the exporter's ring still holds
+    and about its time (None if the exporter does not say)."""
 
     seq: int
     time: float
+    oldest: Optional[int] = None
+    oldest_time: Optional[float] = None
 
 
 _new_record = tuple.__new__
@@ -83,6 +86,7 @@ REASONS = (
     "bad-time",
     "status",
     "url-mismatch",
+    "url-truncated",
     "unknown-streamer",
     "too-long",
     "future",
@@ -135,7 +139,7 @@ class RecordParser:
                     self.last_seq = seq - 1
                     return Gap(lost, seq)
                 if "hb" in obj:
-                    return self._heartbeat(seq, obj["hb"])
+                    return self._heartbeat(seq, obj)
             self.last_seq = seq
         try:
             url = obj["url"]
@@ -158,6 +162,8 @@ class RecordParser:
             return "wrong-type"
         if status not in self._statuses:
             return "status"
+        if "url-truncated" in obj:
+            return "url-truncated"  # the exporter cut the URL (max_url_bytes): not its stream
         streamer = self._urls.get(url)
         if streamer is None:
             streamer = self._streamer(url)
@@ -173,11 +179,17 @@ class RecordParser:
             seconds = head - offset
         return _new_record(Record, (seconds, streamer, client, ua, sent))
 
-    def _heartbeat(self, seq: int, when: object) -> Union[Heartbeat, str]:
-        if type(when) not in (int, float) or not 0 <= when < MAX_HEARTBEAT:  # type: ignore
+    def _heartbeat(self, seq: int, obj: dict) -> Union[Heartbeat, str]:
+        when = obj["hb"]
+        if type(when) not in (int, float) or not 0 <= when < MAX_HEARTBEAT:
             return "wrong-type"
         self.last_seq = seq
-        return Heartbeat(seq, float(when))  # type: ignore[arg-type]
+        oldest, since = obj.get("oldest"), obj.get("oldest-time")
+        if type(oldest) is not int or not 0 < oldest < MAX_HEARTBEAT:
+            return Heartbeat(seq, float(when))  # the ring's history unknown, the beat still good
+        if type(since) not in (int, float) or not 0 <= since < MAX_HEARTBEAT:
+            since = None
+        return Heartbeat(seq, float(when), oldest, None if since is None else float(since))
 
     def url_match(self, url: str) -> Optional[re.Match[str]]:
         """What the name format (-F) makes of ``url``: its match, with the groups content,

@@ -89,7 +89,6 @@ class ReportService(Service):
         self.lifecycle = Lifecycle("report", stats, (WAITING, RUNNING), self.log)
         self._start: Optional[IDelayedCall] = None
         self._retry: Optional[IDelayedCall] = None
-        self._lines_at: Optional[tuple] = None
         self._expired = False
 
     def startService(self) -> None:
@@ -194,7 +193,6 @@ class ReportService(Service):
         if not intervals:
             return
         self.outbox.emit(intervals)
-        self._ring_history()
         for interval in intervals:
             for streamer in self.settings.streamers:
                 clients = interval.streams[streamer]
@@ -212,15 +210,6 @@ class ReportService(Service):
                 **self.stats.summary(),
             )
 
-    def _ring_history(self) -> None:
-        """The ring's history in seconds: its size over the line rate since the last report."""
-        now, lines = self.clock.seconds(), self.stats.lines
-        before, self._lines_at = self._lines_at, (now, lines)
-        size = self.stats.ring_size
-        if size is None or before is None or now <= before[0]:
-            return
-        rate = (lines - before[1]) / (now - before[0])
-        self.stats.ring_history = size / rate if rate > 0 else math.inf
 
     def stopService(self) -> None:
         """Report what is due, then what the outbox closes at a stop (the running interval

@@ -64,10 +64,10 @@ class Stats:
     exporter_protocol: int = 0
     """1 or 2 once an exporter answered (2: it sends heartbeats and its ring's identity)."""
     ring_size: Optional[int] = None
-    """Records the exporter's ring holds, if it says (X-Sfive-Ring-Size)."""
+    """Records the exporter's ring holds, from its last heartbeat (its oldest to its newest)."""
     ring_history: Optional[float] = None
-    """Seconds of traffic the ring holds at the last interval's request rate: how long an
-    outage or a restart may last before records are lost."""
+    """Seconds of traffic the ring holds (its last heartbeat's time less its oldest record's):
+    how long an outage or a restart may last before records are lost."""
     held: int = 0
     """Intervals due by the clock but not yet by the watermark (the exporter is unreachable
     or its backlog is being read)."""

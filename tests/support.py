@@ -23,10 +23,17 @@ def line(time: str, url: str = "/live/hls/C1-high/1.ts", client: str = "10.0.0.1
     return exporter_layout(obj) + b"\n"
 
 
-def heartbeat(seq: int, t: float) -> bytes:
+def heartbeat(seq: int, t: float, oldest: Optional[int] = None,
+              oldest_time: Optional[float] = None) -> bytes:
     """A protocol 2 heartbeat line: everything up to ``seq`` delivered, every record before
-    ``t`` too."""
-    return exporter_layout({"seq": seq, "hb": t}) + b"\n"
+    ``t`` too; as nginx/sfive.lua writes it once its ring holds a record, with the oldest
+    record held and about its time."""
+    obj: dict = {"seq": seq, "hb": t}
+    if oldest is not None:
+        obj["oldest"] = oldest
+        if oldest_time is not None:
+            obj["oldest-time"] = oldest_time
+    return exporter_layout(obj) + b"\n"
 
 
 def exporter_layout(record: dict) -> bytes:
@@ -34,22 +41,20 @@ def exporter_layout(record: dict) -> bytes:
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def v2_headers(request: server.Request, ring: Optional[str], ring_size: Optional[int]) -> None:
-    """Answer as a protocol 2 exporter with ring ``ring`` (None: as v1) if the request asks
-    ``v=2``, as nginx/sfive.lua does."""
-    if ring is not None and request.args.get(b"v") == [b"2"]:
+def v2_headers(request: server.Request, ring: Optional[str]) -> None:
+    """Answer as a protocol 2 exporter with ring ``ring`` (None: as an exporter of protocol 1,
+    without these headers). nginx/sfive.lua sends them to every request, whatever its ``v``
+    (only what it streams depends on ``v``), and no other header of its own."""
+    if ring is not None:
         request.setHeader(b"X-Sfive-Protocol", b"2")
         request.setHeader(b"X-Sfive-Ring", ring.encode())
-        if ring_size is not None:
-            request.setHeader(b"X-Sfive-Ring-Size", str(ring_size).encode())
 
 
 class Exporter(resource.Resource):
     """A streaming exporter endpoint: each GET stays open; ``send`` writes to every open one.
 
-    With ``ring`` set it speaks protocol 2 to a request that asks ``v=2``: it answers with the
-    ``X-Sfive-Protocol`` and ``X-Sfive-Ring`` headers (and ``X-Sfive-Ring-Size`` if
-    ``ring_size`` is set); what it streams is still up to the test."""
+    With ``ring`` set it answers as a protocol 2 exporter: with the ``X-Sfive-Protocol`` and
+    ``X-Sfive-Ring`` headers; what it streams is still up to the test."""
 
     isLeaf = True
 
@@ -60,7 +65,6 @@ class Exporter(resource.Resource):
         self.seen_headers: List[dict] = []
         self.code = 200
         self.ring: Optional[str] = None
-        self.ring_size: Optional[int] = None
         self.on_request: Optional[Callable[[server.Request], None]] = None
 
     def render_GET(self, request: server.Request):
@@ -70,7 +74,7 @@ class Exporter(resource.Resource):
             request.setResponseCode(self.code)
             return b"nope\n"
         request.setHeader(b"content-type", b"application/x-ndjson")
-        v2_headers(request, self.ring, self.ring_size)
+        v2_headers(request, self.ring)
         self.requests.append(request)
         request.notifyFinish().addBoth(lambda _: self._gone(request))
         request.write(b"")

@@ -272,18 +272,6 @@ def test_a_direct_outbox_stop_reports_the_held_and_the_running_intervals():
     assert s.bytes()[hms(30)] == 100
 
 
-def test_ring_history_is_ring_size_over_the_line_rate():
-    s = Setup(None)
-    s.stats.ring_size = 1000
-    s.to(T0 + 21)
-    assert s.stats.ring_history is None, "no rate yet"
-    s.stats.lines += 50
-    s.to(T0 + 31)
-    assert s.stats.ring_history == pytest.approx(200.0)  # 5 lines/s
-    s.to(T0 + 41)
-    assert s.stats.ring_history == math.inf
-
-
 def test_a_forward_clock_step_of_an_hour_reports_everything_in_between():
     s = Setup(Source("now"))
     s.add(T0 + 12)

@@ -276,13 +276,13 @@ OTHER_RING = "00000000deadbeef"
 
 @pytest_twisted.ensureDeferred
 async def test_v2_heartbeats_are_the_watermark_and_keep_the_connection_alive(service, logs):
-    exporter = Exporter(ring=RING, ring_size=10000).listen()
+    exporter = Exporter(ring=RING).listen()
     try:
         run = service(settings(url=exporter.url(), idle_timeout=30.0))
         assert run.fetch.watermark(run.clock.seconds()) == float("-inf")
         await wait_for(lambda: run.stats.exporter_connected)
         assert exporter.requests[0].args == {b"v": [b"2"]}, "from now: no ring, no after"
-        assert (run.fetch.protocol, run.fetch.ring, run.stats.ring_size) == (2, RING, 10000)
+        assert (run.fetch.protocol, run.fetch.ring, run.stats.ring_size) == (2, RING, None)
         assert logs.matching(f"(protocol 2, ring {RING})")
         assert run.fetch.watermark(run.clock.seconds()) == float("-inf"), "no heartbeat yet"
         exporter.send(line(T0 + 1, seq=1), heartbeat(1, T0 + 1.5))
@@ -406,3 +406,52 @@ async def test_records_the_ring_lost_are_logged_with_their_time_range(service, e
     exporter.cut()
     await wait_for(lambda: len(logs.matching("the exporter lost")) == 2)
     assert "between 2027-01-15T08:00:04Z and (unknown)" in logs.matching("the exporter lost")[1]
+
+
+# -- the ring's history (heartbeats name the oldest record held) and cut URLs -----------------
+
+
+def test_heartbeat_fields_of_the_rings_history_are_read_and_bad_ones_ignored():
+    from sfive_ngxlua.records import Heartbeat, RecordParser
+
+    parse = RecordParser(settings()).parse
+    assert parse(b'{"seq":9,"hb":1800000010.5,"oldest":3,"oldest-time":1800000001.25}') == \
+        Heartbeat(9, 1800000010.5, 3, 1800000001.25)
+    assert parse(b'{"seq":9,"hb":1800000010.5}') == Heartbeat(9, 1800000010.5, None, None)
+    assert parse(b'{"seq":9,"hb":1800000010.5,"oldest":3}') == Heartbeat(9, 1800000010.5, 3)
+    # an exporter's extra fields that are not what they should be: the beat still counts
+    for bad in (b'"oldest":"3"', b'"oldest":0', b'"oldest":true', b'"oldest":1.5'):
+        assert parse(b'{"seq":9,"hb":1800000010.5,' + bad + b"}") == Heartbeat(9, 1800000010.5)
+    assert parse(b'{"seq":9,"hb":1800000010.5,"oldest":3,"oldest-time":"x"}') == \
+        Heartbeat(9, 1800000010.5, 3, None)
+
+
+def test_a_url_the_exporter_cut_is_rejected_as_url_truncated():
+    from sfive_ngxlua.records import REASONS, RecordParser
+
+    parse = RecordParser(settings()).parse
+    cut = (b'{"seq":1,"time":"2027-01-15T08:00:00.000+00:00","client":"10.0.0.1","ua":"u",'
+           b'"url":"/live/hls/foo-high/seg1.t","url-truncated":9000,"status":200,'
+           b'"bytes-sent":5}')
+    assert "url-truncated" in REASONS
+    assert parse(cut) == "url-truncated", "a cut URL can match another stream: never counted"
+    assert parse(cut.replace(b'"status":200', b'"status":404')) == "status"
+    assert parse(cut.replace(b',"url-truncated":9000', b"")).streamer == ("foo", "hls", "high")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_ring_history_comes_from_the_heartbeats(service):
+    exporter = Exporter(ring=RING).listen()
+    try:
+        run = service(settings(url=exporter.url()))
+        await wait_for(lambda: run.stats.exporter_connected)
+        exporter.send(heartbeat(0, T0 + 1.0))  # an empty ring: nothing held, nothing said
+        await wait_for(lambda: run.stats.heartbeats == 1)
+        assert (run.stats.ring_size, run.stats.ring_history) == (None, None)
+        exporter.send(line(T0 + 1, seq=500), heartbeat(500, T0 + 2.0, 101, T0 - 118.0))
+        await wait_for(lambda: run.stats.heartbeats == 2)
+        assert run.stats.ring_size == 400
+        assert run.stats.ring_history == pytest.approx(120.0)
+        assert run.stats.summary()["history"] == "120s"
+    finally:
+        await exporter.stop()

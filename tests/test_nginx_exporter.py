@@ -32,6 +32,7 @@ pytestmark = pytest.mark.timeout(30)
 SEG1 = "/live/hls/foo-high/seg1.ts"
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$")
 FIELDS = ["seq", "time", "client", "ua", "url", "status", "bytes-sent"]
+HEARTBEAT = ["seq", "hb", "oldest", "oldest-time"]
 
 
 def as_log(record):
@@ -220,28 +221,33 @@ def test_live_subscriber_lapped_by_the_ring_gets_a_gap_line(nginx_factory):
     stream.close()
 
 
+@pytest.mark.parametrize("ring_bytes", [None, 32768], ids=["counted", "dict-full"])
 @pytest_twisted.inlineCallbacks
-def test_a_too_small_dict_loses_records_but_never_its_identity(nginx_factory):
-    nginx = nginx_factory(ring_size=1000, dict_size="32k",
-                          knobs={"pending_timeout": 0.2, **UNBATCHED})
+def test_a_small_dict_keeps_the_newest_records_and_its_identity(nginx_factory, ring_bytes):
+    # a 32 KB dict and ring_size 1000: the bytes bind; the oldest batches go (the dict's own
+    # eviction never runs: the ring's identity and counters stay), the newest are all there.
+    # With ring_bytes the whole dict, the dict is full before the count says so: safe_set's
+    # "no memory" makes the oldest go as well.
+    knobs = {"pending_timeout": 30, **UNBATCHED}
+    if ring_bytes is not None:
+        knobs["ring_bytes"] = ring_bytes
+    nginx = nginx_factory(ring_size=1000, dict_size="32k", knobs=knobs)
     response, _ = yield subscribe(nginx, v=2)
     ring = ring_of(response)
     for _ in range(5):
         yield make_requests(nginx, 20)
     yield wait_for(lambda: len(nginx.access_log()) >= 100, what="100 requests logged")
-    yield wait_for(lambda: "is too small" in nginx.error_log(), what="the dict to fill")
     response, stream = yield subscribe(nginx, after=0, v=2)
     yield wait_for(lambda: any(line.get("seq") == 100 for line in stream.heartbeats()),
                    what="a heartbeat at the newest record")
     records = stream.records()
     assert 10 < len(records) < 90, "the dict held an unexpected number of records"
-    # safe_set: the newest records are lost (and said so), the ring's keys are never evicted
-    assert seqs(records) == list(range(1, len(records) + 1))
-    after = [line for line in stream.lines[stream.lines.index(records[-1]) + 1:]
-             if "hb" not in line]
-    assert after == [{"lost": 100 - len(records), "seq": 101}]
+    first = records[0]["seq"]
+    assert stream.lines[0] == {"lost": first - 1, "seq": first}
+    assert seqs(records) == list(range(first, 101)), "the newest records are kept"
+    assert all(hb["oldest"] >= first for hb in stream.heartbeats()[-1:])
     assert ring_of(response) == ring
-    assert "is too small for ring_size 1000" in nginx.error_log()
+    assert "no room" not in nginx.error_log()
     stream.close()
 
 
@@ -434,7 +440,10 @@ def test_another_ring_streams_from_the_first_record_this_ring_holds(nginx_factor
 @pytest_twisted.inlineCallbacks
 def test_v1_subscribers_get_todays_lines_only(nginx_factory):
     nginx = nginx_factory(ring_size=4, knobs={"heartbeat_interval": 0.05})
-    _, v1 = yield subscribe(nginx)
+    response, v1 = yield subscribe(nginx)
+    # the headers whatever ?v asks (the tests' fake exporters answer so too)
+    assert response.headers.getRawHeaders(b"x-sfive-protocol") == [b"2"]
+    assert re.fullmatch(r"[0-9a-f]{16}", ring_of(response))
     _, v2 = yield subscribe(nginx, v=2)
     yield make_requests(nginx, 3)
     yield wait_for(lambda: len(v1.lines) >= 3 and len(v2.heartbeats()) >= 5,
@@ -446,8 +455,9 @@ def test_v1_subscribers_get_todays_lines_only(nginx_factory):
                    what="both streams to end")
     assert all(list(line) == FIELDS for line in v1.lines)
     last = v2.lines[-1]
-    assert list(last) == ["seq", "hb"] and last["seq"] == 3, "a last heartbeat ends the stream"
-    assert re.fullmatch(rb'\{"seq":3,"hb":\d+\.\d{1,3}\}', v2.raw[-1])
+    assert list(last) == HEARTBEAT and last["seq"] == 3, "a last heartbeat ends the stream"
+    assert re.fullmatch(rb'\{"seq":3,"hb":\d+\.\d{1,3},"oldest":1,"oldest-time":\d+\.\d{3}\}',
+                        v2.raw[-1])
 
 
 @pytest_twisted.inlineCallbacks
@@ -476,7 +486,7 @@ def test_a_reload_while_workers_log_loses_nothing(nginx):
     yield wait_for(lambda: load.made >= 100, what="100 requests")
     yield threads.deferToThread(nginx.reload)
     yield wait_for(lambda: old.reason is not None, what="the old stream to end after draining")
-    assert old.done.result and list(old.lines[-1]) == ["seq", "hb"]
+    assert old.done.result and list(old.lines[-1]) == HEARTBEAT
     _, new = yield subscribe(nginx, v=2, ring=ring_of(response), after=old.lines[-1]["seq"])
     made = load.made
     yield wait_for(lambda: load.made >= made + 50, what="50 requests after the reload")
@@ -516,7 +526,7 @@ def test_a_graceful_stop_while_workers_log_loses_nothing(nginx_factory):
     assert [len(b) for b in bodies] == [1400] * 4
     yield wait_for(lambda: stream.reason is not None, what="the stream to end")
     yield load.stop()
-    assert stream.done.result and list(stream.lines[-1]) == ["seq", "hb"]
+    assert stream.done.result and list(stream.lines[-1]) == HEARTBEAT
     logged = logged_uas(nginx, "load-")
     assert len(logged) >= 50 and {f"load-slow-{i}" for i in range(4)} <= logged
     assert exported_uas(stream.records()) == logged
@@ -542,7 +552,7 @@ def test_records_still_buffered_when_a_worker_exits_are_delivered(nginx_factory)
     records = stream.records() + new.records()
     assert exported_uas(records) == logged_uas(nginx, "reload-") | logged_uas(nginx, "quit-")
     assert len(records) == 11 and seqs(records) == list(range(1, 12))
-    assert new.lines[-1] == {"seq": 11, "hb": new.lines[-1]["hb"]}
+    assert list(new.lines[-1]) == HEARTBEAT and new.lines[-1]["seq"] == 11
 
 
 @pytest_twisted.inlineCallbacks
@@ -657,3 +667,139 @@ function M.serve()
 end
 return M
 """
+
+
+# --- a ring bounded in bytes: the oldest batches go, never the newest ---------------------------
+
+
+def ordinary_after_a_burst(nginx, bursts, ua_bytes, ordinary):
+    """``bursts`` requests with distinct user agents of ``ua_bytes`` (a scanner: 404s), then
+    ``ordinary`` viewers of SEG1, each pipelined as fast as nginx serves them (lab.nginx.burst)."""
+    from lab.nginx import burst
+
+    scans = burst(nginx, [f"/scan/{i}" for i in range(bursts)],
+                  [f"bot-{i}-".ljust(ua_bytes, "x") for i in range(bursts)])
+    viewers = burst(nginx, [SEG1] * ordinary, [f"viewer-{i}" for i in range(ordinary)])
+    return scans, viewers
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("capped", [True, False], ids=["shipped", "uncapped"])
+@pytest_twisted.inlineCallbacks
+def test_a_burst_of_huge_user_agents_does_not_starve_the_ordinary_records(nginx_factory, capped):
+    # the shipped dict size and ring_size: 12,000 user agents of 7 KB are more than the dict
+    # holds. Before the ring was bounded in bytes, the *newest* batches were refused and the
+    # ordinary requests after the burst were lost until ring_size records later (488 and 1000
+    # of 1000 in two runs). Shipped, the user agents are cut to max_ua_bytes and all fit;
+    # uncapped (max_ua_bytes 8192) the byte bound deletes the oldest batches instead.
+    knobs = {"pending_timeout": 30} if capped else {"pending_timeout": 30, "max_ua_bytes": 8192}
+    nginx = nginx_factory(knobs=knobs)
+    response, _ = yield subscribe(nginx, v=2)
+    scans, viewers = yield threads.deferToThread(ordinary_after_a_burst, nginx, 12_000, 7000,
+                                                 1000)
+    assert (scans, viewers) == (12_000, 1000)
+    again, stream = yield subscribe(nginx, after=0, v=2)
+    yield wait_for(lambda: any(hb["seq"] >= 13_000 for hb in stream.heartbeats()),
+                   timeout=60, what="the newest record (no stall on deleted batches)")
+    records = stream.records()
+    got = {r["ua"] for r in records if r["ua"].startswith("viewer-")}
+    lost = 1000 - len(got)
+    gaps = [line for line in stream.lines if "lost" in line]
+    print(f"ordinary records lost: {lost} of 1000; burst records held {len(records) - len(got)}, "
+          f"gaps {gaps}")
+    assert lost == 0
+    assert seqs(records) == list(range(records[0]["seq"], 13_001)), "a hole after the oldest"
+    if capped:
+        assert gaps == [] and {len(r["ua"]) for r in records if r["ua"].startswith("bot-")} \
+            == {2048}
+    else:
+        assert gaps == [{"lost": records[0]["seq"] - 1, "seq": records[0]["seq"]}]
+        assert stream.heartbeats()[-1]["oldest"] == records[0]["seq"]
+    assert ring_of(again) == ring_of(response), "the dict's eviction took the ring's identity"
+    assert "no room" not in nginx.error_log()
+    stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_live_subscriber_lapped_by_the_byte_bound_gets_its_gap_without_a_stall(nginx_factory):
+    # ring_size would hold everything, the bytes (16 KB) hold a few dozen records: the deleted
+    # batches are below the "gc" marker, so the subscriber (asleep for 1.5 s) learns at once
+    # that they are gone instead of waiting pending_timeout (30 s) on each of them
+    from lab.nginx import burst
+
+    nginx = nginx_factory(dict_size="1m", knobs={"ring_bytes": 16384, "poll_interval": 1.5,
+                                                 "pending_timeout": 30, **UNBATCHED})
+    _, stream = yield subscribe(nginx, v=2)
+    yield wait_for(lambda: stream.heartbeats(), what="the first heartbeat")
+    made = yield threads.deferToThread(burst, nginx, [SEG1] * 400,
+                                       [f"v{i}" for i in range(400)])
+    assert made == 400
+    yield wait_for(lambda: any(hb["seq"] == 400 for hb in stream.heartbeats()), timeout=15,
+                   what="the newest record, past the deleted batches")
+    records = stream.records()
+    gaps = [line for line in stream.lines if "lost" in line]
+    assert gaps and sum(g["lost"] for g in gaps) + len(records) == 400
+    assert 10 < len(records) < 100 and seqs(records)[-1] == 400
+    assert stream.heartbeats()[-1]["oldest"] <= records[-1]["seq"]
+    stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_service_knows_the_ring_history_from_the_real_exporter(nginx_factory):
+    # the heartbeats name the oldest record held and its time; before, the service read
+    # X-Sfive-Ring-Size, which sfive.lua never sent: ring_history was always "-"
+    from helpers.faults import Running, settings
+
+    nginx = nginx_factory(ring_size=50, knobs=UNBATCHED)
+    _, stream = yield subscribe(nginx, v=2)
+    yield wait_for(lambda: stream.heartbeats(), what="a first heartbeat")
+    assert stream.lines[0] == {"seq": 0, "hb": stream.lines[0]["hb"]}, "an empty ring: no history"
+    yield make_requests(nginx, 20, prefix="early")
+    yield wait_for(lambda: len(stream.records()) >= 20, what="the first 20 records")
+    yield make_requests(nginx, 40, prefix="late")
+    yield wait_for(lambda: len(stream.records()) >= 60, what="all 60 records")
+    times = {r["seq"]: epoch(r) for r in stream.records()}
+    yield wait_for(lambda: stream.heartbeats()[-1]["hb"] > times[60] + 1, what="a second more")
+    run = Running(settings(url=nginx.url("/sfive"))).start()
+    try:
+        yield wait_for(lambda: run.stats.ring_history, what="the ring's history")
+        beat = run.fetch.pipeline.heartbeat
+        assert (beat.seq, beat.oldest, run.stats.ring_size) == (60, 11, 50)
+        assert beat.time - times[11] - 0.002 <= run.stats.ring_history \
+            <= beat.time - times[1] + 0.002
+        assert run.stats.summary()["history"] == f"{run.stats.ring_history:.0f}s"
+    finally:
+        yield run.stop()
+        stream.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_user_agents_and_urls_are_cut_on_a_utf8_boundary(nginx_factory):
+    # shipped max_ua_bytes 2048 = 4 x the service's default --max-ua-length 512: even a user
+    # agent of 4-byte characters keeps the 512 characters the service counts, as the access log
+    # does; a URL over max_url_bytes (64 here) is cut, marked, and rejected by the service
+    from sfive_ngxlua.records import RecordParser
+    from sfive_ngxlua.settings import Settings
+
+    nginx = nginx_factory(knobs={"max_url_bytes": 64})
+    _, stream = yield subscribe(nginx)
+    emoji = "\U0001f3a5" * 600                                  # 2400 bytes
+    mixed = "a" * 2047 + "é" + "b" * 100                        # the cut would split the é
+    yield fetch(nginx.url(SEG1), ua=emoji)
+    yield fetch(nginx.url(SEG1), ua=mixed)
+    long_url = "/live/hls/foo-high/" + "ü" * 30 + ".ts"         # 19 + 60 + 3 bytes
+    yield fetch(nginx.url(long_url.replace("ü", "%C3%BC")), ua="player")
+    yield wait_for(lambda: len(stream.lines) >= 3 and len(nginx.access_log()) >= 3,
+                   what="3 records")
+    first, second, third = stream.lines[:3]
+    assert first["ua"] == "\U0001f3a5" * 512 and second["ua"] == "a" * 2047
+    log = nginx.access_log()
+    for line, entry in zip(stream.lines[:2], log):
+        assert line["ua"][:512] == entry["ua"][:512], "the service would count another client"
+    assert third["url"] == "/live/hls/foo-high/" + "ü" * 22  # 63 bytes: the 23rd would split
+    assert third["url-truncated"] == 82 and third["status"] == 404
+    assert list(third) == FIELDS[:5] + ["url-truncated"] + FIELDS[5:]
+    parse = RecordParser(Settings(streamers=(("foo", "hls", "high"),))).parse
+    assert parse(stream.raw[2]) == "status"
+    assert parse(stream.raw[2].replace(b'"status":404', b'"status":200')) == "url-truncated"
+    stream.close()

@@ -17,6 +17,7 @@ from collections import deque
 from typing import Callable, Deque, List, Optional
 
 import simplejson
+import support
 from support import v2_headers, wait_for
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -59,9 +60,10 @@ def line(t: float, **kw: object) -> bytes:
     return simplejson.dumps(record(t, **kw)).encode() + b"\n"
 
 
-def heartbeat(seq: int, t: float) -> bytes:
-    """A protocol 2 heartbeat line."""
-    return simplejson.dumps({"seq": seq, "hb": t}).encode() + b"\n"
+def heartbeat(seq: int, t: float, oldest: Optional[int] = None,
+              oldest_time: Optional[float] = None) -> bytes:
+    """A protocol 2 heartbeat line (support.heartbeat: as nginx/sfive.lua lays it out)."""
+    return support.heartbeat(seq, t, oldest, oldest_time)
 
 
 def settings(**kw: object) -> Settings:
@@ -128,14 +130,12 @@ class Exporter:
     ``plan`` holds one action per coming request: ``("stream", *chunks)`` answers 200 and keeps
     the body open (``send``/``cut``/``end`` act on it), ``("status", code)`` answers an error,
     ``("silent",)`` accepts the request and never sends headers. Without a plan: stream.
-    With ``ring`` set, a stream answers a request that asks ``v=2`` with the protocol 2
-    headers (``X-Sfive-Protocol``, ``X-Sfive-Ring``, and ``X-Sfive-Ring-Size`` if
-    ``ring_size`` is set).
+    With ``ring`` set, a stream answers with the protocol 2 headers (``X-Sfive-Protocol``,
+    ``X-Sfive-Ring``), as nginx/sfive.lua does.
     """
 
-    def __init__(self, ring: Optional[str] = None, ring_size: Optional[int] = None) -> None:
+    def __init__(self, ring: Optional[str] = None) -> None:
         self.ring = ring
-        self.ring_size = ring_size
         self.plan: Deque[tuple] = deque()
         self.requests: List[object] = []
         self.current = None
@@ -172,7 +172,7 @@ class Exporter:
             return NOT_DONE_YET
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"application/x-ndjson")
-        v2_headers(request, self.ring, self.ring_size)
+        v2_headers(request, self.ring)
         self.current = request
         for chunk in action[1:]:
             request.write(chunk)
