@@ -252,7 +252,6 @@ def test_a_v2_exporter_away_holds_the_intervals_and_its_backlog_counts_in_them(t
     backlog it sends after the reconnect is counted in its own intervals, not late."""
     run = Running(tmp_path)
     run.exporter.resource.ring = "0123456789abcdef"
-    run.exporter.resource.ring_size = 1000
     fetch = run.service.getServiceNamed("fetch")
     try:
         yield wait_for(lambda: run.requests)
