@@ -28,6 +28,10 @@ from .stats import Stats
 FORMAT_REASONS = ("invalid-utf8", "invalid-json", "not-an-object", "missing-field", "wrong-type",
                   "bad-time")
 """Rejections that mean the lines are not written in the sfive format (nginx/sfive-log.conf)."""
+WARNINGS = ("nothing-accepted", "unknown-streamer", *FORMAT_REASONS, "not-sfive-log",
+            "not-an-exporter")
+"""Every warning (``Stats.warnings``), so that the metrics can list them all from the start; the
+last two are the sources' (follow.py, fetch.py)."""
 FORMAT_SHARE = 0.01
 """A format reason above this share of a report's lines raises its warning..."""
 CLEAR_SHARE = 0.001
