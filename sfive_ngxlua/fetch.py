@@ -3,10 +3,12 @@
 The fetcher never stops the reactor: an answer other than 200, a refused or failed connection,
 headers that do not come within the connect timeout, a body that goes idle for longer than the
 idle timeout, or the stream's end all lead to a new attempt after an exponential backoff with
-jitter (reset after every good connection). So does an error nobody expected (its traceback is
-logged once and counted: lifecycle.Lifecycle); its states are ``connecting``, ``streaming``,
-``backoff`` and ``retrying``. It resumes after the last exporter sequence number
-it read (``?after=N``), so records still in the exporter's ring are not lost to a reconnect.
+jitter (reset after every good connection: protocol 2's headers, or a first exporter line; a 200
+answer with neither that ends is "not an exporter", said once and no good connection). So does
+an error nobody expected (its traceback is logged once and counted: lifecycle.Lifecycle); its
+states are ``connecting``, ``streaming``, ``backoff`` and ``retrying``. It resumes after the
+last exporter sequence number it read (``?after=N``), so records still in the exporter's ring
+are not lost to a reconnect.
 
 Protocol v2 (nginx/README.md, "Protocol 2"): it asks ``v=2`` and, once it knows the
 exporter's ring, sends ``ring=ID``. An exporter that answers ``X-Sfive-Protocol: 2`` names its

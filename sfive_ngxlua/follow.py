@@ -15,6 +15,11 @@ A file is known by its device, inode and first line (its "head"), never by its p
   lines nginx wrote between the copy and the truncation are lost, by the nature of copytruncate;
 - deleted and created again, absent at start: waited for, read from the start once it is there.
 
+A file's first lines are checked when it is opened (or once it has them): a log that is not in
+the sfive format (nginx's ``combined``, say) is one error naming nginx/sfive-log.conf, counted
+in ``stats.warnings``; it is followed all the same (its lines rejected and counted), so that
+the sfive lines nginx writes into it after the fix count without a restart.
+
 Changes are noticed through inotify on the file's directory where Twisted has it, and by polling
 on the injected clock anyway (every second with inotify, as a safety net; four times a second
 without).
