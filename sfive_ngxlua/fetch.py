@@ -3,8 +3,8 @@
 The fetcher never stops the reactor: an answer other than 200, a refused or failed connection,
 headers that do not come within the connect timeout, a body that goes idle for longer than the
 idle timeout, or the stream's end all lead to a new attempt after an exponential backoff with
-jitter (reset after every good connection: protocol 2's headers, or a first exporter line; a 200
-answer with neither that ends is "not an exporter", said once and no good connection). So does
+jitter (reset after every good connection: protocol 2's headers, or a first exporter line; a
+200 without the header whose body ends holding no exporter line is "not an exporter"). So does
 an error nobody expected (its traceback is logged once and counted: lifecycle.Lifecycle); its
 states are ``connecting``, ``streaming``, ``backoff`` and ``retrying``. It resumes after the
 last exporter sequence number it read (``?after=N``), so records still in the exporter's ring
@@ -371,7 +371,7 @@ class LogFetchService(Service):
             if not self.running:
                 return
             why = "stream ended" if reason.check(ResponseDone) else describe(reason)
-            if not self._proven and (self._got or reason.check(ResponseDone)):
+            if not self._proven and self._got:
                 why = self._not_an_exporter(why)
             if dropped:
                 why += f"; discarded a partial line of {dropped} bytes"
@@ -385,8 +385,8 @@ class LogFetchService(Service):
         self._said_not_exporter = False
 
     def _not_an_exporter(self, why: str) -> str:
-        """A 200 answer without the protocol header ended before any record: said once per
-        stretch, counted, and the backoff not reset (its "connections" are no good ones)."""
+        """A 200 answer without the protocol header ended after bytes that held no exporter
+        line (a web page, say): said once per stretch, counted, and the backoff not reset (its "connections" are no good ones)."""
         if not self._said_not_exporter:
             self._said_not_exporter = True
             self.stats.warnings["not-an-exporter"] += 1
