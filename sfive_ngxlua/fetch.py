@@ -386,7 +386,8 @@ class LogFetchService(Service):
 
     def _not_an_exporter(self, why: str) -> str:
         """A 200 answer without the protocol header ended after bytes that held no exporter
-        line (a web page, say): said once per stretch, counted, and the backoff not reset (its "connections" are no good ones)."""
+        line (a web page, say): said once per stretch and counted; the backoff is not reset
+        (its "connections" are no good ones)."""
         if not self._said_not_exporter:
             self._said_not_exporter = True
             self.stats.warnings["not-an-exporter"] += 1
