@@ -351,3 +351,27 @@ async def test_a_200_that_is_not_an_exporter_is_said_and_backs_off_growing(logs)
     finally:
         fetcher.stopService()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_composed_service_says_it_through_its_own_parser(logs):
+    """build() wires the conditions to the pipeline's parser: an exporter streaming records of
+    a stream not among -S, through the real HTTP client, is warned about at the report."""
+    from helpers.faults import Exporter, Running
+    from helpers.faults import line as exporter_line
+    from helpers.faults import settings as service_settings
+
+    exporter = Exporter().listen()
+    run = Running(service_settings(url=exporter.url())).start()
+    try:
+        exporter.plan.append(("stream", exporter_line(T0 + 1, url="/live/hls/zzz-4k/1.ts",
+                                                      client=CLIENT, ua=UA, seq=1)))
+        await wait_for(lambda: run.stats.rejected["unknown-streamer"] == 1)
+        run.clock.advance(T0 + 11 - run.clock.seconds())
+        await wait_for(lambda: warnings(logs, "unknown-streamer"))
+        assert "/live/hls/zzz-4k/1.ts (parsed as zzz/hls/4k, which is not among -S)" in \
+            text(warnings(logs, "unknown-streamer")[0])
+        assert CLIENT not in logs.everything() and UA not in logs.everything()
+    finally:
+        await run.stop()
+        await exporter.stop()
