@@ -135,8 +135,10 @@ class Conditions:
             why = ", ".join(f"{r} {n}" for n, r in reasons) or "none rejected"
             examples = "; ".join(self.examples(stats, r) for _, r in reasons[:2]
                                  if stats.rejected_samples.get(r))
+            fix = (f"write the log in the sfive format ({LOG_CONF})"
+                   if reasons and reasons[0][1] in FORMAT_REASONS else "check -F and -S")
             return (f"nothing counted: none of the {lines} lines read since the last report "
-                    f"was accepted ({why}); the datasets hold no viewers. Check -F and -S "
+                    f"was accepted ({why}); the datasets hold no viewers: {fix} "
                     f"(sfive-ngxlua-check with the service's options shows what counts)"
                     + (f"; e.g. {examples}" if examples else ""))
         n = rejected.get(name, 0)

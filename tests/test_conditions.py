@@ -142,7 +142,8 @@ def test_nothing_accepted_while_lines_arrive_but_url_mismatch_alone_is_normal(lo
     assert len(warnings(logs, "nothing-accepted")) == 1
     said = text(warnings(logs, "nothing-accepted")[0])
     assert said.startswith("nothing counted: none of the 2 lines read since the last report "
-                           "was accepted (url-mismatch 2)")
+                           "was accepted (url-mismatch 2); the datasets hold no viewers: "
+                           "check -F and -S")
     assert "url-mismatch /other-site/index.html (not matched by -F)" in said
     c.interval(*other)
     c.interval(*other)
@@ -193,7 +194,10 @@ def test_samples_and_warnings_hold_no_client_address_or_user_agent(logs):
     said = text(warnings(logs, "unknown-streamer")[0])
     example = re.search(r"unknown-streamer (\S+) \(", said).group(1)
     assert len(example) == conditions.EXAMPLE_CHARS and example.endswith("\u2026")
-    assert warnings(logs, "invalid-json") and warnings(logs, "nothing-accepted")
+    assert warnings(logs, "invalid-json")
+    assert "(invalid-json 3, url-mismatch 1, unknown-streamer 1); the datasets hold no viewers: " \
+           "write the log in the sfive format (nginx/sfive-log.conf)" in \
+           text(warnings(logs, "nothing-accepted")[0])
     everything = logs.everything() + repr(samples)
     assert CLIENT not in everything and UA not in everything
 
