@@ -454,7 +454,7 @@ def test_no_viewers_for_longer_than_the_idle_timeout(chain):
     yield c.more()
     figures = yield c.settle()
     assert "exporter sent nothing" not in c.service.log()
-    assert figures["exporter"] == 0, "one quiet connection: no exporter reconnects"
+    assert figures["reconnects"] == 0, "one quiet connection: no exporter reconnects"
 
 
 @pytest_twisted.inlineCallbacks
