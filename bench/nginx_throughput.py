@@ -345,7 +345,7 @@ def main() -> int:
         expected = sum(r["bytes_sent"] for r in served if r["status"] in COUNTED_STATUSES)
         got = sum(d["data"]["bytes-sent"] for d in reader.datasets)
         reported = [line for line in log.read_text().splitlines() if " reported: " in line]
-        logged_lost = re.search(r" lost=(\d+)", reported[-1]) if reported else None
+        logged_lost = re.search(r" total\.lost=(\d+)", reported[-1]) if reported else None
         ok = (got == expected and final.get("records_lost", 0) == 0
               and all(p.caught_up for p, _ in phases))
         print(f"Machine: {machine()}; nginx {args.workers} workers, wrk {args.threads} threads, "

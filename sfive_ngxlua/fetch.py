@@ -3,10 +3,12 @@
 The fetcher never stops the reactor: an answer other than 200, a refused or failed connection,
 headers that do not come within the connect timeout, a body that goes idle for longer than the
 idle timeout, or the stream's end all lead to a new attempt after an exponential backoff with
-jitter (reset after every good connection). So does an error nobody expected (its traceback is
-logged once and counted: lifecycle.Lifecycle); its states are ``connecting``, ``streaming``,
-``backoff`` and ``retrying``. It resumes after the last exporter sequence number
-it read (``?after=N``), so records still in the exporter's ring are not lost to a reconnect.
+jitter (reset after every good connection: protocol 2's headers, or a first exporter line; a
+200 without the header whose body ends holding no exporter line is "not an exporter"). So does
+an error nobody expected (its traceback is logged once and counted: lifecycle.Lifecycle); its
+states are ``connecting``, ``streaming``, ``backoff`` and ``retrying``. It resumes after the
+last exporter sequence number it read (``?after=N``), so records still in the exporter's ring
+are not lost to a reconnect.
 
 Protocol v2 (nginx/README.md, "Protocol 2"): it asks ``v=2`` and, once it knows the
 exporter's ring, sends ``ring=ID``. An exporter that answers ``X-Sfive-Protocol: 2`` names its
@@ -43,6 +45,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from . import __version__
+from .conditions import records_read
 from .lifecycle import RETRYING, STOPPED, Lifecycle
 from .pipeline import Pipeline
 from .records import Heartbeat
@@ -183,6 +186,11 @@ class LogFetchService(Service):
         self._had_connection = False
         self._attempt = 0
         """Counts requests; an answer or failure of an earlier one is not this one's."""
+        self._proven = False
+        """The current answer is an exporter's: protocol 2's headers, or a record read."""
+        self._got = 0
+        self._answer = ""
+        self._said_not_exporter = False
         self.lifecycle = Lifecycle("fetch", stats, (CONNECTING, STREAMING, BACKOFF),
                                    log=self.log)
 
@@ -271,7 +279,11 @@ class LogFetchService(Service):
         except Exception:
             response.deliverBody(_Discard())
             raise
-        self.failures = 0
+        self._proven = self.protocol == 2
+        if self._proven:
+            self._exporter_proven()
+        self._got = 0
+        self._answer = _header(response, b"Content-Type") or "no Content-Type"
         self.stats.exporter_connected = self.stats.source_connected = True
         self.lifecycle.enter(STREAMING)
         self.log.info("{what} to {url}{how}", url=self.safe_url,
@@ -324,7 +336,15 @@ class LogFetchService(Service):
         self._last_data = self.clock.seconds()
         try:
             beat = self.pipeline.heartbeat
-            self.pipeline.feed(data)
+            if self._proven:
+                self.pipeline.feed(data)
+            else:
+                self._got += len(data)
+                before = records_read(self.stats)
+                self.pipeline.feed(data)
+                if records_read(self.stats) > before:
+                    self._proven = True
+                    self._exporter_proven()
             if self.pipeline.heartbeat is not beat:
                 self._ring_history(self.pipeline.heartbeat)
             self._moved()
@@ -362,11 +382,32 @@ class LogFetchService(Service):
             if not self.running:
                 return
             why = "stream ended" if reason.check(ResponseDone) else describe(reason)
+            if not self._proven and self._got:
+                why = self._not_an_exporter(why)
             if dropped:
                 why += f"; discarded a partial line of {dropped} bytes"
             self._retry_later(why)
         except Exception:
             self._unexpected(Failure(), "closing the exporter's stream")
+
+    def _exporter_proven(self) -> None:
+        """A good connection: the backoff starts again from its first delay."""
+        self.failures = 0
+        self._said_not_exporter = False
+
+    def _not_an_exporter(self, why: str) -> str:
+        """A 200 answer without the protocol header ended after bytes that held no exporter
+        line (a web page, say): said once per stretch and counted; the backoff is not reset
+        (its "connections" are no good ones)."""
+        if not self._said_not_exporter:
+            self._said_not_exporter = True
+            self.stats.warnings["not-an-exporter"] += 1
+            self.log.error(
+                "exporter {url} answered 200 but is not an sfive exporter: no X-Sfive-Protocol "
+                "header and no record in its answer ({n} bytes, {answer}); -u must name the "
+                "exporter's location (nginx/sfive-location.conf, /sfive by default)",
+                url=self.safe_url, n=self._got, answer=self._answer)
+        return f"not an exporter ({why})"
 
     def _teardown(self) -> int:
         """Let go of the current request or stream (if any): no timer, no body, the partial

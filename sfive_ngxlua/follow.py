@@ -15,6 +15,11 @@ A file is known by its device, inode and first line (its "head"), never by its p
   lines nginx wrote between the copy and the truncation are lost, by the nature of copytruncate;
 - deleted and created again, absent at start: waited for, read from the start once it is there.
 
+A file's first lines are checked when it is opened (or once it has them): a log that is not in
+the sfive format (nginx's ``combined``, say) is one error naming nginx/sfive-log.conf, counted
+in ``stats.warnings``; it is followed all the same (its lines rejected and counted), so that
+the sfive lines nginx writes into it after the fix count without a restart.
+
 Changes are noticed through inotify on the file's directory where Twisted has it, and by polling
 on the injected clock anyway (every second with inotify, as a safety net; four times a second
 without).
@@ -40,6 +45,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .conditions import not_sfive
 from .lifecycle import STOPPED, Lifecycle
 from .lines import LineSplitter
 from .pipeline import Pipeline
@@ -57,6 +63,10 @@ ROTATED_SLACK = 1.0
 POLL_WITH_INOTIFY = 1.0
 POLL_WITHOUT_INOTIFY = 0.25
 WAITING, BACKLOG, FOLLOWING = "waiting-for-file", "reading-backlog", "following"
+FORMAT_LINES = 8
+FORMAT_BYTES = 64 << 10
+"""A file's format is checked on its first FORMAT_LINES lines, read from its first FORMAT_BYTES
+bytes."""
 
 
 def _digest(head: bytes) -> str:
@@ -79,6 +89,8 @@ class _File:
         self.last_growth = now
         self.skip = 0
         """Lines at ``offset`` already folded into the model: a feed raised after them."""
+        self.sfive: Optional[bool] = None
+        """Whether its first lines are in the sfive format (None: not checked yet)."""
 
     def learn_head(self) -> None:
         """Remember the first line (up to HEAD bytes) once the file has it."""
@@ -469,6 +481,8 @@ class FileFollowService(Service):
 
     def _read(self, f: _File, now: float, budget: int) -> int:
         """Feed what ``f`` gained (at most about ``budget`` bytes); return the bytes read."""
+        if f.sfive is None:
+            self._check_format(f)
         got = 0
         while got < budget:
             try:
@@ -493,6 +507,38 @@ class FileFollowService(Service):
             if len(data) < CHUNK:
                 break
         return got
+
+    def _check_format(self, f: _File) -> None:
+        """Once a file has its first complete lines: are they in the sfive format? If not, one
+        error naming the fix, counted (``stats.warnings["not-sfive-log"]``). The file is read
+        on all the same, its lines rejected and counted, so that nginx writing the right
+        format after a fix and a reload is counted from its first line on."""
+        try:
+            data = os.pread(f.fd, FORMAT_BYTES, 0)
+        except OSError:
+            return  # the read says it
+        lines = data.split(b"\n")[:-1][:FORMAT_LINES]
+        if not lines:
+            if len(data) < FORMAT_BYTES:
+                return  # no complete line yet: checked when there is one
+            lines = [data]
+        why = not_sfive(self.pipeline.parser, lines)
+        f.sfive = why is None
+        if why is None:
+            return
+        self.stats.warnings["not-sfive-log"] += 1
+        self.log.error(
+            "{name} is not in the sfive format: {why}. nginx must write it with the sfive "
+            "log format: include nginx/sfive-log.conf (/usr/share/sfive-ngxlua/nginx/ in the "
+            "package) in http {{ }} and name it on the access_log (access_log {name} sfive "
+            "buffer=64k flush=1s;), then reload nginx; until then its lines are rejected "
+            "(counted) and nothing from it counts", name=f.name, why=why)
+
+    @property
+    def in_sfive_format(self) -> Optional[bool]:
+        """Whether the file at the path is known to be in the sfive format (None: no file, or
+        not checked yet)."""
+        return None if self.current is None else self.current.sfive
 
     def _feed(self, f: _File, data: bytes) -> List[bytes]:
         """``data`` (read at ``f.offset``) to the pipeline. If the pipeline raises, ``f`` is

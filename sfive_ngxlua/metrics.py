@@ -26,6 +26,7 @@ from twisted.web.server import Request, Site
 import twisted
 
 from . import __version__
+from .conditions import WARNINGS
 from .records import REASONS
 from .settings import Settings
 from .stats import Stats, StreamFigures
@@ -92,6 +93,7 @@ class StatsCollector:
             yield CounterMetricFamily(PREFIX + name, doc, value=value)
         yield from self._build_info()
         yield from self._drops()
+        yield from self._warnings()
         yield from self._components()
         if self.settings.file:
             yield CounterMetricFamily(PREFIX + "file_rotations", "Times the --file log was "
@@ -197,6 +199,18 @@ class StatsCollector:
                               (unexplained if reason == "other" else 0))
         for reason in sorted(set(drops) - set(DROP_REASONS)):
             family.add_metric((reason,), drops[reason])
+        yield family
+
+    def _warnings(self) -> Iterator[Metric]:
+        """Misconfiguration warnings raised, by warning (conditions.py; README)."""
+        family = CounterMetricFamily(PREFIX + "warnings", "Misconfiguration warnings raised, "
+                                     "by warning (once per change of condition).",
+                                     labels=("warning",))
+        counts = self.stats.warnings
+        for name in WARNINGS:
+            family.add_metric((name,), counts.get(name, 0))
+        for name in sorted(set(counts) - set(WARNINGS)):
+            family.add_metric((name,), counts[name])
         yield family
 
     def _components(self) -> Iterator[Metric]:

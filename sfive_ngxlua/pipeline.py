@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from twisted.logger import Logger
 
+from .conditions import rejected_url
 from .lines import LineSplitter
 from .model import IntervalModel
 from .records import Gap, Heartbeat, Record, RecordParser, start_time
@@ -44,6 +45,9 @@ class Pipeline:
         self.last_time: Optional[int] = None
         """The time of the last record read (accepted or not)."""
         self._gap: Optional[Tuple[int, int, Optional[int]]] = None
+        self._sample_at: Dict[str, int] = {}
+        """Per rejection reason, the line count from which on its next rejection is sampled:
+        one sample per reason and read (``_sample``)."""
         self.handled = 0
         """How many lines the last ``feed_lines`` folded into the model and counted: all of
         them, or, if it raised, those before the line that raised (the caller reads again from
@@ -91,6 +95,8 @@ class Pipeline:
                         due = self.model.due_at
                 elif type(result) is str:
                     stats.rejected[result] += 1
+                    if stats.lines >= self._sample_at.get(result, 0):
+                        self._sample(result, line)
                 elif type(result) is Heartbeat:
                     stats.lines -= 1
                     stats.heartbeats += 1
@@ -111,6 +117,14 @@ class Pipeline:
             if last is not None:
                 self.last_time = last.time
         self.handled = len(lines)
+
+    def _sample(self, reason: str, line: bytes) -> None:
+        """Keep the URL of a rejected line among the reason's samples (stats.sample_rejection:
+        the URL only, never the line's client or user agent)."""
+        self._sample_at[reason] = self.stats.lines + 1
+        url = rejected_url(self.parser, line)
+        if url is not None:
+            self.stats.sample_rejection(reason, url)
 
     def _rewind(self, lines: list, done: int, start_seq: Optional[int]) -> None:
         """Line ``done`` raised: un-count it and the lines after it, and set ``last_seq`` back

@@ -242,6 +242,16 @@ class RecordParser:
         when = obj.get("time") if type(obj) is dict else None
         return self.seconds(when) if type(when) is str else None
 
+    def url_of(self, line: bytes) -> Optional[str]:
+        """A line's ``url`` field if it has one, whatever else it holds or lacks; None if not.
+        (Not the hot path: the pipeline asks it of a few rejected lines, for the samples.)"""
+        try:
+            obj = _decoder.decode(line.decode("utf-8", "sfive-per-byte"))
+        except (ValueError, RecursionError):
+            return None
+        url = obj.get("url") if type(obj) is dict else None
+        return url if type(url) is str else None
+
 
 def start_time(epoch: int) -> str:
     """``YYYY-MM-DDTHH:MM:SSZ`` in UTC: how the service writes a time (a dataset's start, a

@@ -4,7 +4,7 @@ hand them to the outbox (``outbox.py``)."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Protocol
+from typing import Dict, List, Optional, Protocol, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -12,6 +12,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .conditions import Conditions
 from .datasets import start_time
 from .lifecycle import RETRYING, STOPPED, Lifecycle
 from .model import Interval, IntervalModel
@@ -72,9 +73,12 @@ class ReportService(Service):
 
     def __init__(self, settings: Settings, clock: IReactorTime, model: IntervalModel,
                  outbox: Outbox, stats: Stats, source: Optional[Source] = None,
-                 held_cap: Optional[int] = None) -> None:
+                 held_cap: Optional[int] = None,
+                 conditions: Optional[Conditions] = None) -> None:
         """``held_cap``: client entries allowed in held intervals (default: one interval's
-        worth at the client cap, ``max_clients`` times the number of streamers)."""
+        worth at the client cap, ``max_clients`` times the number of streamers).
+        ``conditions``: the misconfiguration warnings, checked at each report (default: its
+        own, without the source's parser)."""
         self.settings = settings
         self.clock = clock
         self.model = model
@@ -86,6 +90,8 @@ class ReportService(Service):
                          else settings.max_clients * max(1, len(settings.streamers)))
         self.loop = LoopingCall(self.tick)
         self.loop.clock = clock
+        self.conditions = conditions if conditions is not None else Conditions(settings)
+        self._logged: Dict[str, int] = {}
         self.lifecycle = Lifecycle("report", stats, (WAITING, RUNNING), self.log)
         self._start: Optional[IDelayedCall] = None
         self._retry: Optional[IDelayedCall] = None
@@ -198,17 +204,39 @@ class ReportService(Service):
                 clients = interval.streams[streamer]
                 self.stats.reported(streamer, clients.count, clients.total)
             self.stats.last_report = self.clock.seconds()
-            self.log.info(
-                "interval {start} ({duration_ms} ms) reported: clients={clients} bytes={bytes}"
-                " lines={lines} accepted={accepted}"
-                " rejected={rejected_total} {rejected} late={late} before_start={before_start}"
-                " lost={lost} datasets sent={sent} queued={queued} dropped={dropped}"
-                " trimmed={trimmed} reconnects: exporter={reconnects} hub={hub_reconnects}"
-                " held={held} held_early={held_early} watermark_lag={lag}"
-                " ring_history={history}",
-                start=start_time(interval.start), duration_ms=interval.duration_ms,
-                **self.stats.summary(),
-            )
+            pairs = self._pairs()
+            self.log.info("interval {start} ({duration_ms} ms) reported: {pairs}",
+                          start=start_time(interval.start), duration_ms=interval.duration_ms,
+                          pairs=" ".join(f"{k}={v}" for k, v in pairs), figures=dict(pairs))
+        for change in self.conditions.check(self.stats):
+            (self.log.warn if change.raised else self.log.info)(
+                "{warning}", warning=change.text, condition=change.condition,
+                raised=change.raised)
+
+    def _pairs(self) -> List[Tuple[str, object]]:
+        """The per-interval log line's figures as ``key=value`` pairs: ``interval.*`` since
+        the last such line, ``total.*`` since start, unprefixed ones as they are now."""
+        s = self.stats
+        counts = {"lines": s.lines, "accepted": s.accepted,
+                  "rejected": sum(s.rejected.values())}
+        counts.update((f"rejected.{r}", n) for r, n in sorted(s.rejected.items()) if n)
+        counts.update(late=s.late, before_start=s.before_start, lost=s.lost,
+                      sent=s.datasets_sent, dropped=s.datasets_dropped,
+                      trimmed=s.datasets_trimmed, reconnects=s.exporter_reconnects,
+                      hub_reconnects=s.hub_reconnects, held_early=s.held_early,
+                      warnings=sum(s.warnings.values()))
+        before, self._logged = self._logged, counts
+        pairs: List[Tuple[str, object]] = [
+            ("interval.clients", sum(f.clients for f in s.streams.values())),
+            ("interval.bytes", sum(f.bytes for f in s.streams.values())),
+            ("total.bytes", sum(f.bytes_total for f in s.streams.values()))]
+        for key, n in counts.items():
+            pairs += [(f"interval.{key}", n - before.get(key, 0)), (f"total.{key}", n)]
+        pairs += [("queued", s.queued), ("held", s.held),
+                  ("watermark_lag",
+                   "-" if s.watermark_lag is None else f"{s.watermark_lag:.1f}s"),
+                  ("ring_history", "-" if s.ring_history is None else f"{s.ring_history:.0f}s")]
+        return pairs
 
 
     def stopService(self) -> None:

@@ -17,6 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .conditions import Conditions
 from .datasets import Dataset, datasets, encode, start_time
 from .fetch import LogFetchService
 from .lifecycle import STOPPED, Lifecycle
@@ -246,7 +247,8 @@ class Importer(MultiService):
                           self.queue)
             if self.store is not None else DirectOutbox(settings, sink, self.stats))
         self.report = ReportService(settings, clock, self.model, self.outbox, self.stats,
-                                    source=self.source)
+                                    source=self.source,
+                                    conditions=Conditions(settings, self.pipeline.parser))
         self.state: Optional[StateService] = None
         if self.store is not None:
             self.state = StateService(self.store, self.model, self.source, clock, self.queue)

@@ -98,6 +98,10 @@ class Stats:
     """Recent rejected URLs by reason (bounded, truncated): see sample_rejection(). Never a
     client address or user agent."""
 
+    warnings: Counter = field(default_factory=Counter)
+    """Misconfiguration warnings raised, by condition (conditions.py; not-sfive-log and
+    not-an-exporter from the sources): each counts once per change of condition."""
+
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
 

@@ -172,7 +172,7 @@ def test_an_unreachable_exporter_holds_intervals_instead_of_sending_them_empty()
         assert s.bytes() == {hms(k * 10): 100 * ((k == 1) + sum(1 for t in backlog if t // 10 == k))
                              for k in range(1, 6)}
         assert s.stats.late == 0 and s.stats.held == 0
-        assert "held=0" in logs.matching("reported: clients=")[-1]
+        assert " held=0 " in logs.matching(") reported: ")[-1]
     finally:
         globalLogPublisher.removeObserver(logs)
 

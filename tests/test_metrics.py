@@ -207,7 +207,7 @@ def test_scrape_does_not_reveal_clients(tmp_path):
     labels = {name for f in text_string_to_metric_families(run["scrape"][1])
               for s in f.samples for name in s.labels if s.name.startswith("sfive_ngxlua_")}
     assert labels == {"reason", "content", "format", "quality", "component", "state",
-                      "version", "python", "twisted"}
+                      "version", "python", "twisted", "warning"}
 
 
 def scrape_registry(service: MetricsService) -> Samples:
@@ -337,6 +337,7 @@ def test_drops_components_and_coverage_follow_stats():
     stats.intervals_covered, stats.intervals_partial, stats.intervals_withheld = 7, 2, 1
     stats.records_withheld, stats.covered = 5, True
     stats.source_connected = True
+    stats.warnings["unknown-streamer"] += 2
     got = scrape_registry(service)
 
     def value(name: str, **labels: str) -> float:
@@ -356,6 +357,8 @@ def test_drops_components_and_coverage_follow_stats():
     assert value("interval_covered") == 1
     assert value("source_connected") == value("exporter_connected") == 1
     assert value("healthy") == 0  # fetch is retrying
+    assert value("warnings_total", warning="unknown-streamer") == 2
+    assert value("warnings_total", warning="not-sfive-log") == 0, "there from the start"
 
 
 def test_the_listener_is_twisteds_own():
