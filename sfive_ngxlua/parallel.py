@@ -321,12 +321,10 @@ def merge_clients(a: Optional[Dict[str, list]], b: Optional[Dict[str, list]], ca
     ``--max-clients``, or together they pass it: which are folded depends on the order)."""
     if a is None or b is None:
         return a if b is None else b
-    if a["folded"] or b["folded"]:
-        return None
     out: Dict[Tuple[str, str], int] = {(ip, ua): sent for ip, ua, sent in a["clients"]}
     for ip, ua, sent in b["clients"]:
         out[(ip, ua)] = out.get((ip, ua), 0) + sent
-    if len(out) > cap or OVERFLOW_CLIENT in out:
+    if len(out) > cap or OVERFLOW_CLIENT in out:  # folded on either side, or now
         return None
     return {"clients": [[ip, ua, sent] for (ip, ua), sent in out.items()], "folded": []}
 

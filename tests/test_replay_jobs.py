@@ -134,6 +134,46 @@ def test_far_future_and_early_records_at_the_cuts(tmp_path):
     assert one.count(b"\n") > 17000  # the empty intervals up to the far-future record
 
 
+@pytest.mark.parametrize("overlap", [3, 9, 10, 11, 12, 13, 15, 19, 21, 25, 40])
+def test_files_that_overlap_in_time(tmp_path, overlap):
+    """Each file starts ``overlap`` seconds before the one before it ends (two servers' logs
+    given in turn, or a clock stepped back): what a head cannot absorb is found and replayed
+    in order."""
+    files = []
+    for i in range(4):
+        lines = traffic(seconds=60, seed=10 + i)
+        path = tmp_path / f"f{i}.log"
+        shift = i * (60 - overlap)
+        text = b"".join(lines).decode()
+        for s in range(59, -45, -1):  # shift every time by ``shift`` seconds, latest first
+            text = text.replace(iso(T0 + s)[:19], iso(T0 + s + shift)[:19])
+        path.write_text(text)
+        files.append(path)
+    (one, one_err), (many, many_err) = one_and_many(files, unit_bytes=1 << 30)
+    assert many == one and many_err == one_err
+    assert ", 0 late" not in one_err
+
+
+@pytest.mark.parametrize("a_ends, b_starts, b_then, late", [(21, 9, 15, 12), (20, 8, 20, 2)])
+def test_a_previous_file_ahead_by_less_than_an_interval(tmp_path, a_ends, b_starts, b_then,
+                                                       late):
+    """The narrow cases: the file before ends (at ``a_ends``) one interval past where the
+    next one's body assumes (its first record, at 11 s after the file's first, lies within
+    --grace of an interval's start), or has an interval open beyond the body's first; a
+    record after it (at ``b_then``) falls into that interval."""
+    a = [line(iso(T0 + s), client=f"10.0.0.{s % 3}") for s in range(a_ends + 1)]
+    b = [line(iso(T0 + s), client="10.0.1.1") for s in range(b_starts, b_starts + 11)]
+    b += [line(iso(T0 + b_starts + 11), client="10.0.1.2"),
+          line(iso(T0 + b_then), client="10.0.1.3")]
+    b += [line(iso(T0 + s), client="10.0.1.4") for s in range(21, 40)]
+    files = [tmp_path / "a.log", tmp_path / "b.log"]
+    files[0].write_bytes(b"".join(a))
+    files[1].write_bytes(b"".join(b))
+    (one, one_err), (many, many_err) = one_and_many(files, unit_bytes=1 << 30)
+    assert many == one and many_err == one_err
+    assert f", {late} late" in one_err
+
+
 def test_cli_default_jobs_many_files_equals_one_job(tmp_path):
     lines = traffic(seconds=200, seed=4)
     files = []
