@@ -36,7 +36,7 @@ from .records import Record, RecordParser
 from .settings import Settings
 from .stats import Stats
 
-HEAD_SECONDS = 10.0
+HEAD_SECONDS = 2.0
 """A unit's head spans this much record time (plus ``grace``): more than the lines of two
 files or byte ranges interleave by (nginx's flush period), so that what came before a unit
 ends behind its body's first record."""
@@ -97,7 +97,7 @@ def units(files: List[str], jobs: int, unit_bytes: Optional[int] = None) -> List
     sizes = {f: os.path.getsize(f) for f in files if f != "-" and not f.endswith(".gz")}
     if unit_bytes is None:
         total = sum(sizes.values())
-        unit_bytes = min(UNIT_MAX, max(UNIT_MIN, total // (4 * jobs) + 1))
+        unit_bytes = min(UNIT_MAX, max(UNIT_MIN, total // (2 * jobs) + 1))
     out: List[Unit] = []
     for name in files:
         size = sizes.get(name)
