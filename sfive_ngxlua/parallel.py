@@ -16,15 +16,12 @@ The README ("Replay on every core") names each rule that depends on order and ho
 from __future__ import annotations
 
 import gzip
-import multiprocessing
 import os
 import shutil
 import signal
 import sys
 import tempfile
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import IO, Any, Deque, Dict, Iterator, List, Optional, Tuple
 
@@ -469,6 +466,10 @@ def run_jobs(settings: Settings, files: List[str], jobs: int, out: IO[bytes],
             progress.update(unit.end or 0, stats)
         leader.finish()
         return leader
+    import multiprocessing  # here: a replay on one unit starts without them
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     first_k = first_interval(files, settings)
     spool_dir = tempfile.mkdtemp(prefix="sfive-replay-")
     # fork: the workers start at once with the settings and modules already loaded (replay
@@ -476,7 +477,7 @@ def run_jobs(settings: Settings, files: List[str], jobs: int, out: IO[bytes],
     context = multiprocessing.get_context("fork")
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init,
                                initargs=(settings, spool_dir, first_k))
-    window: Deque[Tuple[Unit, Optional[Future]]] = deque()
+    window: Deque[Tuple[Unit, Optional[Future[Result]]]] = deque()
     pending = iter(todo)
     done = 0
     try:

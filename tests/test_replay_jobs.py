@@ -44,7 +44,7 @@ def traffic(seconds=600, per_second=12, seed=1, future=None, clients=9):
     out = []
     n = 0
     for s in range(seconds):
-        for i in range(per_second):
+        for _ in range(per_second):
             n += 1
             t = T0 + s - (rng.random() < 0.2) * rng.randrange(0, 4)
             if rng.random() < 0.01:
