@@ -220,6 +220,23 @@ def test_cli_interrupted_ends_the_workers(tmp_path):
                 and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
 
 
+def test_cli_a_worker_killed_is_one_line_and_status_1(tmp_path):
+    big = tmp_path / "big.log"
+    big.write_bytes(b"".join(traffic(seconds=3000, per_second=20)) * 3)
+    proc = subprocess.Popen([REPLAY, *ARGS, "--jobs", "2", str(big)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(_children(proc.pid)) < 2:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert workers, "the workers did not start"
+    os.kill(workers[0], signal.SIGKILL)  # as the OOM killer would
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == [
+        f"sfive-ngxlua-replay: a worker process died while replaying {big}"]
+
+
 def _children(pid):
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
