@@ -72,11 +72,14 @@ class ReplayOptions(ModelOptions, HubOptions):
         ["from", None, None,
          "emit only the intervals from this time on (ISO 8601, e.g. 2026-11-27T20:00:00Z)"],
         ["until", None, None, "emit only the intervals that end by this time (ISO 8601)"],
+        ["jobs", "j", None, "processes to replay on [default: the cores]; the datasets are "
+         "those of one process, byte for byte"],
     ]
 
     def postOptions(self) -> None:
         super().postOptions()
         self.window = window_of(self["from"], self["until"], self.settings())
+        self.jobs = _jobs(self["jobs"])
 
     def opt_version(self) -> None:
         """print the version and exit"""
@@ -85,6 +88,15 @@ class ReplayOptions(ModelOptions, HubOptions):
 
     def parseArgs(self, *files: str) -> None:
         self["files"] = list(files) or ["-"]
+
+
+def _jobs(value: Optional[str]) -> int:
+    if value is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise usage.UsageError(f"--jobs must be a positive integer, not {value!r}")
+    return int(value)
 
 
 def window_of(start: Optional[str], until: Optional[str],
@@ -301,11 +313,18 @@ def _total_size(files: List[str]) -> Optional[int]:
 
 def run(settings: Settings, files: List[str], quiet: bool = False,
         out: Optional[IO[bytes]] = None, err: IO[str] = sys.stderr,
-        window: Optional[Tuple[Optional[int], Optional[int]]] = None) -> int:
-    """Replay ``files`` to standard output (or ``out``); return the exit status."""
+        window: Optional[Tuple[Optional[int], Optional[int]]] = None, jobs: int = 1,
+        unit_bytes: Optional[int] = None) -> int:
+    """Replay ``files`` to standard output (or ``out``) on ``jobs`` processes; return the exit
+    status."""
     inputs, errors = open_inputs(files)
     if errors:
         return _ended(errors, None, 0, err, status=2)
+    if jobs > 1 and window is None:
+        for _name, stream in inputs:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+        return _run_jobs(settings, files, quiet, out, err, jobs, unit_bytes)
     replay = Replay(settings, JsonLinesWriter(Stats(), out), window=window)
     progress = Progress(err, _total_size(files), not quiet)
     for done, data in chunks(inputs, errors):
@@ -314,6 +333,23 @@ def run(settings: Settings, files: List[str], quiet: bool = False,
     replay.finish()
     progress.done()
     return _ended(errors, None if quiet else replay.stats, replay.datasets, err, model=replay.model)
+
+
+def _run_jobs(settings: Settings, files: List[str], quiet: bool, out: Optional[IO[bytes]],
+              err: IO[str], jobs: int, unit_bytes: Optional[int]) -> int:
+    """``run`` on several processes (sfive_ngxlua.parallel)."""
+    from .parallel import JobFailed, run_jobs
+
+    stats = Stats()
+    progress = Progress(err, _total_size(files), not quiet)
+    try:
+        leader = run_jobs(settings, files, jobs, out if out is not None else
+                          sys.__stdout__.buffer, progress, stats, unit_bytes)
+    except JobFailed as e:
+        progress.done()
+        return _ended([str(e)], None, 0, err)
+    progress.done()
+    return _ended([], None if quiet else stats, leader.datasets, err)
 
 
 def _ended(errors: List[str], stats: Optional[Stats], datasets: int, err: IO[str],
@@ -401,6 +437,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if settings.socket or settings.hub:
         sys.exit(run_to_hub(settings, files, options["quiet"], options.window))
     try:
-        sys.exit(run(settings, files, options["quiet"], window=options.window))
+        sys.exit(run(settings, files, options["quiet"], window=options.window,
+                     jobs=options.jobs))
     except BrokenPipeError:
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nsfive-ngxlua-replay: interrupted\n")
+        sys.exit(130)

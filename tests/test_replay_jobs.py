@@ -1,0 +1,257 @@
+"""sfive-ngxlua-replay --jobs: the datasets and the summary of one process, byte for byte, on
+many files and on one large one cut into byte ranges, with the rules that depend on order
+exercised at the cuts (late records, folding at --max-clients, far-future records, records
+before the first interval)."""
+
+import gzip
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support import heartbeat, line
+
+from sfive_ngxlua import parallel
+from sfive_ngxlua.replay import run
+from sfive_ngxlua.settings import Settings
+from sfive_ngxlua.stats import Stats
+
+T0 = 1795856400
+REPLAY = str(Path(sys.executable).parent / "sfive-ngxlua-replay")
+ARGS = ["-S", "C1/hls/high", "-S", "C1/dash/low", "-n", "edge1", "-d", "10", "--max-clients",
+        "6"]
+
+
+def settings(**kw):
+    return Settings(streamers=(("C1", "hls", "high"), ("C1", "dash", "low")), hostname="edge1",
+                    duration=10, max_clients=kw.pop("max_clients", 6), **kw)
+
+
+def iso(seconds, ms=0):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}+00:00"
+
+
+def traffic(seconds=600, per_second=12, seed=1, future=None, clients=9):
+    """Lines in time order with mild reordering (up to 3 s), some late records (20-40 s
+    behind), more clients than --max-clients in some intervals, rejects, gaps, heartbeats and
+    (``future``: at these line numbers) a record a day ahead."""
+    rng = random.Random(seed)
+    out = []
+    n = 0
+    for s in range(seconds):
+        for _ in range(per_second):
+            n += 1
+            t = T0 + s - (rng.random() < 0.2) * rng.randrange(0, 4)
+            if rng.random() < 0.01:
+                t -= rng.randrange(20, 40)  # late: its interval is already reported
+            if future and n in future:
+                t = T0 + 86400
+            many = clients * (4 if (s // 10) % 5 == 0 else 1)  # every fifth interval: folding
+            url = "/live/hls/C1-high/s.ts" if rng.random() < 0.7 else "/live/dash/C1-low/s.m4s"
+            out.append(line(iso(t, rng.randrange(1000)), url=url,
+                            client=f"10.0.0.{rng.randrange(many)}", ua=f"ua{rng.randrange(2)}",
+                            sent=rng.randrange(1, 5000), status=rng.choice((200, 200, 404)),
+                            seq=n))
+            if rng.random() < 0.005:
+                out.append(b"not json\n")
+        if s % 50 == 0:
+            out.append(heartbeat(n, T0 + s))
+        if s % 97 == 0:
+            out.append(b'{"seq":%d,"lost":3}\n' % (n + 1))
+    return out
+
+
+def one_and_many(files, jobs=2, unit_bytes=4096, **kw):
+    """(stdout, stderr) of --jobs 1 and of --jobs ``jobs``."""
+    got = []
+    for n in (1, jobs):
+        out, err = io.BytesIO(), io.StringIO()
+        assert run(settings(**kw), [str(f) for f in files], out=out, err=err, jobs=n,
+                   unit_bytes=unit_bytes) == 0
+        got.append((out.getvalue(), err.getvalue()))
+    return got
+
+
+def test_many_files_byte_for_byte(tmp_path):
+    lines = traffic()
+    files = []
+    for i in range(0, len(lines), 700):  # rotated logs, oldest first; some compressed
+        path = tmp_path / f"access.log.{i}"
+        data = b"".join(lines[i:i + 700])
+        if i % 2100 == 0:
+            path = path.with_suffix(".gz")
+            path.write_bytes(gzip.compress(data))
+        else:
+            path.write_bytes(data)
+        files.append(path)
+    (one, one_err), (many, many_err) = one_and_many(files, unit_bytes=1 << 30)
+    assert many == one and many_err == one_err
+    assert b"(other clients beyond --max-clients)" in one
+    assert " late, " in one_err and ", 0 late" not in one_err
+    assert ", 0 folded" not in one_err
+
+
+def test_one_large_file_cut_in_byte_ranges(tmp_path):
+    big = tmp_path / "access.log"
+    big.write_bytes(b"".join(traffic(seed=2)))
+    (one, one_err), (many, many_err) = one_and_many([big], jobs=3, unit_bytes=20_000)
+    assert many == one and many_err == one_err
+    assert len(parallel.units([str(big)], 3, 20_000)) > 30
+
+
+def test_the_cuts_are_replayed_by_workers_and_only_unmergeable_ones_in_order(tmp_path):
+    """Most units merge; a unit whose boundary interval folds clients is replayed in order."""
+    big = tmp_path / "access.log"
+    big.write_bytes(b"".join(traffic(seed=3)))
+    leaders = {}
+    for cap in (6, 1000):
+        out = io.BytesIO()
+        leaders[cap] = parallel.run_jobs(settings(max_clients=cap), [str(big)], 2, out,
+                                         _NoProgress(), Stats(), unit_bytes=20_000)
+    n = len(parallel.units([str(big)], 2, 20_000))
+    assert leaders[1000].in_order == 0  # no folding: every unit merged
+    assert 0 < leaders[6].in_order < n
+
+
+def test_far_future_and_early_records_at_the_cuts(tmp_path):
+    """A record a day ahead makes everything after it late (into one interval, folding at
+    --max-clients): every unit after it is replayed in order, with the same result. A file
+    that starts before the first record's interval drops those records the same way."""
+    lines = traffic(seconds=300, future={1500, 2900})
+    early = [line(iso(T0 - 30), client="10.9.9.9", seq=0)]
+    big = tmp_path / "a.log"
+    big.write_bytes(b"".join(lines[:2000]))
+    rest = tmp_path / "b.log"
+    rest.write_bytes(b"".join(early + lines[2000:]))
+    (one, one_err), (many, many_err) = one_and_many([big, rest], unit_bytes=15_000)
+    assert many == one and many_err == one_err
+    assert ", 0 before the first interval" not in one_err
+    assert one.count(b"\n") > 17000  # the empty intervals up to the far-future record
+
+
+@pytest.mark.parametrize("overlap", [3, 9, 10, 11, 12, 13, 15, 19, 21, 25, 40])
+def test_files_that_overlap_in_time(tmp_path, overlap):
+    """Each file starts ``overlap`` seconds before the one before it ends (two servers' logs
+    given in turn, or a clock stepped back): what a head cannot absorb is found and replayed
+    in order."""
+    files = []
+    for i in range(4):
+        lines = traffic(seconds=60, seed=10 + i)
+        path = tmp_path / f"f{i}.log"
+        shift = i * (60 - overlap)
+        text = b"".join(lines).decode()
+        for s in range(59, -45, -1):  # shift every time by ``shift`` seconds, latest first
+            text = text.replace(iso(T0 + s)[:19], iso(T0 + s + shift)[:19])
+        path.write_text(text)
+        files.append(path)
+    (one, one_err), (many, many_err) = one_and_many(files, unit_bytes=1 << 30)
+    assert many == one and many_err == one_err
+    assert ", 0 late" not in one_err
+
+
+@pytest.mark.parametrize("a_ends, b_starts, b_then, late", [(21, 9, 15, 12), (20, 8, 20, 2)])
+def test_a_previous_file_ahead_by_less_than_an_interval(tmp_path, a_ends, b_starts, b_then,
+                                                       late):
+    """The narrow cases: the file before ends (at ``a_ends``) one interval past where the
+    next one's body assumes (its first record, at 11 s after the file's first, lies within
+    --grace of an interval's start), or has an interval open beyond the body's first; a
+    record after it (at ``b_then``) falls into that interval."""
+    a = [line(iso(T0 + s), client=f"10.0.0.{s % 3}") for s in range(a_ends + 1)]
+    b = [line(iso(T0 + s), client="10.0.1.1") for s in range(b_starts, b_starts + 11)]
+    b += [line(iso(T0 + b_starts + 11), client="10.0.1.2"),
+          line(iso(T0 + b_then), client="10.0.1.3")]
+    b += [line(iso(T0 + s), client="10.0.1.4") for s in range(21, 40)]
+    files = [tmp_path / "a.log", tmp_path / "b.log"]
+    files[0].write_bytes(b"".join(a))
+    files[1].write_bytes(b"".join(b))
+    (one, one_err), (many, many_err) = one_and_many(files, unit_bytes=1 << 30)
+    assert many == one and many_err == one_err
+    assert f", {late} late" in one_err
+
+
+def test_cli_default_jobs_many_files_equals_one_job(tmp_path):
+    lines = traffic(seconds=200, seed=4)
+    files = []
+    for i in range(0, len(lines), 500):
+        path = tmp_path / f"f{i:05d}.log"
+        path.write_bytes(b"".join(lines[i:i + 500]))
+        files.append(str(path))
+    one = subprocess.run([REPLAY, *ARGS, "--jobs", "1", *files], capture_output=True,
+                         check=True)
+    many = subprocess.run([REPLAY, *ARGS, *files], capture_output=True, check=True)
+    assert many.stdout == one.stdout and many.stderr == one.stderr
+    assert one.stdout.count(b"\n") == 2 * 20
+
+
+def test_cli_bad_jobs_and_a_failing_unit(tmp_path):
+    bad = subprocess.run([REPLAY, *ARGS, "--jobs", "0"], capture_output=True, text=True)
+    assert bad.returncode == 64 and "--jobs must be a positive integer" in bad.stderr
+    good = tmp_path / "a.log"
+    good.write_bytes(b"".join(traffic(seconds=100)))
+    corrupt = tmp_path / "b.log.gz"
+    corrupt.write_bytes(gzip.compress(b"".join(traffic(seconds=100, seed=5)))[:-40])
+    done = subprocess.run([REPLAY, *ARGS, "--jobs", "2", str(good), str(corrupt)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert f"error reading {corrupt}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_interrupted_ends_the_workers(tmp_path):
+    big = tmp_path / "big.log"
+    big.write_bytes(b"".join(traffic(seconds=3000, per_second=20)) * 3)
+    proc = subprocess.Popen([REPLAY, *ARGS, "--jobs", "2", str(big)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(_children(proc.pid)) < 2:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, "the workers did not start"
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["sfive-ngxlua-replay: interrupted"]
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
+
+
+def test_cli_a_worker_killed_is_one_line_and_status_1(tmp_path):
+    big = tmp_path / "big.log"
+    big.write_bytes(b"".join(traffic(seconds=3000, per_second=20)) * 3)
+    proc = subprocess.Popen([REPLAY, *ARGS, "--jobs", "2", str(big)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(_children(proc.pid)) < 2:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert workers, "the workers did not start"
+    os.kill(workers[0], signal.SIGKILL)  # as the OOM killer would
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == [
+        f"sfive-ngxlua-replay: a worker process died while replaying {big}"]
+
+
+def _children(pid):
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+class _NoProgress:
+    def update(self, done, stats, force=False):
+        pass
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 3])
+def test_units_cover_the_file_on_line_boundaries(tmp_path, cut):
+    path = tmp_path / "x.log"
+    data = b"".join(traffic(seconds=20, seed=cut)) + b"no newline at the end" * cut
+    path.write_bytes(data)
+    pieces = parallel.units([str(path)], 2, 1000 + cut)
+    assert b"".join(b"".join(parallel.read_unit(u)) for u in pieces) == data
+    assert all(data[u.start - 1:u.start] == b"\n" for u in pieces if u.start)
