@@ -113,14 +113,15 @@ def test_sighup_stops_as_sigterm_does_saving_the_state_and_the_queue(tmp_path):
     hub_path = str(tmp_path / "hub.sock")
     state = tmp_path / "state"
 
-    def twistd(log):
+    def twistd(log, *more):
         return subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "-l", str(log), "sfive-ngxlua", "-s", hub_path,
              "-n", "edge1", "-d", "1", "-S", "C1/hls/high", "-u", exporter.url,
-             "--grace", "0.2", "--state-dir", str(state)], cwd=tmp_path)
+             "--grace", "0.2", "--state-dir", str(state), *more], cwd=tmp_path)
 
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    proc = twistd(first_log)
+    metrics = free_port()
+    proc = twistd(first_log, "--metrics", f"tcp:{metrics}:interface=127.0.0.1")
     hub = None
     try:
         yield wait_for(lambda: exporter.resource.requests, timeout=30, what="the exporter")
@@ -133,6 +134,8 @@ def test_sighup_stops_as_sigterm_does_saving_the_state_and_the_queue(tmp_path):
         exporter.resource.send(line(iso_now(), ua="before-hup", sent=4242))
         yield wait_for(lambda: reported() >= 3, timeout=30, what="intervals queued")
         exporter.resource.send(line(iso_now(), ua="before-hup", sent=1000))
+        # the fake exporter cannot send it again: it must be read before the HUP
+        yield wait_for(lambda: accepted(metrics) == 2, timeout=30, what="the second record")
         hup_at = time.time()
         proc.send_signal(signal.SIGHUP)
         yield wait_for(lambda: proc.poll() is not None, timeout=30, what="the stop on SIGHUP")
@@ -168,3 +171,26 @@ def start_seconds(dataset):
     from datetime import datetime
 
     return datetime.fromisoformat(dataset["start-time"].replace("Z", "+00:00")).timestamp()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accepted(port):
+    """The service's records_accepted_total, from its metrics endpoint (None while it is not
+    listening)."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    found = re.search(r"^sfive_ngxlua_records_accepted_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
