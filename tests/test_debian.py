@@ -637,7 +637,7 @@ def run_unit_command(hub: socket.socket, user: pwd.struct_passwd, say) -> None:
     assert f"User={PKG}" in unit and "/var/run" not in unit
     if not nginx_with_lua():
         pytest.fail("nginx with its Lua module is not installed "
-                    "(apt-get install nginx libnginx-mod-http-lua lua-cjson)")
+                    "(apt-get install nginx libnginx-mod-http-lua)")
     nginx = Nginx()
     try:
         url = f"http://127.0.0.1:{nginx.port}/sfive"
@@ -943,7 +943,7 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
     init("stop")  # the start on install used the example settings
     if not nginx_with_lua():
         pytest.fail("nginx with its Lua module is not installed "
-                    "(apt-get install nginx libnginx-mod-http-lua lua-cjson)")
+                    "(apt-get install nginx libnginx-mod-http-lua)")
     nginx = Nginx()
     try:
         metrics = free_port()
