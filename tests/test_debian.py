@@ -166,6 +166,9 @@ def test_deb_contents(built: Path) -> None:
         "./etc/default/sfive-ngxlua",
         "./lib/systemd/system/sfive-ngxlua.service",
         "./usr/bin/sfive-ngxlua-replay",
+        "./usr/bin/sfive-ngxlua-nginx-conf",
+        "./usr/share/man/man1/sfive-ngxlua-nginx-conf.1.gz",
+        "./usr/lib/python3/dist-packages/sfive_ngxlua/tap.py",
         "./usr/lib/python3/dist-packages/twisted/plugins/sfive_ngxlua_plugin.py",
         "./usr/lib/python3/dist-packages/sfive_ngxlua/service.py",
         "./usr/share/man/man8/sfive-ngxlua.8.gz",
@@ -178,6 +181,7 @@ def test_deb_contents(built: Path) -> None:
     # compressed by dh_compress once it is over 4 kB (policy 12.3)
     assert re.search(r" \./usr/share/doc/sfive-ngxlua/README\.Debian(\.gz)?\n", listing)
     assert "dropin.cache" not in listing
+    assert "dist-packages/sfive_ngxlua/nginx/" not in listing, "a second copy of the nginx files"
     assert "twisted/plugins/__init__.py" not in listing
     assert "/tests/" not in listing
 
