@@ -102,7 +102,7 @@ def find_nginx() -> NginxBinary:
     path = next((p for p in map(shutil.which, candidates) if p), None)
     if path is None:
         raise NginxUnavailable("nginx is not installed (apt-get install nginx "
-                               "libnginx-mod-http-lua lua-cjson, or set $SFIVE_NGINX)")
+                               "libnginx-mod-http-lua, or set $SFIVE_NGINX)")
     info = subprocess.run([path, "-V"], capture_output=True, text=True, timeout=10).stderr
     if re.search(r"--add-module=\S*lua", info):
         return NginxBinary(path)

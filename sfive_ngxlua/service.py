@@ -315,8 +315,9 @@ def build(settings: Settings, reactor: Any,
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    """twistd's entry point: validated options to the running service tree. A state dir that
-    another process holds ends the start with one clear line (no traceback)."""
+    """Validated options to the running service tree (twistd reaches it through
+    ``sfive_ngxlua.tap``). A state dir that another process holds ends the start with one
+    clear line (no traceback)."""
     if reactor is None:
         from twisted.internet import reactor
     try:

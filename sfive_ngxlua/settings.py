@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
@@ -125,16 +126,76 @@ def _seconds(what: str, value: object, positive: bool = False) -> float:
 
 
 def _check_endpoint(option: str, description: str, client: bool, example: str) -> None:
-    """Parse a Twisted endpoint string now (no reactor needed), so a typo fails at start."""
+    """Parse a Twisted endpoint string now (no reactor needed), so a typo fails at start, with
+    the reason in the operator's own terms (``tcp needs port=``, not Twisted's TypeError)."""
     from twisted.internet.endpoints import clientFromString, serverFromString
 
-    try:
-        (clientFromString if client else serverFromString)(None, description)
-    except (ValueError, TypeError, KeyError) as e:
+    problem = _endpoint_problem(description, client)
+    if problem is None:
+        try:
+            (clientFromString if client else serverFromString)(None, description)
+        except (ValueError, TypeError, KeyError) as e:
+            problem = _endpoint_error(e, description)
+    if problem is not None:
         kind = "client" if client else "server"
         raise usage.UsageError(
-            f"{option} {description!r}: not a {kind} endpoint ({e}); e.g. {example}"
-        ) from None
+            f"{option} {description!r}: not a {kind} endpoint ({problem}); e.g. {example}")
+
+
+def _endpoint_fields(description: str) -> Tuple[str, List[str], dict]:
+    """An endpoint string's type, positional and keyword parameters (``\\:`` escapes)."""
+    parts, current, escaped = [], [], False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    args = [p for p in parts[1:] if "=" not in p]
+    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    return parts[0], args, kwargs
+
+
+def _endpoint_problem(description: str, client: bool) -> Optional[str]:
+    """What Twisted would accept here and fail on later: a unix socket without a path, a TCP
+    port out of range."""
+    kind, args, kwargs = _endpoint_fields(description)
+    if kind == "unix" and not (kwargs.get("path") or (args and args[0])):
+        return "unix needs path=PATH"
+    if kind in ("tcp", "tcp6"):
+        port = kwargs.get("port", args[1 if client else 0] if len(args) > int(client) else None)
+        if port is not None and port.isdigit() and not (int(client) <= int(port) <= 65535):
+            return f"port {port} is out of range ({int(client)}-65535)"
+    return None
+
+
+def _endpoint_error(error: Exception, description: str) -> str:
+    """Twisted's parse error (a TypeError of a constructor, an int() error) in the terms of
+    the endpoint string the operator wrote."""
+    kind = _endpoint_fields(description)[0]
+    text = str(error)
+    missing = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.*)", text)
+    if missing:
+        names = re.findall(r"'(\w+)'", missing.group(1))
+        return f"{kind} needs " + " and ".join(f"{name}=" for name in names)
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", text)
+    if unexpected:
+        return f"{kind} has no parameter {unexpected.group(1)}="
+    unknown = re.search(r"Unknown endpoint type: '(.*)'", text)
+    if unknown:
+        if "/" in kind:
+            return f"no endpoint type before {kind!r}: a unix socket is unix:path={kind}"
+        return f"unknown endpoint type {kind!r}" if kind else "empty"
+    number = re.search(r"invalid literal for int\(\) with base 10: '(.*)'", text)
+    if number:
+        return f"{number.group(1)!r} is not a whole number"
+    return text
 
 
 def _statuses(value: str) -> FrozenSet[int]:
@@ -156,12 +217,25 @@ def _client_ip(value: str) -> ClientIP:
 
 def parse_command_line(options: usage.Options, argv: Optional[List[str]], program: str) -> None:
     """A console command's options from ``argv`` (default: the process's arguments); on a
-    usage error, the usage and the message on standard error and exit status 64 (EX_USAGE)."""
+    usage error, one line on standard error and exit status 64 (EX_USAGE)."""
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as e:
-        sys.stderr.write(f"{options}\n{program}: {e}\n")
+        sys.stderr.write(error_line(program, e, options, f"{program} --help") + "\n")
         sys.exit(64)
+
+
+def error_line(program: str, error: Exception, options: usage.Options, help_command: str) -> str:
+    """One line saying what is wrong with the options and how to find the right ones; an
+    unknown option gets the nearest known ones."""
+    text = " ".join(str(error).split())
+    unknown = re.match(r"option (--?[\w-]+) not recognized", text)
+    if unknown:
+        known = ["--" + name.rstrip("=") for name in getattr(options, "longOpt", [])]
+        near = difflib.get_close_matches(unknown.group(1), known, n=2, cutoff=0.85)
+        if near:
+            text += f" (did you mean {' or '.join(near)}?)"
+    return f"{program}: {text}; {help_command} lists the options"
 
 
 class ModelOptions(usage.Options):
@@ -285,6 +359,16 @@ class Options(ModelOptions, HubOptions):
         ["flush-period", None, "1",
          "with --file: the access_log's flush= in seconds (lines lag that much)"],
     ]
+
+    def opt_version(self) -> None:
+        """print this program's version and exit"""
+        from twisted import version as twisted_version
+
+        from . import __version__
+
+        print(f"sfive-ngxlua {__version__} (Twisted {twisted_version.short()}, "
+              f"Python {sys.version.split()[0]})")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         super().postOptions()

@@ -1,6 +1,6 @@
 """Shared pytest setup: tests import the modules next to them (support) and the
-repository's lab package (lab.nginx);
-fixtures for a private nginx running the shipped exporter."""
+repository's lab package (lab.nginx); fixtures for a private nginx running the shipped
+exporter; under CI (CI=true) a skip is a failure (ci_strict)."""
 
 import os
 import sys
@@ -9,6 +9,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+from ci_strict import pytest_runtest_makereport  # noqa: E402, F401 (the hook)
 
 from lab.nginx import (  # noqa: E402
     NginxBinary,
@@ -20,7 +22,8 @@ from lab.nginx import (  # noqa: E402
 
 @pytest.fixture(scope="session")
 def nginx_binary() -> NginxBinary:
-    """The nginx to test with; skips (saying why) when nginx or its Lua module is missing."""
+    """The nginx to test with; skips (saying why) when nginx or its Lua module is missing,
+    which fails under CI."""
     try:
         return find_nginx()
     except NginxUnavailable as exc:

@@ -166,6 +166,9 @@ def test_deb_contents(built: Path) -> None:
         "./etc/default/sfive-ngxlua",
         "./lib/systemd/system/sfive-ngxlua.service",
         "./usr/bin/sfive-ngxlua-replay",
+        "./usr/bin/sfive-ngxlua-nginx-conf",
+        "./usr/share/man/man1/sfive-ngxlua-nginx-conf.1.gz",
+        "./usr/lib/python3/dist-packages/sfive_ngxlua/tap.py",
         "./usr/lib/python3/dist-packages/twisted/plugins/sfive_ngxlua_plugin.py",
         "./usr/lib/python3/dist-packages/sfive_ngxlua/service.py",
         "./usr/share/man/man8/sfive-ngxlua.8.gz",
@@ -178,6 +181,7 @@ def test_deb_contents(built: Path) -> None:
     # compressed by dh_compress once it is over 4 kB (policy 12.3)
     assert re.search(r" \./usr/share/doc/sfive-ngxlua/README\.Debian(\.gz)?\n", listing)
     assert "dropin.cache" not in listing
+    assert "dist-packages/sfive_ngxlua/nginx/" not in listing, "a second copy of the nginx files"
     assert "twisted/plugins/__init__.py" not in listing
     assert "/tests/" not in listing
 
@@ -479,7 +483,42 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
             syslog.text()
         )
 
+    check_start_up_errors(user, say)
     run_unit_command(hub, user, say)
+
+
+def check_start_up_errors(user: pwd.struct_passwd, say) -> None:
+    """Debian's twistd3 (Twisted 22.4): an invalid option is one line and exit 78, through the
+    unit's command and through the init script (exit 6, the line shown); --version is this
+    project's; the unit does not restart on 78, restarts after SIGHUP and has no reload."""
+    unit = Path(f"/lib/systemd/system/{PKG}.service").read_text()
+    assert re.search(r"^RestartPreventExitStatus=78$", unit, re.M)
+    assert re.search(r"^RestartForceExitStatus=SIGHUP$", unit, re.M)
+    assert not re.search(r"^ExecReload=", unit, re.M)
+    version = run(["twistd3", PKG, "--version"], timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith(
+        "sfive-ngxlua 1.0.0 (Twisted 22."), version.stdout + version.stderr
+    nginx_conf = run(["sfive-ngxlua-nginx-conf"], timeout=60)
+    assert nginx_conf.returncode == 0, nginx_conf.stderr
+    assert "files are in /usr/share/sfive-ngxlua/nginx/" in nginx_conf.stdout, nginx_conf.stdout
+    assert "include /usr/share/sfive-ngxlua/nginx/sfive.conf;" in nginx_conf.stdout
+
+    set_daemon_opts("-S test/hls -s /run/sfive/pipegram --duratoin 5")
+    command = unit_command()
+    bad = run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups",
+               *command], cwd="/", timeout=60)
+    assert bad.returncode == 78, bad.stdout + bad.stderr
+    assert bad.stdout == "" and bad.stderr == (
+        "sfive-ngxlua: option --duratoin not recognized (did you mean --duration?); "
+        "twistd3 sfive-ngxlua --help lists the options\n")
+    set_daemon_opts("-S test/hls -s /run/sfive/pipegram")
+    started = init("start")
+    assert started.returncode == 6, started.stdout + started.stderr
+    assert started.stderr.splitlines() == [
+        "sfive-ngxlua: streamer id 'test/hls': must be three parts CONTENT/FORMAT/QUALITY "
+        "separated by '/'; twistd3 sfive-ngxlua --help lists the options"], started.stderr
+    assert not PIDFILE.exists() and init("status").returncode == 3
+    say("an invalid option: one line, exit 78 (the init script: 6, with the line)")
 
 
 def check_replay() -> None:
@@ -637,7 +676,7 @@ def run_unit_command(hub: socket.socket, user: pwd.struct_passwd, say) -> None:
     assert f"User={PKG}" in unit and "/var/run" not in unit
     if not nginx_with_lua():
         pytest.fail("nginx with its Lua module is not installed "
-                    "(apt-get install nginx libnginx-mod-http-lua lua-cjson)")
+                    "(apt-get install nginx libnginx-mod-http-lua)")
     nginx = Nginx()
     try:
         url = f"http://127.0.0.1:{nginx.port}/sfive"
@@ -848,14 +887,17 @@ class ConfinedService:
             return self.proc.communicate(timeout=timeout)[0], None
         return run(["journalctl", "-u", PKG, "-n", "50", "--no-pager"]).stdout, None
 
-    def stop(self) -> str:
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        """Stop it with ``sig`` (under systemd: systemctl stop)."""
         if self.proc is None:
             assert run(["systemctl", "stop", PKG]).returncode == 0
             return self.communicate()[0]
-        self.proc.terminate()
+        self.proc.send_signal(sig)
         output = self.proc.communicate(timeout=15)[0]
-        # twistd ends itself with the signal that stopped it; systemd counts SIGTERM as clean.
-        assert self.proc.returncode in (0, -signal.SIGTERM), output
+        # twistd ends itself with the signal that stopped it (SIGTERM: systemd counts it as
+        # clean; SIGHUP: the unit's RestartForceExitStatus=SIGHUP restarts it).
+        allowed = (0, -signal.SIGTERM) if sig == signal.SIGTERM else (-sig,)
+        assert self.proc.returncode in allowed, output
         return output
 
 
@@ -943,7 +985,7 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
     init("stop")  # the start on install used the example settings
     if not nginx_with_lua():
         pytest.fail("nginx with its Lua module is not installed "
-                    "(apt-get install nginx libnginx-mod-http-lua lua-cjson)")
+                    "(apt-get install nginx libnginx-mod-http-lua)")
     nginx = Nginx()
     try:
         metrics = free_port()
@@ -955,7 +997,7 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
         how = "systemd" if systemd_running() else f"{CONFINE.name} (systemd is not PID 1 here)"
         say(f"the confined unit under {how}: {' '.join(unit_command())}")
         # First run: exact datasets from nginx, the metrics port; then a few more requests
-        # and a stop while their interval is still open.
+        # and a stop while their interval is still open, by SIGHUP (as SIGTERM: saved).
         drain(hub)
         service = ConfinedService(user)
         try:
@@ -965,8 +1007,10 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
             say(f"state files while running: {check_state_modes(user)}")
             begin, end, sent = open_interval_requests(nginx)
         finally:
-            output = service.stop()
+            output = service.stop(signal.SIGHUP)
         assert "Traceback" not in output, output
+        if syslog.sock is not None and service.proc is not None:
+            assert any("stop on SIGHUP" in line for line in syslog.lines), syslog.text()
         before_restart = drain(hub)
         say(f"after the stop: state directory 0700, files 0600: {check_state_modes(user)}")
         # Second run: it starts again under the same confinement and reports the interval the

@@ -78,3 +78,45 @@ def test_model_options_have_no_exporter_url():
     options = ModelOptions()
     with pytest.raises(usage.UsageError):
         options.parseOptions(["-S", "a/b/c", "-u", "http://x/"])
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["--hub", "tcp:host=hub"], "(tcp needs port=)"),
+    (["--hub", "tcp:hub"], "(tcp needs port=)"),
+    (["--hub", "/run/sfive/pipe"],
+     "(no endpoint type before '/run/sfive/pipe': a unix socket is unix:path=/run/sfive/pipe)"),
+    (["--hub", "unix:"], "(unix needs path=PATH)"),
+    (["--hub", "unix:path=/p:mode=x"], "(unix has no parameter mode=)"),
+    (["--hub", "tcp:host=hub:port=99999"], "(port 99999 is out of range (1-65535))"),
+    (["--hub", "tcp:host=hub:port=4o00"], "('4o00' is not a whole number)"),
+    (["--hub", "bogus:1"], "(unknown endpoint type 'bogus')"),
+    (["--metrics", "tcp:abc"], "('abc' is not a whole number)"),
+    (["--metrics", "tcp:9166:interfase=127.0.0.1"], "(tcp has no parameter interfase=)"),
+    (["--metrics", "tcp:70000"], "(port 70000 is out of range (0-65535))"),
+])
+def test_endpoint_errors_read_as_the_operator_wrote_them(argv, reason):
+    """Twisted's TypeError about a constructor's arguments is not a message for an operator."""
+    with pytest.raises(usage.UsageError) as e:
+        parse("-S", "a/b/c", *argv)
+    message = str(e.value)
+    assert reason in message and "__init__" not in message and "_parse" not in message
+    assert message.startswith(f"{argv[0]} {argv[1]!r}: not a ")
+
+
+def test_good_endpoints_pass():
+    hub = "unix:path=/run/sfive/pipe"
+    assert parse("-S", "a/b/c", "--hub", hub).hub == hub
+    assert parse("-S", "a/b/c", "--hub", "tcp:host=hub:port=4000").hub
+    assert parse("-S", "a/b/c", "--metrics", "tcp:9166:interface=127.0.0.1").metrics
+
+
+def test_console_commands_refuse_in_one_line(capsys):
+    """replay and retire: one line on standard error, exit 64, no usage text."""
+    from sfive_ngxlua.replay import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["-S", "a/b/c", "--max-clinets", "5", "-"])
+    assert e.value.code == 64
+    err = capsys.readouterr().err
+    assert err == ("sfive-ngxlua-replay: option --max-clinets not recognized (did you mean "
+                   "--max-clients?); sfive-ngxlua-replay --help lists the options\n")
