@@ -41,9 +41,13 @@ class ReportService(Service):
     source vouches for (a v1 exporter while connected, and no source at all: ``now``, the
     wall-clock rule), but never more than ``--max-delay`` behind the clock. Intervals due by the
     clock but not yet by the watermark are *held* (the exporter is unreachable, or its backlog
-    is being read) instead of being sent empty; past ``max_delay`` what is known is reported and
-    records that come later count as late. Held intervals are bounded: past ``held_cap`` client
-    entries in them, the oldest are reported early (counted in ``stats.held_early``).
+    is being read) instead of being sent empty; past ``max_delay`` what is known is reported
+    (partial) and records that come later count as late, unless the source vouched for none of
+    the interval and sent nothing for it: then it is *withheld* (kept open, logged with the
+    replay command, reported after all if its records come, given up once a loss announced by
+    the source overlaps it). Held intervals are bounded: past ``held_cap`` client entries in
+    them, the oldest are reported early (counted in ``stats.held_early``). Each reported
+    interval says its coverage (``Interval.coverage``; README, "What is counted").
 
     A LoopingCall, started at the first due time and then every D seconds from there (so it
     does not drift), closes whatever is due; a late tick (a busy or suspended machine) reports
