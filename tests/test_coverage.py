@@ -14,16 +14,20 @@ import shlex
 import shutil
 import socket
 
+import pytest
 import pytest_twisted
 from helpers.faults import T0, Exporter, LogCapture, Running, clock_at, heartbeat, line, settings
 from support import exporter_layout, wait_for
+from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
+import lab.nginx as lab_nginx
 from sfive_ngxlua.model import IntervalModel
 from sfive_ngxlua.outbox import DirectOutbox
 from sfive_ngxlua.records import Record
 from sfive_ngxlua.replay import ReplayOptions
 from sfive_ngxlua.report import ReportService
+from sfive_ngxlua.service import build
 from sfive_ngxlua.settings import Settings
 from sfive_ngxlua.sinks import CallableSink
 from sfive_ngxlua.stats import Stats
@@ -268,3 +272,45 @@ async def test_coverage_is_kept_in_the_state_dir_across_a_restart(tmp_path):
         await again.stop()
     finally:
         globalLogPublisher.removeObserver(logs)
+
+
+@pytest.mark.timeout(90)
+@pytest_twisted.ensureDeferred
+async def test_the_real_exporter_quiet_is_covered_and_down_is_withheld(nginx, monkeypatch, logs):
+    """The shipped exporter (real nginx, real time, 1-second intervals): quiet, its
+    heartbeats cover the intervals and their zeros are sent; stopped, nothing is sent for the
+    outage; started again (a new ring), the outage is given up with its replay command and
+    the intervals after it are covered."""
+    out: list = []
+    stats = Stats()
+    s = Settings(streamers=(A,), hostname="h", duration=1, grace=0.5, max_delay=2.0,
+                 url=nginx.url("/sfive"), connect_timeout=2.0)
+    top = build(s, reactor, sink=CallableSink(out.append, stats), stats=stats)
+    top.startService()
+    try:
+        await wait_for(lambda: stats.exporter_protocol == 2, timeout=20)
+        await wait_for(lambda: stats.intervals_covered >= 2, timeout=20, what="two intervals")
+        assert stats.covered is True and stats.intervals_withheld == 0
+        assert out and all(d["data"]["client-count"] == 0 for d in out)
+        ring = top.source.ring
+        nginx.stop()
+        await wait_for(lambda: stats.intervals_withheld >= 2, timeout=30, what="withholding")
+        assert stats.covered is False
+        before = len(out)
+        [warning] = logs.matching("withholding the intervals from")
+        assert "sfive-ngxlua-replay" in warning
+        monkeypatch.setattr(lab_nginx, "free_port", lambda: nginx.port)
+        nginx.start()
+        await wait_for(lambda: logs.matching("for good"), timeout=40, what="the stretch given up")
+        assert top.source.ring not in (None, ring)
+        covered = stats.intervals_covered
+        await wait_for(lambda: stats.intervals_covered >= covered + 2, timeout=20)
+        assert stats.covered is True
+        [gone] = logs.matching("for good")
+        since = gone[gone.index("--from ") + 7:].split()[0]
+        until = gone[gone.index("--until ") + 8:].split()[0]
+        sent = {d["start-time"] for d in out[before:]}
+        assert not any(since <= t < until for t in sent), "nothing sent for the outage"
+        assert stats.records_withheld == 0 and stats.late == 0
+    finally:
+        await top.stopService()
