@@ -386,6 +386,11 @@ class IntervalModel:
         lo, hi = k * self.duration, (k + 1) * self.duration
         return any(since < hi and until >= lo for since, until in self.losses)
 
+    def lost_whole(self, k: int) -> bool:
+        """Whether one announced loss spans all of interval k."""
+        lo, hi = k * self.duration, (k + 1) * self.duration
+        return any(since <= lo and until >= hi for since, until in self.losses)
+
     def give_up(self, k: int) -> None:
         """Interval k (closed, not reported) is given up as withheld."""
         spans = self.given_up

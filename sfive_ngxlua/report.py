@@ -219,10 +219,15 @@ class ReportService(Service):
     def _passed(self, interval: Interval, out: List[Interval],
                 given_up: List[Interval]) -> None:
         """The watermark passed ``interval``: covered, or partial where a loss overlaps it; a
-        withheld one that a loss overlaps is given up (proved lost: not reported)."""
+        withheld one that a loss overlaps, and one without records that a loss spans whole,
+        is given up (proved lost, nothing known: not reported)."""
         k = interval.start // self.settings.duration
         lost = self.model.lost(k)
-        if lost and self._is_withheld(k):
+        withheld = self._is_withheld(k)
+        if lost and (withheld or (self.model.lost_whole(k) and not any(
+                c.bytes for c in interval.streams.values()))):
+            if not withheld:
+                self.stats.intervals_withheld += 1
             self._resolved(interval, None)
             given_up.append(interval)
             return
