@@ -96,6 +96,8 @@ class ReportService(Service):
         self._retry: Optional[IDelayedCall] = None
         self._lines_at: Optional[tuple] = None
         self._expired = False
+        self._filled: List[int] = []
+        """Starts of withheld intervals reported after all in the current check."""
 
     def startService(self) -> None:
         super().startService()
@@ -210,6 +212,7 @@ class ReportService(Service):
         running = int(now // d)
         self.stats.covered = (math.isfinite(mark) and mark >= now - d - self.settings.grace
                               and model.withheld is None and not model.lost(running))
+        self._told_filled()
         self._gave_up(given_up, "the source announced their records lost")
         self._gave_up(capped, "the held intervals after them reached the held cap")
         self._emit(intervals)
@@ -245,9 +248,7 @@ class ReportService(Service):
         withheld = self.model.withheld
         if withheld is not None and withheld[0] <= k:
             if out is not None and k <= withheld[1]:
-                self.log.info("the withheld interval starting at {start} is reported after "
-                              "all: the source's records for it came", start=start_time(
-                                  interval.start))
+                self._filled.append(interval.start)
             if k >= withheld[1]:
                 self.model.withheld = None
             else:
@@ -278,6 +279,16 @@ class ReportService(Service):
                 since=first * d, until=(last + 1) * d)
         else:
             withheld[1] = last
+
+    def _told_filled(self) -> None:
+        """One line for the withheld intervals reported after all in this check."""
+        if self._filled:
+            first, last = self._filled[0], self._filled[-1]
+            self._filled = []
+            self.log.info("the withheld intervals from {since} to {until} are reported after "
+                          "all: the source's records for them came (no replay needed)",
+                          since=start_time(first),
+                          until=start_time(last + self.settings.duration))
 
     def _why(self, mark: float) -> str:
         if not math.isfinite(mark):
@@ -362,7 +373,6 @@ class ReportService(Service):
         self._emit(self._at_stop(self.outbox.at_stop(self.model, self.clock.seconds())))
         self.lifecycle.enter(STOPPED)
 
-
     def _at_stop(self, intervals: List[Interval]) -> List[Interval]:
         """What a stop closes is partial (cut short), or given up where the source vouched
         for none of it and delivered no record for it."""
@@ -381,6 +391,7 @@ class ReportService(Service):
             else:
                 interval.coverage = PARTIAL
                 self._resolved(interval, out)
+        self._told_filled()
         self._gave_up(given_up, "the service stops, and the source vouched for none of them")
         return out
 
