@@ -19,8 +19,9 @@ sequence tracking starts again). An exporter without these headers (v1) gets pro
 and behaviour.
 
 The event-time watermark (``watermark(now)``): v2, the last heartbeat's time, connected or
-not; v1, ``now`` while connected and the time it lost the connection while not; before any
-answer, -inf. ``on_watermark`` (if set) is called whenever it may have moved.
+not; v1, ``now`` while connected once a first valid line came, and the time it lost such a
+connection while not; before, -inf. ``on_watermark`` (if set) is called whenever it may have
+moved. A ring change is an announced loss (``Pipeline.lose``) from the last heartbeat on.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ class LogFetchService(Service):
         self._attempt = 0
         """Counts requests; an answer or failure of an earlier one is not this one's."""
         self._proven = False
-        """The current answer is an exporter's: protocol 2's headers, or a record read."""
+        """The current answer is an exporter's: protocol 2's headers, or an exporter line read
+        (only then does a v1 stream vouch for now)."""
         self._got = 0
         self._answer = ""
         self._said_not_exporter = False
@@ -211,7 +213,7 @@ class LogFetchService(Service):
         if self.protocol == 2:
             beat = self.pipeline.heartbeat
             return -math.inf if beat is None else beat.time
-        if self.protocol == 1 and self.body is not None:
+        if self.protocol == 1 and self.body is not None and self._proven:
             return now
         return self._v1_watermark
 
@@ -312,6 +314,8 @@ class LogFetchService(Service):
             return
         self.protocol = self.stats.exporter_protocol = 2
         if self.ring is not None and ring != self.ring:
+            beat = self.pipeline.heartbeat
+            self.pipeline.lose(None if beat is None else beat.time, self.clock.seconds())
             self.log.warn(
                 "exporter {url}: a new ring {ring} (was {old}): nginx was restarted; reading "
                 "the new ring from its first record", url=self.safe_url, ring=ring,
@@ -421,8 +425,9 @@ class LogFetchService(Service):
         if request is not None:
             request.cancel()
         body, self.body = self.body, None
-        if body is not None:
+        if body is not None and self.protocol == 1 and self._proven:
             self._v1_watermark = self.clock.seconds()
+        if body is not None:
             if body.transport is not None:
                 body.transport.stopProducing()
         return self.pipeline.cut()

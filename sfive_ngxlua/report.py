@@ -4,6 +4,7 @@ hand them to the outbox (``outbox.py``)."""
 from __future__ import annotations
 
 import math
+import shlex
 from typing import Dict, List, Optional, Protocol, Tuple
 
 from twisted.application.service import Service
@@ -15,7 +16,7 @@ from twisted.python.failure import Failure
 from .conditions import Conditions
 from .datasets import start_time
 from .lifecycle import RETRYING, STOPPED, Lifecycle
-from .model import Interval, IntervalModel
+from .model import COVERED, PARTIAL, Interval, IntervalModel
 from .outbox import Outbox
 from .settings import Settings
 from .stats import Stats
@@ -41,9 +42,13 @@ class ReportService(Service):
     source vouches for (a v1 exporter while connected, and no source at all: ``now``, the
     wall-clock rule), but never more than ``--max-delay`` behind the clock. Intervals due by the
     clock but not yet by the watermark are *held* (the exporter is unreachable, or its backlog
-    is being read) instead of being sent empty; past ``max_delay`` what is known is reported and
-    records that come later count as late. Held intervals are bounded: past ``held_cap`` client
-    entries in them, the oldest are reported early (counted in ``stats.held_early``).
+    is being read) instead of being sent empty; past ``max_delay`` what is known is reported
+    (partial) and records that come later count as late, unless the source vouched for none of
+    the interval and sent nothing for it: then it is *withheld* (kept open, logged with the
+    replay command, reported after all if its records come, given up once a loss announced by
+    the source overlaps it). Held intervals are bounded: past ``held_cap`` client entries in
+    them, the oldest are reported early (counted in ``stats.held_early``). Each reported
+    interval says its coverage (``Interval.coverage``; README, "What is counted").
 
     A LoopingCall, started at the first due time and then every D seconds from there (so it
     does not drift), closes whatever is due; a late tick (a busy or suspended machine) reports
@@ -96,6 +101,8 @@ class ReportService(Service):
         self._start: Optional[IDelayedCall] = None
         self._retry: Optional[IDelayedCall] = None
         self._expired = False
+        self._filled: List[int] = []
+        """Starts of withheld intervals reported after all in the current check."""
 
     def startService(self) -> None:
         super().startService()
@@ -160,35 +167,156 @@ class ReportService(Service):
 
     def tick(self) -> None:
         """Close every interval due by the effective watermark, and what the held cap
-        forces out; update the held and lag figures."""
+        forces out; withhold what the source never vouched for; update the held, lag and
+        coverage figures."""
         now = self.clock.seconds()
         mark = self._source_mark(now)
-        by_mark = self.model.due(mark) if math.isfinite(mark) else 0
-        intervals = self.model.close_due(max(mark, now - self.max_delay))
-        if len(intervals) > by_mark and not self._expired:
-            self._expired = True  # once per outage
-            self.log.warn(
-                "reporting the interval starting at {start} without all of the exporter's "
-                "records: waited --max-delay {max_delay:g}s (watermark {lag}); records that "
-                "come later count as late", start=start_time(intervals[by_mark].start),
-                max_delay=self.max_delay, lag=_lag(now, mark))
-        held = self.model.due(now)
+        model, d = self.model, self.settings.duration
+        intervals: List[Interval] = []
+        given_up: List[Interval] = []
+        capped: List[Interval] = []
+        for interval in model.close_due(mark) if math.isfinite(mark) else []:
+            self._passed(interval, intervals, given_up)
+        forced = model.due(now - self.max_delay)
+        while forced > 0:
+            k = model.reported + 1
+            if mark < k * d and not model.has_records(k):  # nothing vouched for: withheld
+                self._withhold(k, k + forced - 1, mark)
+                break
+            [interval] = model.close_due(model.due_at)
+            interval.coverage = PARTIAL
+            if not self._expired:
+                self._expired = True  # once per outage
+                self.log.warn(
+                    "reporting the interval starting at {start} without all of the exporter's "
+                    "records: waited --max-delay {max_delay:g}s (watermark {lag}); records "
+                    "that come later count as late", start=start_time(interval.start),
+                    max_delay=self.max_delay, lag=_lag(now, mark))
+            self._resolved(interval, intervals)
+            forced -= 1
+        held = model.due(now)
         while held and self._held_entries(held) > self.held_cap:
-            intervals.extend(self.model.close_due(self.model.due_at))
-            self.stats.held_early += 1
+            k = model.reported + 1
+            empty = self._is_withheld(k) and not model.has_records(k)
+            [interval] = model.close_due(model.due_at)
+            interval.coverage = PARTIAL
+            self._resolved(interval, None if empty else intervals)
+            if empty:
+                capped.append(interval)
+            else:
+                self.stats.held_early += 1
             held -= 1
-        if held and not self.stats.held:
+        if held and not self.stats.held and model.withheld is None:
             self.log.info("holding the interval starting at {start}: the exporter's records up "
                           "to its end are not in yet (watermark {lag})",
-                          start=start_time((self.model.reported + 1) * self.settings.duration),
-                          lag=_lag(now, mark))
+                          start=start_time((model.reported + 1) * d), lag=_lag(now, mark))
         if not held:
             self._expired = False
         self.stats.held = held
         self.stats.watermark_lag = now - mark if math.isfinite(mark) else None
+        running = int(now // d)
+        self.stats.covered = (math.isfinite(mark) and mark >= now - d - self.settings.grace
+                              and model.withheld is None and not model.lost(running))
+        self._told_filled()
+        self._gave_up(given_up, "the source announced their records lost")
+        self._gave_up(capped, "the held intervals after them reached the held cap")
         self._emit(intervals)
         if self.lifecycle.state == RETRYING:
             self.lifecycle.enter(RUNNING)
+
+    def _passed(self, interval: Interval, out: List[Interval],
+                given_up: List[Interval]) -> None:
+        """The watermark passed ``interval``: covered, or partial where a loss overlaps it; a
+        withheld one that a loss overlaps, and one without records that a loss spans whole,
+        is given up (proved lost, nothing known: not reported)."""
+        k = interval.start // self.settings.duration
+        lost = self.model.lost(k)
+        withheld = self._is_withheld(k)
+        if lost and (withheld or (self.model.lost_whole(k) and not any(
+                c.bytes for c in interval.streams.values()))):
+            if not withheld:
+                self.stats.intervals_withheld += 1
+            self._resolved(interval, None)
+            given_up.append(interval)
+            return
+        interval.coverage = PARTIAL if lost else COVERED
+        self._resolved(interval, out)
+
+    def _is_withheld(self, k: int) -> bool:
+        withheld = self.model.withheld
+        return withheld is not None and withheld[0] <= k <= withheld[1]
+
+    def _resolved(self, interval: Interval, out: Optional[List[Interval]]) -> None:
+        """``interval`` is closed: to be reported (into ``out``) or given up (``out`` None);
+        the withheld stretch shrinks by it."""
+        k = interval.start // self.settings.duration
+        withheld = self.model.withheld
+        if withheld is not None and withheld[0] <= k:
+            if out is not None and k <= withheld[1]:
+                self._filled.append(interval.start)
+            if k >= withheld[1]:
+                self.model.withheld = None
+            else:
+                withheld[0] = k + 1
+        if out is None:
+            self.model.give_up(k)
+        else:
+            out.append(interval)
+
+    def _withhold(self, first: int, last: int, mark: float) -> None:
+        """Intervals ``first``..``last`` are due by --max-delay and the source vouched for
+        none of them: not reported, kept open (their records may still come), counted, and
+        logged once per stretch with the replay command that fills them."""
+        withheld = self.model.withheld
+        if withheld is not None and withheld[1] >= last:
+            return
+        d = self.settings.duration
+        self.stats.intervals_withheld += last - (first - 1 if withheld is None else withheld[1])
+        if withheld is None:
+            self.model.withheld = [first, last]
+            self.log.warn(
+                "withholding the intervals from {start} on: the source vouches for none of "
+                "them ({why}), so they are not reported as empty; they are reported if their "
+                "records still come, and the stretch is logged again when it ends; so far, "
+                "from an access log in the sfive format (nginx/sfive-log.conf): {command}",
+                start=start_time(first * d), why=self._why(mark),
+                command=replay_command(self.settings, first * d, (last + 1) * d),
+                since=first * d, until=(last + 1) * d)
+        else:
+            withheld[1] = last
+
+    def _told_filled(self) -> None:
+        """One line for the withheld intervals reported after all in this check."""
+        if self._filled:
+            first, last = self._filled[0], self._filled[-1]
+            self._filled = []
+            self.log.info("the withheld intervals from {since} to {until} are reported after "
+                          "all: the source's records for them came (no replay needed)",
+                          since=start_time(first),
+                          until=start_time(last + self.settings.duration))
+
+    def _why(self, mark: float) -> str:
+        if not math.isfinite(mark):
+            return "it has vouched for nothing yet"
+        return f"its watermark is at {start_time(int(mark))}"
+
+    def _gave_up(self, intervals: List[Interval], why: str) -> None:
+        """Log each stretch of given-up intervals with its replay command."""
+        d = self.settings.duration
+        stretches: List[List[int]] = []
+        for interval in intervals:
+            if stretches and stretches[-1][1] == interval.start:
+                stretches[-1][1] = interval.start + d
+            else:
+                stretches.append([interval.start, interval.start + d])
+        for since, until in stretches:
+            self.log.warn(
+                "withheld the intervals from {since_iso} to {until_iso} for good ({why}); "
+                "records that still come for them are counted as withheld; to fill them from "
+                "an access log in the sfive format (nginx/sfive-log.conf): {command}",
+                since_iso=start_time(since), until_iso=start_time(until), why=why,
+                command=replay_command(self.settings, since, until), since=since,
+                until=until)
 
     def _held_entries(self, held: int) -> int:
         return self.model.entries(upto=self.model.reported + held)
@@ -200,11 +328,15 @@ class ReportService(Service):
             return
         self.outbox.emit(intervals)
         for interval in intervals:
+            if interval.coverage == PARTIAL:
+                self.stats.intervals_partial += 1
+            else:
+                self.stats.intervals_covered += 1
             for streamer in self.settings.streamers:
                 clients = interval.streams[streamer]
                 self.stats.reported(streamer, clients.count, clients.total)
             self.stats.last_report = self.clock.seconds()
-            pairs = self._pairs()
+            pairs = [("coverage", interval.coverage)] + self._pairs()
             self.log.info("interval {start} ({duration_ms} ms) reported: {pairs}",
                           start=start_time(interval.start), duration_ms=interval.duration_ms,
                           pairs=" ".join(f"{k}={v}" for k, v in pairs), figures=dict(pairs))
@@ -224,7 +356,8 @@ class ReportService(Service):
                       sent=s.datasets_sent, dropped=s.datasets_dropped,
                       trimmed=s.datasets_trimmed, reconnects=s.exporter_reconnects,
                       hub_reconnects=s.hub_reconnects, held_early=s.held_early,
-                      warnings=sum(s.warnings.values()))
+                      partial=s.intervals_partial, withheld=s.intervals_withheld,
+                      records_withheld=s.records_withheld, warnings=sum(s.warnings.values()))
         before, self._logged = self._logged, counts
         pairs: List[Tuple[str, object]] = [
             ("interval.clients", sum(f.clients for f in s.streams.values())),
@@ -254,8 +387,56 @@ class ReportService(Service):
             self.stats.errors["report"] = self.stats.errors.get("report", 0) + 1
             self.log.failure("reporting what was due at the stop failed")
         super().stopService()
-        self._emit(self.outbox.at_stop(self.model, self.clock.seconds()))
+        self._emit(self._at_stop(self.outbox.at_stop(self.model, self.clock.seconds())))
         self.lifecycle.enter(STOPPED)
+
+    def _at_stop(self, intervals: List[Interval]) -> List[Interval]:
+        """What a stop closes is partial (cut short), or given up where the source vouched
+        for none of it and delivered no record for it."""
+        now = self.clock.seconds()
+        mark = self._source_mark(now)
+        out: List[Interval] = []
+        given_up: List[Interval] = []
+        for interval in intervals:
+            k = interval.start // self.settings.duration
+            empty = not any(c.bytes for c in interval.streams.values())
+            if empty and (self._is_withheld(k) or mark < interval.start):
+                if not self._is_withheld(k):
+                    self.stats.intervals_withheld += 1
+                self._resolved(interval, None)
+                given_up.append(interval)
+            else:
+                interval.coverage = PARTIAL
+                self._resolved(interval, out)
+        self._told_filled()
+        self._gave_up(given_up, "the service stops, and the source vouched for none of them")
+        return out
+
+
+def replay_command(settings: Settings, since: int, until: int) -> str:
+    """The ``sfive-ngxlua-replay`` command that counts ``[since, until)`` as this service
+    would, into the same hub (the access log's name: ``--file``'s, or a placeholder)."""
+    args = ["sfive-ngxlua-replay", "-n", settings.hostname]
+    for tag in settings.tags:
+        args += ["-t", tag]
+    args += ["-d", str(settings.duration)]
+    for streamer in settings.streamers:
+        args += ["-S", "/".join(streamer)]
+    args += ["-F", settings.nameformat,
+             "--status", ",".join(str(s) for s in sorted(settings.statuses)),
+             "--grace", f"{settings.grace:g}",
+             "--max-clients", str(settings.max_clients),
+             "--max-ua-length", str(settings.max_ua_length),
+             "--max-line-length", str(settings.max_line_length)]
+    ip = settings.client_ip
+    args += ["--client-ip", ip.mode if ip.path is None else f"keyed:{ip.path}"]
+    if settings.socket:
+        args += ["--socket", settings.socket]
+    elif settings.hub:
+        args += ["--hub", settings.hub]
+    args += ["--from", start_time(since), "--until", start_time(until)]
+    return " ".join(shlex.quote(a) for a in args) + " " + (
+        shlex.quote(settings.file) if settings.file else "ACCESS_LOG")
 
 
 def _lag(now: float, mark: float) -> str:
