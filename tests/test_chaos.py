@@ -1,0 +1,384 @@
+"""A randomized fault test of the whole chain (issue 17): every part real, a random schedule of
+faults, some overlapping, and nginx's own access log as the truth, interval by interval, client
+by client.
+
+Two chains, each for ``SFIVE_CHAOS_SECONDS`` (default 20) of faults while viewers (a bounded
+request loop to 127.0.0.1) go on:
+
+- the exporter: a private nginx with the Lua exporter, a TCP proxy in front of it, the service
+  as ``twistd -n sfive-ngxlua --state-dir``, and a unix datagram hub read by the test; faults:
+  the service SIGTERMed or SIGKILLed and started again, nginx reloaded or restarted (a new
+  ring, on another port), the proxy cutting the stream or refusing for a while, the hub away
+  (socket closed, then recreated);
+- the access log (``--file``): nginx writing the sfive format with buffer=64k flush=1s;
+  faults: logrotate's rename + USR1, copytruncate, service SIGTERMs and SIGKILLs, nginx
+  reloads, hub outages.
+
+The seed is printed; ``SFIVE_CHAOS_SEED=123 scripts/test tests/test_chaos.py`` replays one,
+``SFIVE_CHAOS_SEEDS=20`` runs twenty random ones (default: two per chain).
+
+The oracle, for every full interval from the first to the last with traffic: one dataset per
+streamer (a SIGKILL may make one arrive twice, identical), equal to the access log client by
+client, unless a fault of the schedule *touched* the interval; a touched interval's datasets
+may miss records but never invent any. Touched are (see ``touched_by_nginx_restarts`` and
+``lost_lines``): the intervals from the last moment before an nginx restart at which the
+service had been reading the old ring for a while (its records since may still be in the old
+ring, which goes with nginx) to the new nginx's first second; and the intervals with lines
+that copytruncate's window lost (in the truth, in no file). Nothing else touches an interval:
+SIGTERMs, SIGKILLs, reloads, cuts, refusals and hub outages keep everything (the state dir,
+the ring, the disk queue). Besides: no traceback in the service's log.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from helpers.chain import (
+    SPECS,
+    STREAMERS,
+    Hub,
+    Proxy,
+    Service,
+    Viewers,
+    expected_from,
+    lost_lines,
+    received,
+    start_of,
+)
+from support import wait_for
+from twisted.internet import defer
+
+from lab.nginx import MEDIA_FILES, SOURCE_DIR
+
+SECONDS = float(os.environ.get("SFIVE_CHAOS_SECONDS", "20"))
+
+
+def _seeds() -> list[int]:
+    if os.environ.get("SFIVE_CHAOS_SEED"):
+        return [int(os.environ["SFIVE_CHAOS_SEED"])]
+    return [random.SystemRandom().randrange(1, 1_000_000)
+            for _ in range(int(os.environ.get("SFIVE_CHAOS_SEEDS", "2")))]
+
+
+SEEDS = _seeds()
+pytestmark = pytest.mark.timeout(SECONDS + 150)
+
+#: kind -> (weight, longest duration in seconds; 0: a moment)
+EXPORTER_FAULTS = {"sigterm": (3, 3.0), "sigkill": (3, 2.0), "reload": (2, 0),
+                   "nginx-restart": (1, 0), "cut": (2, 0), "refuse": (2, 4.0), "hub": (2, 4.0)}
+FILE_FAULTS = {"sigterm": (3, 3.0), "sigkill": (3, 2.0), "reload": (1, 0), "rotate": (3, 0),
+               "copytruncate": (2, 0), "hub": (2, 4.0)}
+SERVICE_DOWN = ("sigterm", "sigkill")
+BREAKS = ("sigterm", "sigkill", "reload", "nginx-restart", "cut", "refuse")
+"""Faults that end the service's exporter stream."""
+CAUGHT_UP = 3.0
+"""Seconds after a (re)connect by which the service has read the ring's backlog."""
+BATCHED = 2.0
+"""Seconds a record may take from its request to the service (worker batch, poll, load)."""
+
+
+@dataclass
+class Fault:
+    at: float  # planned, seconds after the run's start
+    kind: str
+    duration: float
+    began: float = 0.0  # wall-clock times, as it happened
+    ended: float = 0.0
+    skipped: str = ""
+
+    def __str__(self) -> str:
+        took = f" for {self.duration:.1f}s" if self.duration else ""
+        return f"{self.at:5.1f}s {self.kind}{took}"
+
+
+def schedule(rng: random.Random, kinds: dict, seconds: float) -> list[Fault]:
+    """Faults about every 2.5 s (exponentially apart, so some overlap), kinds by weight."""
+    names = sorted(kinds)
+    weights = [kinds[k][0] for k in names]
+    faults, t = [], rng.uniform(1.0, 3.0)
+    while t < seconds:
+        kind = rng.choices(names, weights)[0]
+        longest = kinds[kind][1]
+        faults.append(Fault(round(t, 2), kind, round(rng.uniform(0.2, longest), 2)
+                            if longest else 0.0))
+        t += rng.expovariate(1 / 2.5)
+    return faults
+
+
+@dataclass
+class Run:
+    """One seed's chain, schedule and timeline."""
+
+    seed: int
+    nginx: object
+    hub: Hub
+    service: Service
+    proxy: Proxy = None
+    log_path: Path = None  # the --file chain's log
+    viewers: Viewers = None
+    faults: list = field(default_factory=list)
+    t0: float = 0.0
+    since: int = 0
+    rotations: int = 0
+
+    def say(self, text: str) -> None:
+        print(f"chaos seed {self.seed} +{time.time() - self.t0:5.1f}s: {text}", flush=True)
+
+    @defer.inlineCallbacks
+    def start_service(self):
+        """Start the service and wait until it runs (its reporter started), not for the
+        exporter: the proxy may be refusing."""
+        starts = self.service.log().count("first interval starts at")
+        self.service.launch()
+        yield wait_for(lambda: self.service.log().count("first interval starts at") > starts
+                       or self.service._died(), timeout=30, what="the service to start")
+
+    @defer.inlineCallbacks
+    def begin(self, fault: Fault):
+        kind = fault.kind
+        if kind in SERVICE_DOWN:
+            if not self.service.running():
+                return "the service is down already"
+            yield self.service.stop(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
+        elif kind == "reload":
+            self.nginx.reload()
+        elif kind == "nginx-restart":
+            self.nginx.stop(graceful=True)
+            self.nginx.start()
+            self.proxy.retarget(self.nginx.port)
+            self.viewers.base = self.nginx.url("")
+        elif kind == "cut":
+            if self.proxy.port is None:
+                return "the proxy refuses already"
+            for conn in list(self.proxy.open):
+                conn.transport.abortConnection()
+        elif kind == "refuse":
+            if self.proxy.port is None:
+                return "the proxy refuses already"
+            yield self.proxy.refuse()
+        elif kind == "hub":
+            if self.hub.hub is None:
+                return "the hub is away already"
+            self.hub.away()
+        elif kind == "rotate":  # logrotate's default: rename, then USR1
+            if not self.log_path.exists():
+                return "nginx has not reopened its log yet"
+            self.rotations += 1
+            os.rename(self.log_path, f"{self.log_path}.r{self.rotations}")
+            os.kill(self.nginx.process.pid, signal.SIGUSR1)
+        elif kind == "copytruncate":
+            if not self.log_path.exists():
+                return "nginx has not reopened its log yet"
+            self.rotations += 1
+            shutil.copyfile(self.log_path, f"{self.log_path}.c{self.rotations}")
+            os.truncate(self.log_path, 0)
+        return ""
+
+    @defer.inlineCallbacks
+    def end(self, fault: Fault):
+        if fault.kind in SERVICE_DOWN and not self.service.running():
+            yield self.start_service()
+        elif fault.kind == "refuse" and self.proxy.port is None:
+            self.proxy.accept()
+        elif fault.kind == "hub" and self.hub.hub is None:
+            self.hub.open()
+
+    @defer.inlineCallbacks
+    def play(self, faults: list[Fault]):
+        """Begin and end each fault at its planned time (or as soon as the one before has
+        happened: a start waits for the service), recording when each really happened."""
+        events = sorted([(f.at, 0, i) for i, f in enumerate(faults)]
+                        + [(f.at + f.duration, 1, i) for i, f in enumerate(faults)])
+        for at, is_end, i in events:
+            fault = faults[i]
+            if fault.skipped:
+                continue
+            due = self.t0 + at
+            yield wait_for(lambda d=due: time.time() >= d, timeout=at + 60,
+                           what=f"the schedule's {at:.1f}s")
+            if is_end:
+                yield self.end(fault)
+                fault.ended = time.time()
+                if fault.duration:
+                    self.say(f"end of {fault.kind}")
+            else:
+                fault.began = time.time()
+                fault.skipped = (yield self.begin(fault)) or ""
+                fault.ended = time.time()
+                self.say(f"{fault.kind}{f' for {fault.duration:.1f}s' if fault.duration else ''}"
+                         + (f" skipped: {fault.skipped}" if fault.skipped else ""))
+        self.faults = faults
+
+    def connects(self) -> list[float]:
+        """When the service (re)connected to the exporter (its log's seconds, rounded up)."""
+        times = []
+        for line in self.service.log().splitlines():
+            if "connected to http" in line:
+                stamp = line.split(" ", 1)[0]
+                times.append(datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp() + 1)
+        return times
+
+
+def touched_by_nginx_restarts(run: Run) -> set[int]:
+    """The intervals whose records an nginx restart may have taken with the old ring: from the
+    last moment before it at which the service had been connected and caught up for a while
+    (no stream break since its connect plus CAUGHT_UP), minus BATCHED, to the restart's end
+    plus a second."""
+    happened = [f for f in run.faults if not f.skipped]
+    breaks = sorted(f.began for f in happened if f.kind in BREAKS)
+    connects = run.connects()
+    touched: set[int] = set()
+    for restart in (f for f in happened if f.kind == "nginx-restart"):
+        safe = run.since - BATCHED
+        for c in connects:
+            stable_from = c + CAUGHT_UP
+            broken = next((b for b in breaks if b >= c - 1), restart.began)
+            until = min(broken, restart.began)
+            if stable_from <= until:
+                safe = max(safe, until)
+        touched |= set(range(int(safe - BATCHED), int(restart.ended) + 2))
+    return touched
+
+
+def judge(run: Run, datasets: list, truth: list, touched: set[int]) -> list[str]:
+    """Every full interval from the first to the last with traffic, every streamer: equal to
+    the truth, client by client, unless touched (then nothing invented)."""
+    killed = any(f.kind == "sigkill" and not f.skipped for f in run.faults)
+    got = received(datasets, "identical" if killed else "none")
+    expected = expected_from(truth)
+    last = max(start for start, _ in expected)
+    problems = []
+    for start in range(run.since, last + 1):
+        for streamer in sorted(STREAMERS):
+            key = (start, streamer)
+            want = dict(expected.get(key, {}))
+            if start in touched:
+                for client, sent in got.get(key, {}).items():
+                    if sent > want.get(client, 0):
+                        problems.append(f"{key} touched, but {client} has {sent} bytes, the "
+                                        f"access log {want.get(client, 0)}")
+            elif key not in got:
+                problems.append(f"{key}: no dataset (the access log: {want})")
+            elif got[key] != want:
+                diff = {c: (want.get(c), got[key].get(c)) for c in set(want) | set(got[key])
+                        if want.get(c) != got[key].get(c)}
+                problems.append(f"{key}: client -> (access log, dataset): {diff}")
+    return problems
+
+
+def report(run: Run, problems: list[str], touched: set[int]) -> str:
+    lines = [f"chaos seed {run.seed} (replay: SFIVE_CHAOS_SEED={run.seed} scripts/test "
+             f"tests/test_chaos.py): {len(problems)} intervals wrong", "schedule (planned; "
+             "as it happened, seconds after the first interval):"]
+    for f in run.faults:
+        lines.append(f"  {f}: {f.began - run.since:6.2f} .. {f.ended - run.since:6.2f}"
+                     + (f" skipped ({f.skipped})" if f.skipped else ""))
+    lines.append(f"first interval {run.since}; touched: {sorted(touched)}")
+    lines += problems[:30]
+    return "\n".join(lines)
+
+
+@defer.inlineCallbacks
+def settle(run: Run, truth):
+    """Every fault over: viewers stop; once the hub has the last request's interval, the
+    service stops (SIGTERM)."""
+    if not run.service.running():
+        yield run.start_service()
+    if run.proxy is not None and run.proxy.port is None:
+        run.proxy.accept()
+    if run.hub.hub is None:
+        run.hub.open()
+    yield run.viewers.stop()
+    last = max(start for start, _ in expected_from(truth()))
+    run.say(f"settling: waiting for the interval {last - run.since} to be reported")
+    yield wait_for(lambda: sum(1 for d in run.hub.datasets() if start_of(d) == last)
+                   >= len(STREAMERS), timeout=60, what="the last interval reported")
+    yield run.service.stop()
+
+
+@defer.inlineCallbacks
+def chaos(run: Run, kinds: dict, truth):
+    rng = random.Random(run.seed)
+    faults = schedule(rng, kinds, SECONDS)
+    print(f"chaos seed {run.seed}: replay with SFIVE_CHAOS_SEED={run.seed}; schedule: "
+          + "; ".join(map(str, faults)), flush=True)
+    yield run.start_service()
+    yield wait_for(lambda: run.service.log().count("connected to http") or "following"
+                   in run.service.log(), timeout=30, what="the service to read its source")
+    run.since = int(time.time()) + 1
+    yield wait_for(lambda: time.time() >= run.since, what="the first interval")
+    run.viewers = Viewers(run.nginx.url(""))
+    run.t0 = time.time()
+    yield run.play(faults)
+    yield settle(run, truth)
+    log = run.service.log()
+    assert "Traceback" not in log, log[log.index("Traceback") - 2000:][:6000]
+    return faults
+
+
+@pytest_twisted.async_yield_fixture
+async def parts(nginx_factory, tmp_path):
+    made = {}
+    yield made
+    run = made.get("run")
+    if run is not None:
+        if run.viewers is not None:
+            await run.viewers.stop()
+        run.service.kill()
+        if run.proxy is not None:
+            await run.proxy.close()
+        run.hub.close()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest_twisted.inlineCallbacks
+def test_chaos_exporter_chain(seed, nginx_factory, parts, tmp_path):
+    nginx = nginx_factory(files=MEDIA_FILES)
+    proxy = Proxy(nginx.port)
+    hub = Hub(str(tmp_path / "hub.sock"))
+    service = Service(tmp_path, proxy.url(), hub.path, "--max-delay", "120")
+    run = parts["run"] = Run(seed, nginx, hub, service, proxy=proxy)
+
+    def truth():
+        return [e for e in nginx.access_log() if e["uri"] != "/sfive"]
+
+    yield chaos(run, EXPORTER_FAULTS, truth)
+    touched = touched_by_nginx_restarts(run)
+    problems = judge(run, hub.datasets(), truth(), touched)
+    assert not problems, report(run, problems, touched)
+    run.say(f"{len(run.faults)} faults, {run.viewers.made} requests, touched {len(touched)} "
+            f"intervals, the rest exact")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest_twisted.inlineCallbacks
+def test_chaos_access_log_chain(seed, nginx_factory, parts, tmp_path):
+    logs = tmp_path / "sfive"
+    logs.mkdir()
+    log = logs / "sfive.log"
+    nginx = nginx_factory(files=MEDIA_FILES, extra_http=(
+        f"    include {SOURCE_DIR}/sfive-log.conf;\n"
+        f"    access_log {log} sfive buffer=64k flush=1s;\n"))
+    hub = Hub(str(tmp_path / "hub.sock"))
+    service = Service(tmp_path, None, hub.path, "--grace", "2.5",
+                      source=("--file", str(log)), specs=SPECS)
+    run = parts["run"] = Run(seed, nginx, hub, service, log_path=log)
+
+    def truth():
+        return nginx.access_log()
+
+    yield chaos(run, FILE_FAULTS, truth)
+    touched = {int(float(e["msec"])) for e in lost_lines(truth(), sorted(logs.iterdir()))}
+    problems = judge(run, hub.datasets(), truth(), touched)
+    assert not problems, report(run, problems, touched)
+    run.say(f"{len(run.faults)} faults, {run.viewers.made} requests, touched {len(touched)} "
+            f"intervals (copytruncate's window), the rest exact")
