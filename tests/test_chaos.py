@@ -55,9 +55,10 @@ from helpers.chain import (
     start_of,
 )
 from support import wait_for
+from test_access_log_e2e import nginx_logging
 from twisted.internet import defer
 
-from lab.nginx import MEDIA_FILES, SOURCE_DIR
+from lab.nginx import MEDIA_FILES
 
 SECONDS = float(os.environ.get("SFIVE_CHAOS_SECONDS", "20"))
 
@@ -362,12 +363,7 @@ def test_chaos_exporter_chain(seed, nginx_factory, parts, tmp_path):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest_twisted.inlineCallbacks
 def test_chaos_access_log_chain(seed, nginx_factory, parts, tmp_path):
-    logs = tmp_path / "sfive"
-    logs.mkdir()
-    log = logs / "sfive.log"
-    nginx = nginx_factory(files=MEDIA_FILES, extra_http=(
-        f"    include {SOURCE_DIR}/sfive-log.conf;\n"
-        f"    access_log {log} sfive buffer=64k flush=1s;\n"))
+    nginx, log = nginx_logging(nginx_factory, tmp_path)
     hub = Hub(str(tmp_path / "hub.sock"))
     service = Service(tmp_path, None, hub.path, "--grace", "2.5",
                       source=("--file", str(log)), specs=SPECS)
@@ -377,7 +373,7 @@ def test_chaos_access_log_chain(seed, nginx_factory, parts, tmp_path):
         return nginx.access_log()
 
     yield chaos(run, FILE_FAULTS, truth)
-    touched = {int(float(e["msec"])) for e in lost_lines(truth(), sorted(logs.iterdir()))}
+    touched = {int(float(e["msec"])) for e in lost_lines(truth(), sorted(log.parent.iterdir()))}
     problems = judge(run, hub.datasets(), truth(), touched)
     assert not problems, report(run, problems, touched)
     run.say(f"{len(run.faults)} faults, {run.viewers.made} requests, touched {len(touched)} "
