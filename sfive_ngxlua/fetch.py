@@ -16,8 +16,9 @@ sequence tracking starts again). An exporter without these headers (v1) gets pro
 and behaviour.
 
 The event-time watermark (``watermark(now)``): v2, the last heartbeat's time, connected or
-not; v1, ``now`` while connected and the time it lost the connection while not; before any
-answer, -inf. ``on_watermark`` (if set) is called whenever it may have moved.
+not; v1, ``now`` while connected once a first valid line came, and the time it lost such a
+connection while not; before, -inf. ``on_watermark`` (if set) is called whenever it may have
+moved. A ring change is an announced loss (``Pipeline.lose``) from the last heartbeat on.
 """
 
 from __future__ import annotations
@@ -97,6 +98,13 @@ def _cancelled(failure: Failure) -> bool:
 
 
 CONNECTING, STREAMING, BACKOFF = "connecting", "streaming", "backoff"
+FORMAT_REASONS = ("invalid-utf8", "invalid-json", "not-an-object", "missing-field",
+                  "wrong-type", "bad-time", "too-long")
+
+
+def _valid_lines(stats: Stats) -> int:
+    """Lines read that were in the exporter's format (accepted or rejected on their merits)."""
+    return stats.lines - sum(stats.rejected[r] for r in FORMAT_REASONS)
 
 
 @implementer(IStreamClientEndpoint)
@@ -161,6 +169,8 @@ class LogFetchService(Service):
         self.protocol = 0
         """The protocol of the current (or last) stream: 1, 2, or 0 before any."""
         self._v1_watermark = -math.inf
+        self._v1_valid = False
+        """A valid line came on the current v1 stream (only then does it vouch for now)."""
         self.pipeline = pipeline
         self.stats = stats
         self.idle_timeout = settings.idle_timeout
@@ -201,7 +211,7 @@ class LogFetchService(Service):
         if self.protocol == 2:
             beat = self.pipeline.heartbeat
             return -math.inf if beat is None else beat.time
-        if self.protocol == 1 and self.body is not None:
+        if self.protocol == 1 and self.body is not None and self._v1_valid:
             return now
         return self._v1_watermark
 
@@ -298,6 +308,8 @@ class LogFetchService(Service):
             return
         self.protocol = self.stats.exporter_protocol = 2
         if self.ring is not None and ring != self.ring:
+            beat = self.pipeline.heartbeat
+            self.pipeline.lose(None if beat is None else beat.time, self.clock.seconds())
             self.log.warn(
                 "exporter {url}: a new ring {ring} (was {old}): nginx was restarted; reading "
                 "the new ring from its first record", url=self.safe_url, ring=ring,
@@ -324,7 +336,12 @@ class LogFetchService(Service):
             return
         self._last_data = self.clock.seconds()
         try:
-            self.pipeline.feed(data)
+            if self.protocol == 1 and not self._v1_valid:
+                before = _valid_lines(self.stats)
+                self.pipeline.feed(data)
+                self._v1_valid = _valid_lines(self.stats) > before
+            else:
+                self.pipeline.feed(data)
             self._moved()
         except Exception:
             self._unexpected(Failure(), "reading the exporter's stream")
@@ -369,8 +386,10 @@ class LogFetchService(Service):
         if request is not None:
             request.cancel()
         body, self.body = self.body, None
-        if body is not None:
+        if body is not None and self._v1_valid:
             self._v1_watermark = self.clock.seconds()
+        self._v1_valid = False
+        if body is not None:
             if body.transport is not None:
                 body.transport.stopProducing()
         return self.pipeline.cut()

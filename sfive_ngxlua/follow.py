@@ -79,6 +79,8 @@ class _File:
         self.last_growth = now
         self.skip = 0
         """Lines at ``offset`` already folded into the model: a feed raised after them."""
+        self.sfive: Optional[bool] = None
+        """Whether its first complete lines have the sfive format's time (None: none yet)."""
 
     def learn_head(self) -> None:
         """Remember the first line (up to HEAD bytes) once the file has it."""
@@ -153,13 +155,22 @@ class FileFollowService(Service):
         """Event time up to which every line is in the model: while caught up with every open
         file, the clock minus the flush period (nginx writes a line at most that long after its
         request); while reading a backlog, the last line's time minus the flush period (workers
-        interleave out of order by up to that much); -inf before the first look at the file."""
+        interleave out of order by up to that much); -inf before the first look at the file.
+        It stands still while no file is open, or one is not in the sfive format (coverage:
+        nothing is vouched for then)."""
+        if not self._vouches():
+            return self._watermark
         if self._caught_up:
             base = now if self._notify is not None else self._caught_up_at
         else:
             base = self._last_time
         self._watermark = max(self._watermark, base - self.flush_period)
         return self._watermark
+
+    def _vouches(self) -> bool:
+        """A readable file in the sfive format is open (a quiet one too)."""
+        files = list(self._files())
+        return bool(files) and all(f.sfive is not False for f in files)
 
     def position(self) -> dict:
         """Where the model stands in the log, for the state store: the file at the path and the
@@ -412,12 +423,14 @@ class FileFollowService(Service):
                                 now, (ident.get("dev"), ident.get("ino")))
             if f is None:
                 self.stats.file_rotations += 1
+                self.pipeline.lose(None, now)
                 self.log.warn(
                     "the file followed before (inode {ino}, at offset {offset}) is gone: the "
                     "lines it got after that are lost (sfive-ngxlua-replay --from/--until over "
                     "the rotated logs fills the hole)", ino=ident.get("ino"), offset=offset)
                 return None
             self.stats.file_truncations += 1
+            self.pipeline.lose(None, now)
             self.log.warn("{path} was truncated in place (copytruncate?) while the service was "
                           "down: reading the rest from its copy {name}; lines nginx wrote "
                           "between the copy and the truncation are lost", path=self.path,
@@ -489,6 +502,9 @@ class FileFollowService(Service):
             if f.head is None:
                 f.learn_head()
             if lines:
+                if f.sfive is None:
+                    f.sfive = any(self.pipeline.time_of(line) is not None
+                                  for line in lines[:16])
                 self._note_time(lines, now)
             if len(data) < CHUNK:
                 break
@@ -544,8 +560,11 @@ class FileFollowService(Service):
             f.close()
 
     def _truncated(self, cur: _File, now: float) -> None:
-        """copytruncate (or another in-place rewrite): read the copy's rest, then start over."""
+        """copytruncate (or another in-place rewrite): read the copy's rest, then start over.
+        The lines between the copy and the truncation are an announced loss, from the last
+        line's time on."""
         self.stats.file_truncations += 1
+        self.pipeline.lose(self._last_time if math.isfinite(self._last_time) else None, now)
         cur.splitter.reset()
         cur.skip = 0
         copy = None

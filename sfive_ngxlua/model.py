@@ -71,9 +71,17 @@ class Changes:
     first: Optional[int]
     reported: Optional[int]
     live: bool
+    coverage: Optional[Dict[str, Any]] = None
     clients: List[Tuple[int, int, str, str, int]] = field(default_factory=list)
     folded: List[Tuple[int, int, int]] = field(default_factory=list)
     dropped: List[int] = field(default_factory=list)
+
+
+COVERED, PARTIAL, WITHHELD = "covered", "partial", "withheld"
+"""An interval's coverage (README, "What is reported"): the source vouched for all of it; a
+loss overlaps it or it was cut short; the source vouched for none of it (not reported)."""
+MAX_SPANS = 64
+"""Loss spans and given-up spans kept in the model (the oldest are merged or forgotten)."""
 
 
 class Clients:
@@ -157,6 +165,7 @@ class Interval:
     start: int
     duration_ms: int
     streams: Dict[StreamerKey, Clients]
+    coverage: str = COVERED
 
 
 class IntervalModel:
@@ -179,6 +188,15 @@ class IntervalModel:
         self.first: Optional[int] = None
         self.reported: Optional[int] = None
         self._live = False
+        self.losses: List[List[float]] = []
+        """Announced losses as [since, until] in event time (gap line, copytruncate, vanished
+        file, ring change): the open intervals they overlap are partial."""
+        self.withheld: Optional[List[int]] = None
+        """[first k, last k] of the intervals withheld so far and still open (the front of
+        the open ones): their records may yet arrive."""
+        self.given_up: List[List[int]] = []
+        """[first k, last k] spans of withheld intervals given up: their records are refused
+        (``stats.records_withheld``), never counted as late into another interval."""
         if start is not None:
             self.begin(start)
 
@@ -251,6 +269,9 @@ class IntervalModel:
             self.first = k
             self.reported = k - 1
         elif k <= self.reported:
+            if self.given_up and self.is_given_up(k):
+                self.stats.records_withheld += 1
+                return None
             if k < self.first and (not self._live
                                    or (self.first - k - 1) * self.duration < START_WINDOW):
                 self.stats.before_start += 1
@@ -343,6 +364,65 @@ class IntervalModel:
         return sum(len(c.bytes) for k, streams in self._open.items()
                    if upto is None or k <= upto for c in streams.values())
 
+    # -- coverage -------------------------------------------------------------------------
+
+    def lose(self, since: Optional[float], until: Optional[float]) -> None:
+        """An announced loss of the records between ``since`` (None: not known, from the
+        oldest open interval on) and ``until`` (event time; None: ``since``)."""
+        if self.reported is None:
+            return
+        lo = (self.reported + 1) * self.duration
+        since = lo if since is None else max(lo, since)
+        until = since if until is None else until
+        if until < since:
+            return
+        self.losses.append([since, until])
+        if len(self.losses) > MAX_SPANS:
+            a, b = self.losses.pop(0), self.losses[0]
+            b[0], b[1] = min(a[0], b[0]), max(a[1], b[1])
+
+    def lost(self, k: int) -> bool:
+        """Whether an announced loss overlaps interval k."""
+        lo, hi = k * self.duration, (k + 1) * self.duration
+        return any(since < hi and until >= lo for since, until in self.losses)
+
+    def give_up(self, k: int) -> None:
+        """Interval k (closed, not reported) is given up as withheld."""
+        spans = self.given_up
+        if spans and spans[-1][1] + 1 >= k >= spans[-1][0]:
+            spans[-1][1] = max(spans[-1][1], k)
+        else:
+            spans.append([k, k])
+            del spans[:-MAX_SPANS]
+
+    def has_records(self, k: int) -> bool:
+        """Whether open interval k holds any record."""
+        return bool(self._open.get(k))
+
+    def is_given_up(self, k: int) -> bool:
+        return any(a <= k <= b for a, b in self.given_up)
+
+    def _prune_losses(self) -> None:
+        if self.losses and self.reported is not None:
+            lo = (self.reported + 1) * self.duration
+            self.losses = [span for span in self.losses if span[1] >= lo]
+
+    def coverage(self) -> Dict[str, Any]:
+        """The coverage state as plain data (in snapshots and checkpoints)."""
+        self._prune_losses()
+        return {"losses": [list(s) for s in self.losses],
+                "withheld": None if self.withheld is None else list(self.withheld),
+                "given_up": [list(s) for s in self.given_up]}
+
+    def restore_coverage(self, data: Any) -> None:
+        """``coverage()``'s data back (None: a state saved before coverage was kept)."""
+        if data is None:
+            return
+        self.losses = [[float(a), float(b)] for a, b in data.get("losses") or ()]
+        withheld = data.get("withheld")
+        self.withheld = None if withheld is None else [int(withheld[0]), int(withheld[1])]
+        self.given_up = [[int(a), int(b)] for a, b in data.get("given_up") or ()]
+
     # -- the model as data ------------------------------------------------------------------
 
     def snapshot(self) -> Dict[str, Any]:
@@ -370,6 +450,7 @@ class IntervalModel:
             "reported": self.reported,
             "live": self._live,
             "open": open_,
+            "coverage": self.coverage(),
         }
 
     @classmethod
@@ -407,6 +488,7 @@ class IntervalModel:
                     if OVERFLOW_CLIENT in clients.bytes:
                         clients.folded = {int(h) for h in data.get("folded") or ()}
                     table[settings.streamers[int(i)]] = clients
+            model.restore_coverage(snapshot.get("coverage"))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise StateMismatch(f"the saved state is malformed ({type(e).__name__}: {e})"
                                 ) from None
@@ -424,7 +506,8 @@ class IntervalModel:
                     clients.changed = set(clients.bytes)
                     clients.new_folded = list(clients.folded or ())
             self._track()
-        out = Changes(self.first, self.reported, self._live, dropped=self._dropped)
+        out = Changes(self.first, self.reported, self._live, self.coverage(),
+                      dropped=self._dropped)
         self._dropped = []
         rows, folds = out.clients, out.folded
         index = self._index

@@ -136,6 +136,7 @@ class Pipeline:
         assert self._gap is not None
         lost, seq, before = self._gap
         self._gap = None
+        self.lose(before, after if after is not None else before)
         self.log.warn(
             "the exporter lost {lost} records (sequence {first_seq} to {last_seq}): requests "
             "logged between {since} and {until} are missing from the intervals; nginx's "
@@ -143,6 +144,11 @@ class Pipeline:
             since="(unknown)" if before is None else start_time(int(before)),
             until="(unknown)" if after is None else start_time(math.ceil(after)),
             before=before, after=after)
+
+    def lose(self, since: Optional[float], until: Optional[float]) -> None:
+        """A source announces a loss (records between ``since`` and ``until``, event time;
+        None: not known): the intervals it overlaps are partial (model.lose)."""
+        self.model.lose(since, until)
 
     def cut(self) -> int:
         """The stream broke: discard the partial line (never parse half a record)."""

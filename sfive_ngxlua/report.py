@@ -4,6 +4,7 @@ hand them to the outbox (``outbox.py``)."""
 from __future__ import annotations
 
 import math
+import shlex
 from typing import List, Optional, Protocol
 
 from twisted.application.service import Service
@@ -14,7 +15,7 @@ from twisted.python.failure import Failure
 
 from .datasets import start_time
 from .lifecycle import RETRYING, STOPPED, Lifecycle
-from .model import Interval, IntervalModel
+from .model import COVERED, PARTIAL, Interval, IntervalModel
 from .outbox import Outbox
 from .settings import Settings
 from .stats import Stats
@@ -155,35 +156,142 @@ class ReportService(Service):
 
     def tick(self) -> None:
         """Close every interval due by the effective watermark, and what the held cap
-        forces out; update the held and lag figures."""
+        forces out; withhold what the source never vouched for; update the held, lag and
+        coverage figures."""
         now = self.clock.seconds()
         mark = self._source_mark(now)
-        by_mark = self.model.due(mark) if math.isfinite(mark) else 0
-        intervals = self.model.close_due(max(mark, now - self.max_delay))
-        if len(intervals) > by_mark and not self._expired:
-            self._expired = True  # once per outage
-            self.log.warn(
-                "reporting the interval starting at {start} without all of the exporter's "
-                "records: waited --max-delay {max_delay:g}s (watermark {lag}); records that "
-                "come later count as late", start=start_time(intervals[by_mark].start),
-                max_delay=self.max_delay, lag=_lag(now, mark))
-        held = self.model.due(now)
+        model, d = self.model, self.settings.duration
+        intervals: List[Interval] = []
+        given_up: List[Interval] = []
+        capped: List[Interval] = []
+        for interval in model.close_due(mark) if math.isfinite(mark) else []:
+            self._passed(interval, intervals, given_up)
+        forced = model.due(now - self.max_delay)
+        while forced > 0:
+            k = model.reported + 1
+            if mark < k * d and not model.has_records(k):  # nothing vouched for: withheld
+                self._withhold(k, k + forced - 1, mark)
+                break
+            [interval] = model.close_due(model.due_at)
+            interval.coverage = PARTIAL
+            if not self._expired:
+                self._expired = True  # once per outage
+                self.log.warn(
+                    "reporting the interval starting at {start} without all of the exporter's "
+                    "records: waited --max-delay {max_delay:g}s (watermark {lag}); records "
+                    "that come later count as late", start=start_time(interval.start),
+                    max_delay=self.max_delay, lag=_lag(now, mark))
+            self._resolved(interval, intervals)
+            forced -= 1
+        held = model.due(now)
         while held and self._held_entries(held) > self.held_cap:
-            intervals.extend(self.model.close_due(self.model.due_at))
-            self.stats.held_early += 1
+            k = model.reported + 1
+            empty = self._is_withheld(k) and not model.has_records(k)
+            [interval] = model.close_due(model.due_at)
+            interval.coverage = PARTIAL
+            self._resolved(interval, None if empty else intervals)
+            if empty:
+                capped.append(interval)
+            else:
+                self.stats.held_early += 1
             held -= 1
-        if held and not self.stats.held:
+        if held and not self.stats.held and model.withheld is None:
             self.log.info("holding the interval starting at {start}: the exporter's records up "
                           "to its end are not in yet (watermark {lag})",
-                          start=start_time((self.model.reported + 1) * self.settings.duration),
-                          lag=_lag(now, mark))
+                          start=start_time((model.reported + 1) * d), lag=_lag(now, mark))
         if not held:
             self._expired = False
         self.stats.held = held
         self.stats.watermark_lag = now - mark if math.isfinite(mark) else None
+        running = int(now // d)
+        self.stats.covered = (math.isfinite(mark) and mark >= now - d - self.settings.grace
+                              and model.withheld is None and not model.lost(running))
+        self._gave_up(given_up, "the source announced their records lost")
+        self._gave_up(capped, "the held intervals after them reached the held cap")
         self._emit(intervals)
         if self.lifecycle.state == RETRYING:
             self.lifecycle.enter(RUNNING)
+
+    def _passed(self, interval: Interval, out: List[Interval],
+                given_up: List[Interval]) -> None:
+        """The watermark passed ``interval``: covered, or partial where a loss overlaps it; a
+        withheld one that a loss overlaps is given up (proved lost: not reported)."""
+        k = interval.start // self.settings.duration
+        lost = self.model.lost(k)
+        if lost and self._is_withheld(k):
+            self._resolved(interval, None)
+            given_up.append(interval)
+            return
+        interval.coverage = PARTIAL if lost else COVERED
+        self._resolved(interval, out)
+
+    def _is_withheld(self, k: int) -> bool:
+        withheld = self.model.withheld
+        return withheld is not None and withheld[0] <= k <= withheld[1]
+
+    def _resolved(self, interval: Interval, out: Optional[List[Interval]]) -> None:
+        """``interval`` is closed: to be reported (into ``out``) or given up (``out`` None);
+        the withheld stretch shrinks by it."""
+        k = interval.start // self.settings.duration
+        withheld = self.model.withheld
+        if withheld is not None and withheld[0] <= k:
+            if out is not None and k <= withheld[1]:
+                self.log.info("the withheld interval starting at {start} is reported after "
+                              "all: the source's records for it came", start=start_time(
+                                  interval.start))
+            if k >= withheld[1]:
+                self.model.withheld = None
+            else:
+                withheld[0] = k + 1
+        if out is None:
+            self.model.give_up(k)
+        else:
+            out.append(interval)
+
+    def _withhold(self, first: int, last: int, mark: float) -> None:
+        """Intervals ``first``..``last`` are due by --max-delay and the source vouched for
+        none of them: not reported, kept open (their records may still come), counted, and
+        logged once per stretch with the replay command that fills them."""
+        withheld = self.model.withheld
+        if withheld is not None and withheld[1] >= last:
+            return
+        d = self.settings.duration
+        self.stats.intervals_withheld += last - (first - 1 if withheld is None else withheld[1])
+        if withheld is None:
+            self.model.withheld = [first, last]
+            self.log.warn(
+                "withholding the intervals from {start} on: the source vouches for none of "
+                "them ({why}), so they are not reported as empty; they are reported if their "
+                "records still come, and the stretch is logged again when it ends; so far, "
+                "from an access log in the sfive format (nginx/sfive-log.conf): {command}",
+                start=start_time(first * d), why=self._why(mark),
+                command=replay_command(self.settings, first * d, (last + 1) * d),
+                since=first * d, until=(last + 1) * d)
+        else:
+            withheld[1] = last
+
+    def _why(self, mark: float) -> str:
+        if not math.isfinite(mark):
+            return "it has vouched for nothing yet"
+        return f"its watermark is at {start_time(int(mark))}"
+
+    def _gave_up(self, intervals: List[Interval], why: str) -> None:
+        """Log each stretch of given-up intervals with its replay command."""
+        d = self.settings.duration
+        stretches: List[List[int]] = []
+        for interval in intervals:
+            if stretches and stretches[-1][1] == interval.start:
+                stretches[-1][1] = interval.start + d
+            else:
+                stretches.append([interval.start, interval.start + d])
+        for since, until in stretches:
+            self.log.warn(
+                "withheld the intervals from {since_iso} to {until_iso} for good ({why}); "
+                "records that still come for them are counted as withheld; to fill them from "
+                "an access log in the sfive format (nginx/sfive-log.conf): {command}",
+                since_iso=start_time(since), until_iso=start_time(until), why=why,
+                command=replay_command(self.settings, since, until), since=since,
+                until=until)
 
     def _held_entries(self, held: int) -> int:
         return self.model.entries(upto=self.model.reported + held)
@@ -196,6 +304,10 @@ class ReportService(Service):
         self.outbox.emit(intervals)
         self._ring_history()
         for interval in intervals:
+            if interval.coverage == PARTIAL:
+                self.stats.intervals_partial += 1
+            else:
+                self.stats.intervals_covered += 1
             for streamer in self.settings.streamers:
                 clients = interval.streams[streamer]
                 self.stats.reported(streamer, clients.count, clients.total)
@@ -207,8 +319,9 @@ class ReportService(Service):
                 " lost={lost} datasets sent={sent} queued={queued} dropped={dropped}"
                 " trimmed={trimmed} reconnects: exporter={reconnects} hub={hub_reconnects}"
                 " held={held} held_early={held_early} watermark_lag={lag}"
-                " ring_history={history}",
+                " ring_history={history} coverage={coverage}",
                 start=start_time(interval.start), duration_ms=interval.duration_ms,
+                coverage=interval.coverage,
                 **self.stats.summary(),
             )
 
@@ -237,8 +350,56 @@ class ReportService(Service):
             self.stats.errors["report"] = self.stats.errors.get("report", 0) + 1
             self.log.failure("reporting what was due at the stop failed")
         super().stopService()
-        self._emit(self.outbox.at_stop(self.model, self.clock.seconds()))
+        self._emit(self._at_stop(self.outbox.at_stop(self.model, self.clock.seconds())))
         self.lifecycle.enter(STOPPED)
+
+
+    def _at_stop(self, intervals: List[Interval]) -> List[Interval]:
+        """What a stop closes is partial (cut short), or given up where the source vouched
+        for none of it and delivered no record for it."""
+        now = self.clock.seconds()
+        mark = self._source_mark(now)
+        out: List[Interval] = []
+        given_up: List[Interval] = []
+        for interval in intervals:
+            k = interval.start // self.settings.duration
+            empty = not any(c.bytes for c in interval.streams.values())
+            if empty and (self._is_withheld(k) or mark < interval.start):
+                if not self._is_withheld(k):
+                    self.stats.intervals_withheld += 1
+                self._resolved(interval, None)
+                given_up.append(interval)
+            else:
+                interval.coverage = PARTIAL
+                self._resolved(interval, out)
+        self._gave_up(given_up, "the service stops, and the source vouched for none of them")
+        return out
+
+
+def replay_command(settings: Settings, since: int, until: int) -> str:
+    """The ``sfive-ngxlua-replay`` command that counts ``[since, until)`` as this service
+    would, into the same hub (the access log's name: ``--file``'s, or a placeholder)."""
+    args = ["sfive-ngxlua-replay", "-n", settings.hostname]
+    for tag in settings.tags:
+        args += ["-t", tag]
+    args += ["-d", str(settings.duration)]
+    for streamer in settings.streamers:
+        args += ["-S", "/".join(streamer)]
+    args += ["-F", settings.nameformat,
+             "--status", ",".join(str(s) for s in sorted(settings.statuses)),
+             "--grace", f"{settings.grace:g}",
+             "--max-clients", str(settings.max_clients),
+             "--max-ua-length", str(settings.max_ua_length),
+             "--max-line-length", str(settings.max_line_length)]
+    ip = settings.client_ip
+    args += ["--client-ip", ip.mode if ip.path is None else f"keyed:{ip.path}"]
+    if settings.socket:
+        args += ["--socket", settings.socket]
+    elif settings.hub:
+        args += ["--hub", settings.hub]
+    args += ["--from", start_time(since), "--until", start_time(until)]
+    return " ".join(shlex.quote(a) for a in args) + " " + (
+        shlex.quote(settings.file) if settings.file else "ACCESS_LOG")
 
 
 def _lag(now: float, mark: float) -> str:

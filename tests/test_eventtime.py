@@ -177,27 +177,37 @@ def test_an_unreachable_exporter_holds_intervals_instead_of_sending_them_empty()
         globalLogPublisher.removeObserver(logs)
 
 
-def test_past_max_delay_what_is_known_is_reported_and_later_records_are_late():
+def test_past_max_delay_what_is_known_is_reported_and_what_is_unvouched_is_withheld():
+    """Issue 17 item 4: past --max-delay the interval the watermark is in is reported as
+    partial; those after it, which the source vouched for none of, are withheld (not sent as
+    empty), and reported after all once their records come."""
     logs = LogCapture()
     globalLogPublisher.addObserver(logs)
     src = Source(T0 + 11.0)
     s = Setup(src, max_delay=30.0)
     s.add(T0 + 10)
     s.to(T0 + 51)  # T0+10 is due at 21 by the clock; 21 + 30 = 51: reported with what is known
-    globalLogPublisher.removeObserver(logs)
     assert s.starts() == [hms(10)] and s.bytes() == {hms(10): 100}
     [warning] = logs.matching("without all of the exporter's records")
     assert f"the interval starting at 2027-01-15T{hms(10)}Z" in warning
     assert "waited --max-delay 30s (watermark 40.0s behind)" in warning
+    assert "coverage=partial" in logs.matching("reported: clients=")[-1]
+    assert s.stats.intervals_partial == 1 and s.stats.intervals_covered == 0
     assert s.stats.held == 3  # T0+20, 30, 40 (due 31, 41, 51) are still held
     s.to(T0 + 71)
-    assert s.starts() == [hms(10), hms(20), hms(30)]
+    assert s.starts() == [hms(10)], "T0+20 and T0+30 are withheld, not sent empty"
+    assert s.stats.intervals_withheld == 2
+    [withheld] = logs.matching("withholding the intervals from")
+    assert f"--from 2027-01-15T{hms(20)}Z --until 2027-01-15T{hms(40)}Z" in withheld
     s.add(T0 + 15, sent=7)  # a backlog older than the limit: late, into the oldest open one
     assert s.stats.late == 1
     src.mark = T0 + 80.0
     s.report.check()
-    assert s.bytes()[hms(40)] == 7
-    assert s.stats.held == 0
+    globalLogPublisher.removeObserver(logs)
+    assert s.starts() == [hms(k) for k in range(10, 70, 10)]
+    assert s.bytes()[hms(20)] == 7
+    assert s.stats.held == 0 and s.stats.intervals_covered == 5
+    assert len(logs.matching("is reported after all")) == 2
 
 
 def test_held_intervals_are_capped_the_oldest_reported_early_and_counted():
@@ -261,6 +271,8 @@ def test_a_durable_outbox_stops_without_reporting_the_running_interval():
 
 
 def test_a_direct_outbox_stop_reports_the_held_and_the_running_intervals():
+    """The stop cuts them short (partial); the held one the source vouched for none of and
+    delivered nothing for is withheld, not sent empty (issue 17 item 4)."""
     src = Source(T0 + 11.0)
     s = Setup(src)
     s.add(T0 + 12)
@@ -268,8 +280,10 @@ def test_a_direct_outbox_stop_reports_the_held_and_the_running_intervals():
     s.to(T0 + 35)
     assert s.out == []
     s.report.stopService()
-    assert s.starts() == [hms(10), hms(20), hms(30)]
+    assert s.starts() == [hms(10), hms(30)]
     assert s.bytes()[hms(30)] == 100
+    assert (s.stats.intervals_partial, s.stats.intervals_withheld) == (2, 1)
+    assert s.model.given_up == [[(T0 + 20) // D, (T0 + 20) // D]]
 
 
 def test_ring_history_is_ring_size_over_the_line_rate():

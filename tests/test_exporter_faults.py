@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
+import math
 
 import pytest
 import pytest_twisted
@@ -343,9 +344,13 @@ async def test_a_v1_exporter_keeps_the_wall_clock_rule(service, exporter, logs):
     await wait_for(lambda: run.stats.exporter_connected)
     assert exporter.requests[0].args == {b"v": [b"2"]}
     assert run.fetch.protocol == 1 and run.fetch.ring is None
-    assert run.fetch.watermark(T0 + 7) == T0 + 7, "connected: now"
+    assert run.fetch.watermark(T0 + 7) == -math.inf, "connected, but no valid line yet"
+    exporter.send(b"not json\n")
+    await wait_for(lambda: run.stats.lines == 1)
+    assert run.fetch.watermark(T0 + 7) == -math.inf, "a line not in the format vouches for none"
     exporter.send(line(T0 + 1, seq=5))
     await wait_for(lambda: run.stats.accepted == 1)
+    assert run.fetch.watermark(T0 + 7) == T0 + 7, "connected, after a first valid line: now"
     run.clock.advance(2.0)
     exporter.cut()
     await wait_for(lambda: not run.stats.exporter_connected)

@@ -132,6 +132,7 @@ def running(max_clients: int):
                       max_ua_length=MAX_UA, max_clients=max_clients)
     top = build(s, reactor, sink=CallableSink(out.append, stats), clock=clock, stats=stats)
     report = top.getServiceNamed("report")
+    report.source = None  # the test feeds the pipeline, not the (unstarted) fetcher: the clock
     report.startService()
     return clock, stats, out, report, top.getServiceNamed("fetch").pipeline
 

@@ -235,6 +235,8 @@ def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
     service.startService()
     try:
         yield wait_for(lambda: stats.exporter_connected)  # before that, intervals are held
+        exporter.resource.send(line(iso(T0 - 60), url="/other/site"))  # v1: a first valid line
+        yield wait_for(lambda: stats.lines == 1)
         clock.advance(3)
         clock.advance(2)
         assert calls[:8] == ["2026-11-28T09:00:00Z"] * 8

@@ -70,12 +70,14 @@ class ModelTables:
                 for s, entry in streams.items():
                     rows.extend((int(k), int(s), ip, ua, b) for ip, ua, b in entry["clients"])
                     folded.extend((int(k), int(s), h) for h in entry["folded"])
-            header = {key: snap[key] for key in ("format", "first", "reported", "live")}
+            header = {key: snap[key] for key in ("format", "first", "reported", "live",
+                                                 "coverage")}
             self.need_full = False
         else:
             changes = model.take_changes()
             rows, folded, dropped = changes.clients, changes.folded, changes.dropped
-            header.update(first=changes.first, reported=changes.reported, live=changes.live)
+            header.update(first=changes.first, reported=changes.reported, live=changes.live,
+                          coverage=changes.coverage)
         if dropped:
             for k in dropped:
                 self._ids.pop(k, None)
@@ -156,4 +158,4 @@ class ModelTables:
         return {"format": header.get("format"), "duration": record["duration"],
                 "streamers": record["streamers"], "first": header.get("first"),
                 "reported": header.get("reported"), "live": header.get("live", True),
-                "open": open_}
+                "open": open_, "coverage": header.get("coverage")}
