@@ -73,7 +73,8 @@ class Proxy:
 
     def retarget(self, port: int) -> None:
         self.target = port
-        self.port.factory.port = port
+        if self.port is not None:  # else accept() listens with the new target
+            self.port.factory.port = port
 
     def refuse(self) -> defer.Deferred:
         for conn in list(self.open):
