@@ -64,8 +64,8 @@ class Changes:
 
     Applied to a replica in this order it gives the model's state: delete the ``dropped``
     intervals, upsert ``clients`` (k, streamer index, ip, user agent, bytes now), insert
-    ``folded`` (k, streamer index, fold_hash); ``first``/``reported``/``live`` are the values
-    now. No client or folded row belongs to a dropped interval.
+    ``folded`` (k, streamer index, fold_hash); ``first``/``reported``/``live``/``coverage``
+    are the values now. No client or folded row belongs to a dropped interval.
     """
 
     first: Optional[int]
@@ -386,6 +386,11 @@ class IntervalModel:
         lo, hi = k * self.duration, (k + 1) * self.duration
         return any(since < hi and until >= lo for since, until in self.losses)
 
+    def lost_whole(self, k: int) -> bool:
+        """Whether one announced loss spans all of interval k."""
+        lo, hi = k * self.duration, (k + 1) * self.duration
+        return any(since <= lo and until >= hi for since, until in self.losses)
+
     def give_up(self, k: int) -> None:
         """Interval k (closed, not reported) is given up as withheld."""
         spans = self.given_up
@@ -429,8 +434,8 @@ class IntervalModel:
         """The whole state as JSON-able plain data, ``{"format", "duration", "streamers",
         "first", "reported", "live", "open": {k: {streamer index: {"clients": [[ip, ua,
         bytes], ...], "folded": [fold hash, ...]}}}}`` (an overflow entry is one of the
-        clients; the distinct clients folded into it are its fold hashes); resets the change
-        tracking, as a full checkpoint does."""
+        clients; the distinct clients folded into it are its fold hashes), "coverage":
+        ``coverage()``}; resets the change tracking, as a full checkpoint does."""
         index = self._index
         open_: Dict[str, Dict[str, Dict[str, list]]] = {}
         for k, streams in sorted(self._open.items()):

@@ -41,9 +41,13 @@ class ReportService(Service):
     source vouches for (a v1 exporter while connected, and no source at all: ``now``, the
     wall-clock rule), but never more than ``--max-delay`` behind the clock. Intervals due by the
     clock but not yet by the watermark are *held* (the exporter is unreachable, or its backlog
-    is being read) instead of being sent empty; past ``max_delay`` what is known is reported and
-    records that come later count as late. Held intervals are bounded: past ``held_cap`` client
-    entries in them, the oldest are reported early (counted in ``stats.held_early``).
+    is being read) instead of being sent empty; past ``max_delay`` what is known is reported
+    (partial) and records that come later count as late, unless the source vouched for none of
+    the interval and sent nothing for it: then it is *withheld* (kept open, logged with the
+    replay command, reported after all if its records come, given up once a loss announced by
+    the source overlaps it). Held intervals are bounded: past ``held_cap`` client entries in
+    them, the oldest are reported early (counted in ``stats.held_early``). Each reported
+    interval says its coverage (``Interval.coverage``; README, "What is counted").
 
     A LoopingCall, started at the first due time and then every D seconds from there (so it
     does not drift), closes whatever is due; a late tick (a busy or suspended machine) reports
@@ -92,6 +96,8 @@ class ReportService(Service):
         self._retry: Optional[IDelayedCall] = None
         self._lines_at: Optional[tuple] = None
         self._expired = False
+        self._filled: List[int] = []
+        """Starts of withheld intervals reported after all in the current check."""
 
     def startService(self) -> None:
         super().startService()
@@ -206,6 +212,7 @@ class ReportService(Service):
         running = int(now // d)
         self.stats.covered = (math.isfinite(mark) and mark >= now - d - self.settings.grace
                               and model.withheld is None and not model.lost(running))
+        self._told_filled()
         self._gave_up(given_up, "the source announced their records lost")
         self._gave_up(capped, "the held intervals after them reached the held cap")
         self._emit(intervals)
@@ -215,10 +222,15 @@ class ReportService(Service):
     def _passed(self, interval: Interval, out: List[Interval],
                 given_up: List[Interval]) -> None:
         """The watermark passed ``interval``: covered, or partial where a loss overlaps it; a
-        withheld one that a loss overlaps is given up (proved lost: not reported)."""
+        withheld one that a loss overlaps, and one without records that a loss spans whole,
+        is given up (proved lost, nothing known: not reported)."""
         k = interval.start // self.settings.duration
         lost = self.model.lost(k)
-        if lost and self._is_withheld(k):
+        withheld = self._is_withheld(k)
+        if lost and (withheld or (self.model.lost_whole(k) and not any(
+                c.bytes for c in interval.streams.values()))):
+            if not withheld:
+                self.stats.intervals_withheld += 1
             self._resolved(interval, None)
             given_up.append(interval)
             return
@@ -236,9 +248,7 @@ class ReportService(Service):
         withheld = self.model.withheld
         if withheld is not None and withheld[0] <= k:
             if out is not None and k <= withheld[1]:
-                self.log.info("the withheld interval starting at {start} is reported after "
-                              "all: the source's records for it came", start=start_time(
-                                  interval.start))
+                self._filled.append(interval.start)
             if k >= withheld[1]:
                 self.model.withheld = None
             else:
@@ -269,6 +279,16 @@ class ReportService(Service):
                 since=first * d, until=(last + 1) * d)
         else:
             withheld[1] = last
+
+    def _told_filled(self) -> None:
+        """One line for the withheld intervals reported after all in this check."""
+        if self._filled:
+            first, last = self._filled[0], self._filled[-1]
+            self._filled = []
+            self.log.info("the withheld intervals from {since} to {until} are reported after "
+                          "all: the source's records for them came (no replay needed)",
+                          since=start_time(first),
+                          until=start_time(last + self.settings.duration))
 
     def _why(self, mark: float) -> str:
         if not math.isfinite(mark):
@@ -353,7 +373,6 @@ class ReportService(Service):
         self._emit(self._at_stop(self.outbox.at_stop(self.model, self.clock.seconds())))
         self.lifecycle.enter(STOPPED)
 
-
     def _at_stop(self, intervals: List[Interval]) -> List[Interval]:
         """What a stop closes is partial (cut short), or given up where the source vouched
         for none of it and delivered no record for it."""
@@ -372,6 +391,7 @@ class ReportService(Service):
             else:
                 interval.coverage = PARTIAL
                 self._resolved(interval, out)
+        self._told_filled()
         self._gave_up(given_up, "the service stops, and the source vouched for none of them")
         return out
 

@@ -56,6 +56,8 @@ def test_twistd_sends_datasets_and_survives_an_exporter_restart(tmp_path):
     )
     try:
         yield wait_for(lambda: exporter.resource.requests, timeout=20)
+        # a v1 exporter vouches for the intervals once a first valid line came (issue 17 item 4)
+        exporter.resource.send(line(iso_now(), url="/another/site"))
         yield wait_for(lambda: len(hub.read()) >= 16, timeout=10)
         datasets = hub.read()
         assert {d["hostname"] for d in datasets} == {"edge1"}
