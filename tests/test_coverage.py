@@ -345,3 +345,18 @@ def test_an_interval_a_loss_spans_whole_is_withheld_not_sent_as_zeros():
         1, 1, 2)
     assert model.given_up == [[(T0 + 30) // D, (T0 + 40) // D]]
     report.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_not_in_the_sfive_format_withholds(service, tmp_path, logs):
+    log = tmp_path / "access.log"
+    log.write_bytes(b"")
+    run = service(settings(file=str(log), url="http://localhost/sfive", max_delay=20.0))
+    run.clock.advance(0)
+    with open(log, "ab") as f:  # nginx's combined format
+        f.write(b'127.0.0.1 - - [15/Jan/2027:08:00:01 +0000] "GET /live/hls/foo-high/1.ts '
+                b'HTTP/1.1" 200 100 "-" "curl/8"\n')
+    for _t in range(52):
+        run.clock.advance(1)
+    assert run.stats.lines == 1
+    assert run.datasets == [] and run.stats.intervals_withheld == 3
