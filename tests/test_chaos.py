@@ -238,6 +238,8 @@ class Run:
                 self.say(f"{fault.kind}{f' for {fault.duration:.1f}s' if fault.duration else ''}"
                          + (f" skipped: {fault.skipped}" if fault.skipped else ""))
         self.faults = faults
+        end = self.t0 + SECONDS  # viewers go on to the end of the run, faults or not
+        yield wait_for(lambda: time.time() >= end, timeout=SECONDS + 60, what="the run's end")
 
 
 def log_seconds(text: str, fragment: str) -> list[float]:
