@@ -318,6 +318,9 @@ class FileFollowService(Service):
     def _check(self) -> None:
         now = self.clock.seconds()
         self._follow_path(now)
+        for f in list(self.rotated):  # truncated too (copytruncate, then renamed before a look)
+            if os.fstat(f.fd).st_size < f.offset or not f.head_matches():
+                self._truncated(f, now)
         budget = BUDGET
         for f in self._files():
             budget -= self._read(f, now, budget)

@@ -17,12 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import pytest_twisted
+from helpers.chain import lost_lines
 from support import wait_for
 from test_e2e_nginx import (
     FILES,
@@ -193,16 +193,8 @@ def _start(d):
 
 def window_intervals(nginx, log):
     """Intervals with lines that copytruncate's window lost: in the truth, in no file."""
-    files = Counter()
-    for name in (str(log) + ".1", str(log) + ".c", str(log)):
-        with open(name, "rb") as f:
-            for raw in f:
-                obj = json.loads(raw)
-                files[(int(datetime.fromisoformat(obj["time"]).timestamp()), obj["client"],
-                       obj["ua"], obj["url"], obj["bytes-sent"])] += 1
-    told = Counter((interval_of(e), e["client"], e["ua"], e["uri"], e["bytes_sent"])
-                   for e in truth(nginx))
-    return {key[0] for key in told - files}
+    names = (str(log) + ".1", str(log) + ".c", str(log))
+    return {interval_of(e) for e in lost_lines(truth(nginx), names)}
 
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
