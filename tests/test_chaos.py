@@ -301,8 +301,8 @@ def judge(run: Run, datasets: list, truth: list, touched: set[int]) -> list[str]
     and equal to the truth, client by client; touched ones may instead be partial (nothing
     invented) or withheld, never missing silently. Against a service without coverage (main
     before it): untouched ones equal to the truth, touched ones without invented records."""
-    killed = any(f.kind == "sigkill" and not f.skipped for f in run.faults)
-    got = received(datasets, "identical" if killed else "none")
+    kills = sum(1 for f in run.faults if f.kind == "sigkill" and not f.skipped)
+    got = received(datasets, kills)  # at most one identical resend per SIGKILL
     expected = expected_from(truth)
     last = max(start for start, _ in expected)
     reported, withheld = coverage_of(run.service.log())
