@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from helpers import faults
-from support import DatagramHub, ExporterServer, line, wait_for
+from support import DatagramHub, Exporter, line, wait_for
 from twisted.internet import reactor, task
 
 from sfive_ngxlua.replay import Progress, Replay
@@ -50,17 +50,17 @@ def settings(**kw):
 @pytest_twisted.inlineCallbacks
 def test_replay_equals_the_live_service_for_the_same_records():
     lines = recorded()
-    exporter = ExporterServer()
+    exporter = Exporter().listen()
     clock = task.Clock()
     clock.advance(T0)
     live, stats = [], Stats()
-    service = build(settings(url=exporter.url), reactor, sink=CallableSink(live.append, stats),
+    service = build(settings(url=exporter.url()), reactor, sink=CallableSink(live.append, stats),
                     clock=clock, stats=stats)
     service.startService()
     try:
-        yield wait_for(lambda: exporter.resource.requests)
+        yield wait_for(lambda: exporter.streams)
         for n, data in enumerate(lines, 1):
-            exporter.resource.send(data)
+            exporter.send(data)
             yield wait_for(lambda n=n: stats.lines == n, step=0.001)
             now = json.loads(data)["time"] if data.startswith(b"{") else None
             if now is not None:

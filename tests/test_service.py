@@ -6,7 +6,7 @@ intervals pass when the test says so.
 
 import pytest_twisted
 from helpers import faults
-from support import DatagramHub, ExporterServer, heartbeat, line, wait_for
+from support import DatagramHub, Exporter, heartbeat, line, wait_for
 from twisted.internet import reactor, task
 
 from sfive_ngxlua.service import build
@@ -45,22 +45,22 @@ class Running:
     """A started service with its peers; ``stop()`` tears everything down."""
 
     def __init__(self, tmp_path, **kw):
-        self.exporter = ExporterServer()
+        self.exporter = Exporter().listen()
         self.hub = DatagramHub(str(tmp_path / "hub.sock"))
         self.clock = task.Clock()
         self.clock.advance(T0 + 0.5)
-        self.settings = settings(self.exporter.url, socket=self.hub.path, **kw)
+        self.settings = settings(self.exporter.url(), socket=self.hub.path, **kw)
         self.service = build(self.settings, reactor, clock=self.clock)
         self.stats = self.service.stats
         self.service.startService()
 
     @property
     def requests(self):
-        return self.exporter.resource.requests
+        return self.exporter.streams
 
     def send(self, data, chunk=7):
         for i in range(0, len(data), chunk):
-            self.exporter.resource.send(data[i:i + chunk])
+            self.exporter.send(data[i:i + chunk])
 
     @pytest_twisted.inlineCallbacks
     def stop(self):
@@ -79,7 +79,7 @@ def test_exact_datasets_interval_after_interval(tmp_path):
     run = Running(tmp_path)
     try:
         yield wait_for(lambda: run.requests)
-        headers = run.exporter.resource.seen_headers[0]
+        headers = run.exporter.seen_headers[0]
         assert headers[b"User-Agent"][0].startswith(b"sfive-ngxlua/")
         lines = b"".join([
             line(iso(T0 + 1), client="10.0.0.9"),                       # before start
@@ -128,13 +128,13 @@ def test_exporter_restart_resumes_after_the_last_sequence_number(tmp_path):
         yield wait_for(lambda: run.requests)
         run.send(line(iso(T0 + 2), seq=41, sent=1) + line(iso(T0 + 2), seq=42, sent=2) + b'{"ti')
         yield wait_for(lambda: run.stats.lines == 2)
-        run.exporter.resource.cut()
+        run.exporter.cut()
         yield wait_for(lambda: run.stats.exporter_reconnects == 1)
         assert run.stats.exporter_connected is False
         assert not run.requests
         run.clock.advance(3)
         yield wait_for(lambda: run.requests)
-        assert run.exporter.resource.seen_args[-1] == {b"v": [b"2"], b"after": [b"42"]}
+        assert run.exporter.seen_args[-1] == {b"v": [b"2"], b"after": [b"42"]}
         run.send(line(iso(T0 + 3), seq=43, sent=4))
         yield wait_for(lambda: run.stats.lines == 3)
         assert sum(run.stats.rejected.values()) == 0, "the cut partial line was parsed"
@@ -150,18 +150,18 @@ def test_non_200_answers_back_off_and_retry(tmp_path):
     run = Running(tmp_path)
     try:
         yield wait_for(lambda: run.requests)
-        run.exporter.resource.code = 503
-        run.exporter.resource.cut()
+        run.exporter.code = 503
+        run.exporter.cut()
         delays = []
         for attempt in range(1, 4):
             yield wait_for(lambda attempt=attempt: run.stats.exporter_reconnects == attempt)
             call = run.service.getServiceNamed("fetch")._retry
             delays.append(call.getTime() - run.clock.seconds())
             run.clock.advance(delays[-1])
-            yield wait_for(lambda n=attempt: len(run.exporter.resource.seen_args) == n + 1)
+            yield wait_for(lambda n=attempt: len(run.exporter.seen_args) == n + 1)
         for n, delay in enumerate(delays):
             assert 1.5 ** n <= delay <= 1.5 ** n + 1, "exponential backoff with jitter in [0, 1)"
-        run.exporter.resource.code = 200
+        run.exporter.code = 200
         yield wait_for(lambda: run.stats.exporter_reconnects == 4)
         run.clock.advance(run.service.getServiceNamed("fetch")._retry.getTime()
                           - run.clock.seconds())
@@ -200,17 +200,17 @@ def test_stop_reports_the_partial_interval_and_late_records(tmp_path):
 
 @pytest_twisted.inlineCallbacks
 def test_embedding_with_a_callable_sink():
-    exporter = ExporterServer()
+    exporter = Exporter().listen()
     clock = task.Clock()
     clock.advance(T0)
     got = []
     stats = Stats()
-    service = build(settings(exporter.url), reactor, sink=CallableSink(got.append, stats),
+    service = build(settings(exporter.url()), reactor, sink=CallableSink(got.append, stats),
                     clock=clock, stats=stats)
     service.startService()
     try:
-        yield wait_for(lambda: exporter.resource.requests)
-        exporter.resource.send(line(iso(T0 + 1), sent=9))
+        yield wait_for(lambda: exporter.streams)
+        exporter.send(line(iso(T0 + 1), sent=9))
         yield wait_for(lambda: stats.accepted == 1)
         clock.advance(3)
         assert len(got) == 8
@@ -223,7 +223,7 @@ def test_embedding_with_a_callable_sink():
 
 @pytest_twisted.inlineCallbacks
 def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
-    exporter = ExporterServer()
+    exporter = Exporter().listen()
     clock = task.Clock()
     clock.advance(T0)
     calls, stats = [], Stats()
@@ -233,12 +233,12 @@ def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
         if len(calls) <= 8:
             raise BrokenPipeError("the reader went away")
 
-    service = build(settings(exporter.url), reactor, sink=flaky, clock=clock,
+    service = build(settings(exporter.url()), reactor, sink=flaky, clock=clock,
                     stats=stats)
     service.startService()
     try:
         yield wait_for(lambda: stats.exporter_connected)  # before that, intervals are held
-        exporter.resource.send(line(iso(T0 - 60), url="/other/site"))  # v1: a first valid line
+        exporter.send(line(iso(T0 - 60), url="/other/site"))  # v1: a first valid line
         yield wait_for(lambda: stats.lines == 1)
         clock.advance(3)
         clock.advance(2)
@@ -256,11 +256,11 @@ def test_a_v2_exporter_away_holds_the_intervals_and_its_backlog_counts_in_them(t
     (not at the next tick); while the exporter is away they are held, not sent empty; the
     backlog it sends after the reconnect is counted in its own intervals, not late."""
     run = Running(tmp_path)
-    run.exporter.resource.ring = "0123456789abcdef"
+    run.exporter.ring = "0123456789abcdef"
     fetch = run.service.getServiceNamed("fetch")
     try:
         yield wait_for(lambda: run.requests)
-        run.exporter.resource.cut()  # the first answer was v1 (no ring yet): now a v2 one
+        run.exporter.cut()  # the first answer was v1 (no ring yet): now a v2 one
         yield wait_for(lambda: run.stats.exporter_reconnects == 1)
         run.clock.advance(fetch._retry.getTime() - run.clock.seconds())
         yield wait_for(lambda: run.stats.exporter_protocol == 2 and run.requests)
@@ -272,13 +272,13 @@ def test_a_v2_exporter_away_holds_the_intervals_and_its_backlog_counts_in_them(t
         yield wait_for(lambda: len(run.hub.read()) == 8)  # on_watermark, no tick needed
         assert run.hub.read()[0]["data"]["bytes-sent"] == 1
 
-        run.exporter.resource.cut()  # away for 10 s while viewers go on
+        run.exporter.cut()  # away for 10 s while viewers go on
         yield wait_for(lambda: not run.stats.exporter_connected)
         run.clock.advance(10)
         assert len(run.hub.read()) == 8, "held, not sent empty"
         assert run.stats.held == 5
         yield wait_for(lambda: run.requests)  # the backoff's retry (1-2 s) came due
-        assert run.exporter.resource.seen_args[-1] == {
+        assert run.exporter.seen_args[-1] == {
             b"v": [b"2"], b"ring": [b"0123456789abcdef"], b"after": [b"1"]}
         run.send(b"".join(line(iso(T0 + t), seq=t, sent=t) for t in range(4, 15))
                  + heartbeat(14, T0 + 15.0))
