@@ -5,7 +5,7 @@ intervals pass when the test says so.
 """
 
 import pytest_twisted
-from helpers import faults
+from helpers.faults import iso
 from support import DatagramHub, Exporter, heartbeat, line, wait_for
 from twisted.internet import reactor, task
 
@@ -18,8 +18,6 @@ T0 = 1795856400  # 2026-11-28T09:00:00Z
 STREAMERS = tuple((c, f, q) for c in ("C1", "C2") for f in ("hls", "dash") for q in ("high", "low"))
 
 
-def iso(seconds, ms=0):
-    return faults.iso(seconds, "Z", ms)
 
 
 def settings(url, **kw):
@@ -82,15 +80,15 @@ def test_exact_datasets_interval_after_interval(tmp_path):
         headers = run.exporter.seen_headers[0]
         assert headers[b"User-Agent"][0].startswith(b"sfive-ngxlua/")
         lines = b"".join([
-            line(iso(T0 + 1), client="10.0.0.9"),                       # before start
-            line(iso(T0 + 2, 5), client="10.0.0.1", ua="A", sent=100),
-            line(iso(T0 + 2, 900), client="10.0.0.1", ua="A", sent=50),
-            line(iso(T0 + 3), client="10.0.0.1", ua="B", sent=7),
-            line(iso(T0 + 3), client="10.0.0.2", ua="A", sent=1000, status=206),
-            line(iso(T0 + 3), client="10.0.0.3", ua="A", sent=5, status=404),
-            line(iso(T0 + 3), url="/live/dash/C2-low/x.m4s", client="10.0.0.4", sent=3),
-            line(iso(T0 + 3), url="/live/hls/C3-low/x.ts", client="10.0.0.5", sent=3),
-            line(iso(T0 + 4), url="/live/hls/C1-high/x.ts", client="10.0.0.6", sent=11),
+            line(iso(T0 + 1, "Z"), client="10.0.0.9"),                       # before start
+            line(iso(T0 + 2, "Z", 5), client="10.0.0.1", ua="A", sent=100),
+            line(iso(T0 + 2, "Z", 900), client="10.0.0.1", ua="A", sent=50),
+            line(iso(T0 + 3, "Z"), client="10.0.0.1", ua="B", sent=7),
+            line(iso(T0 + 3, "Z"), client="10.0.0.2", ua="A", sent=1000, status=206),
+            line(iso(T0 + 3, "Z"), client="10.0.0.3", ua="A", sent=5, status=404),
+            line(iso(T0 + 3, "Z"), url="/live/dash/C2-low/x.m4s", client="10.0.0.4", sent=3),
+            line(iso(T0 + 3, "Z"), url="/live/hls/C3-low/x.ts", client="10.0.0.5", sent=3),
+            line(iso(T0 + 4, "Z"), url="/live/hls/C1-high/x.ts", client="10.0.0.6", sent=11),
             b"garbage\n",
         ])
         run.send(lines)
@@ -126,7 +124,8 @@ def test_exporter_restart_resumes_after_the_last_sequence_number(tmp_path):
     run = Running(tmp_path)
     try:
         yield wait_for(lambda: run.requests)
-        run.send(line(iso(T0 + 2), seq=41, sent=1) + line(iso(T0 + 2), seq=42, sent=2) + b'{"ti')
+        run.send(line(iso(T0 + 2, "Z"), seq=41, sent=1) + line(iso(T0 + 2, "Z"), seq=42, sent=2)
+                 + b'{"ti')
         yield wait_for(lambda: run.stats.lines == 2)
         run.exporter.cut()
         yield wait_for(lambda: run.stats.exporter_reconnects == 1)
@@ -135,7 +134,7 @@ def test_exporter_restart_resumes_after_the_last_sequence_number(tmp_path):
         run.clock.advance(3)
         yield wait_for(lambda: run.requests)
         assert run.exporter.seen_args[-1] == {b"v": [b"2"], b"after": [b"42"]}
-        run.send(line(iso(T0 + 3), seq=43, sent=4))
+        run.send(line(iso(T0 + 3, "Z"), seq=43, sent=4))
         yield wait_for(lambda: run.stats.lines == 3)
         assert sum(run.stats.rejected.values()) == 0, "the cut partial line was parsed"
         run.clock.advance(T0 + 5 - run.clock.seconds())
@@ -169,7 +168,7 @@ def test_non_200_answers_back_off_and_retry(tmp_path):
         assert run.stats.exporter_connected
         # a v1 answer (no protocol header) is an exporter's once it carries a record
         assert run.service.getServiceNamed("fetch").failures == 4
-        run.send(line(iso(T0 + 1), url="/live/hls/C1-high/1.ts"))
+        run.send(line(iso(T0 + 1, "Z"), url="/live/hls/C1-high/1.ts"))
         yield wait_for(lambda: run.service.getServiceNamed("fetch").failures == 0)
     finally:
         yield run.stop()
@@ -180,11 +179,11 @@ def test_stop_reports_the_partial_interval_and_late_records(tmp_path):
     run = Running(tmp_path)
     try:
         yield wait_for(lambda: run.requests)
-        run.send(line(iso(T0 + 3), sent=5))
+        run.send(line(iso(T0 + 3, "Z"), sent=5))
         yield wait_for(lambda: run.stats.lines == 1)
         run.clock.advance(T0 + 5 - run.clock.seconds())
         yield wait_for(lambda: len(run.hub.read()) == 8)
-        run.send(line(iso(T0 + 3), sent=6) + line(iso(T0 + 4, 250), sent=7))
+        run.send(line(iso(T0 + 3, "Z"), sent=6) + line(iso(T0 + 4, "Z", 250), sent=7))
         yield wait_for(lambda: run.stats.lines == 3)
         assert run.stats.late == 1
         run.clock.advance(0.75)
@@ -210,7 +209,7 @@ def test_embedding_with_a_callable_sink():
     service.startService()
     try:
         yield wait_for(lambda: exporter.streams)
-        exporter.send(line(iso(T0 + 1), sent=9))
+        exporter.send(line(iso(T0 + 1, "Z"), sent=9))
         yield wait_for(lambda: stats.accepted == 1)
         clock.advance(3)
         assert len(got) == 8
@@ -238,7 +237,7 @@ def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
     service.startService()
     try:
         yield wait_for(lambda: stats.exporter_connected)  # before that, intervals are held
-        exporter.send(line(iso(T0 - 60), url="/other/site"))  # v1: a first valid line
+        exporter.send(line(iso(T0 - 60, "Z"), url="/other/site"))  # v1: a first valid line
         yield wait_for(lambda: stats.lines == 1)
         clock.advance(3)
         clock.advance(2)
@@ -264,7 +263,7 @@ def test_a_v2_exporter_away_holds_the_intervals_and_its_backlog_counts_in_them(t
         yield wait_for(lambda: run.stats.exporter_reconnects == 1)
         run.clock.advance(fetch._retry.getTime() - run.clock.seconds())
         yield wait_for(lambda: run.stats.exporter_protocol == 2 and run.requests)
-        run.send(line(iso(T0 + 2), seq=1, sent=1) + heartbeat(1, T0 + 2.5))
+        run.send(line(iso(T0 + 2, "Z"), seq=1, sent=1) + heartbeat(1, T0 + 2.5))
         yield wait_for(lambda: run.stats.heartbeats == 1)
         run.clock.advance(T0 + 5 - run.clock.seconds())  # T0+2..4 is due by the clock
         assert run.hub.read() == [] and run.stats.held == 1
@@ -280,7 +279,7 @@ def test_a_v2_exporter_away_holds_the_intervals_and_its_backlog_counts_in_them(t
         yield wait_for(lambda: run.requests)  # the backoff's retry (1-2 s) came due
         assert run.exporter.seen_args[-1] == {
             b"v": [b"2"], b"ring": [b"0123456789abcdef"], b"after": [b"1"]}
-        run.send(b"".join(line(iso(T0 + t), seq=t, sent=t) for t in range(4, 15))
+        run.send(b"".join(line(iso(T0 + t, "Z"), seq=t, sent=t) for t in range(4, 15))
                  + heartbeat(14, T0 + 15.0))
         yield wait_for(lambda: len(run.hub.read()) == 8 * 6)
         got = [d for d in run.hub.read() if d["streamer-id"]["content-id"] == "C1"
