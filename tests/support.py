@@ -1,4 +1,5 @@
-"""Real test peers: an HTTP exporter served by twisted.web, and a hub on a unix datagram socket."""
+"""Real test peers: an HTTP exporter served by twisted.web, and a hub on a unix datagram socket
+(the only ones: helpers.faults takes them from here)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 import os
 import socket
 import time
-from typing import Callable, List, Optional
+from collections import deque
+from typing import Callable, Deque, List, Optional
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
@@ -50,86 +52,170 @@ def v2_headers(request: server.Request, ring: Optional[str]) -> None:
         request.setHeader(b"X-Sfive-Ring", ring.encode())
 
 
-class Exporter(resource.Resource):
-    """A streaming exporter endpoint: each GET stays open; ``send`` writes to every open one.
-
-    With ``ring`` set it answers as a protocol 2 exporter: with the ``X-Sfive-Protocol`` and
-    ``X-Sfive-Ring`` headers; what it streams is still up to the test."""
-
+class _ExporterResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self) -> None:
+    def __init__(self, exporter: Exporter) -> None:
         super().__init__()
+        self.exporter = exporter
+
+    def render_GET(self, request: server.Request):
+        return self.exporter._answer(request)
+
+
+class Exporter:
+    """A real HTTP exporter on 127.0.0.1 whose answers the test scripts.
+
+    ``plan`` holds one action per coming request: ``("stream", *chunks)`` answers 200 and keeps
+    the body open (``send``/``cut`` act on the newest stream), ``("status", code)`` answers an
+    error, ``("silent",)`` accepts the request and never sends headers. Without a plan: stream,
+    or the error ``code`` when it is not 200. With ``ring`` set, a stream answers with the
+    protocol 2 headers (``X-Sfive-Protocol``, ``X-Sfive-Ring``) as nginx/sfive.lua does, to
+    every request whatever its ``v``; what it streams (records, heartbeats) is up to the test.
+    ``on_request(request)`` runs once a stream's headers are out. ``seen_args`` and
+    ``seen_headers`` keep every request's query and headers, ``requests`` every request,
+    ``streams`` the streams still open.
+    """
+
+    def __init__(self, ring: Optional[str] = None) -> None:
+        self.ring = ring
+        self.code = 200
+        self.plan: Deque[tuple] = deque()
+        self.on_request: Optional[Callable[[server.Request], None]] = None
         self.requests: List[server.Request] = []
         self.seen_args: List[dict] = []
         self.seen_headers: List[dict] = []
-        self.code = 200
-        self.ring: Optional[str] = None
-        self.on_request: Optional[Callable[[server.Request], None]] = None
+        self.streams: List[server.Request] = []
+        self.current: Optional[server.Request] = None
+        self.held: List[server.Request] = []
+        self.port = None
+        self.tls = False
 
-    def render_GET(self, request: server.Request):
+    def listen(self, context_factory: object = None, number: int = 0) -> Exporter:
+        """Listen on 127.0.0.1 (port ``number``, default any), with TLS given a context."""
+        site = server.Site(_ExporterResource(self))
+        site.noisy = False
+        if context_factory is None:
+            self.port = reactor.listenTCP(number, site, interface="127.0.0.1")
+        else:
+            self.tls = True
+            self.port = reactor.listenSSL(number, site, context_factory, interface="127.0.0.1")
+        self.number = self.port.getHost().port
+        return self
+
+    def url(self, host: str = "127.0.0.1", userinfo: str = "") -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{userinfo}{host}:{self.number}/sfive"
+
+    def _answer(self, request: server.Request):
+        self.requests.append(request)
         self.seen_args.append(dict(request.args))
         self.seen_headers.append(dict(request.requestHeaders.getAllRawHeaders()))
-        if self.code != 200:
-            request.setResponseCode(self.code)
-            return b"nope\n"
+        request.notifyFinish().addBoth(lambda _: self._gone(request))
+        if self.plan:
+            action = self.plan.popleft()
+        else:
+            action = ("stream",) if self.code == 200 else ("status", self.code)
+        kind = action[0]
+        if kind == "status":
+            request.setResponseCode(action[1])
+            return b"error page\n"
+        self.held.append(request)
+        if kind == "silent":
+            return server.NOT_DONE_YET
+        request.setResponseCode(200)
         request.setHeader(b"content-type", b"application/x-ndjson")
         v2_headers(request, self.ring)
-        self.requests.append(request)
-        request.notifyFinish().addBoth(lambda _: self._gone(request))
-        request.write(b"")
+        self.current = request
+        self.streams.append(request)
+        for chunk in action[1:]:
+            request.write(chunk)
+        if len(action) == 1:
+            request.write(b"")
         if self.on_request is not None:
             self.on_request(request)
         return server.NOT_DONE_YET
 
     def _gone(self, request: server.Request) -> None:
-        if request in self.requests:
-            self.requests.remove(request)
+        if request in self.streams:
+            self.streams.remove(request)
 
-    def send(self, data: bytes) -> None:
-        for request in list(self.requests):
-            request.write(data)
+    def send(self, *chunks: bytes) -> None:
+        """Write chunks to the newest stream, each as its own HTTP chunk."""
+        for chunk in chunks:
+            self.current.write(chunk)
 
     def cut(self) -> None:
-        """Drop every open connection abruptly."""
-        for request in list(self.requests):
-            request.transport.abortConnection()
-
-
-class ExporterServer:
-    """The Exporter on a real loopback TCP port."""
-
-    def __init__(self, port: int = 0) -> None:
-        self.resource = Exporter()
-        self.port = reactor.listenTCP(port, server.Site(self.resource), interface="127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.port.getHost().port}/sfive"
+        """Drop the newest stream's connection without ending the body."""
+        request, self.current = self.current, None
+        request.transport.abortConnection()
 
     def stop(self) -> defer.Deferred:
-        self.resource.cut()
-        return defer.maybeDeferred(self.port.stopListening)
+        port, self.port = self.port, None
+        for request in self.held:
+            if request.channel is not None and request.transport is not None:
+                request.transport.abortConnection()
+        self.held = []
+        self.current = None
+        return port.stopListening() if port is not None else defer.succeed(None)
 
 
 class DatagramHub:
-    """The sfive hub's end: a bound unix datagram socket, read on demand (so it can stall)."""
+    """The sfive hub's unix datagram socket, read only when the test says so (so it can stall).
 
-    def __init__(self, path: str) -> None:
+    Bound at once unless ``bind`` is false (then ``open`` binds it); ``close`` and ``open``
+    again take the hub away and bring it back. ``datagrams`` keeps all it has read."""
+
+    def __init__(self, path: str, bind: bool = True) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.setblocking(False)
+        self.sock: Optional[socket.socket] = None
         self.datagrams: List[bytes] = []
+        if bind:
+            self.open()
 
-    def read(self) -> List[dict]:
-        """Everything received so far, as datasets."""
-        while True:
+    def open(self) -> DatagramHub:
+        if self.sock is not None:
+            self.sock.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        return self
+
+    def take(self) -> int:
+        """Take every datagram waiting; return how many there were."""
+        n = 0
+        while self.sock is not None:
             try:
-                self.datagrams.append(self.sock.recv(1 << 20))
+                data = self.sock.recv(4 << 20)
             except BlockingIOError:
                 break
+            self.datagrams.append(data)
+            n += 1
+        return n
+
+    def read(self) -> List[dict]:
+        """Take every datagram waiting; everything received so far, as datasets."""
+        self.take()
+        return self.datasets()
+
+    def datasets(self) -> List[dict]:
         return [json.loads(d) for d in self.datagrams]
 
+    def has(self, n: int) -> Callable[[], bool]:
+        """A predicate for ``wait_for``: ``n`` datagrams received."""
+
+        def check() -> bool:
+            self.take()
+            return len(self.datagrams) >= n
+
+        return check
+
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
         if os.path.exists(self.path):
             os.unlink(self.path)
 

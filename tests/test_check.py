@@ -219,17 +219,17 @@ def test_seconds_samples_new_records(nginx_factory):
 def test_a_protocol_1_exporter_is_a_warning_and_sampled_live():
     """An older sfive.lua (no protocol headers, no heartbeats), played by the test exporter of
     tests/support.py: the sample is the new records, up to --sample."""
-    from support import ExporterServer, line
+    from support import Exporter, line
     from twisted.internet import reactor
     from twisted.internet.utils import getProcessOutputAndValue
 
-    exporter = ExporterServer()
-    exporter.resource.on_request = lambda request: request.write(
+    exporter = Exporter().listen()
+    exporter.on_request = lambda request: request.write(
         line("2026-11-27T20:00:00Z", url="/live/hls/foo-high/1.ts", seq=1, sent=700)
         + line("2026-11-27T20:00:01Z", url="/live/hls/foo-high/2.ts", seq=2, sent=300))
     try:
         out, err, status = yield getProcessOutputAndValue(
-            CHECK, [*S, "-u", exporter.url, "--sample", "2", "--json", "--user", ME],
+            CHECK, [*S, "-u", exporter.url(), "--sample", "2", "--json", "--user", ME],
             env=dict(os.environ), reactor=reactor)
     finally:
         yield exporter.stop()
@@ -238,7 +238,7 @@ def test_a_protocol_1_exporter_is_a_warning_and_sampled_live():
     exporter_probe = probe(report, "exporter")
     assert exporter_probe["status"] == "warn" and "protocol 1" in exporter_probe["message"]
     assert report["sample"]["counted"] == {"records": 2, "bytes": 1000}
-    assert exporter.resource.seen_args[0] == {b"v": [b"2"]}
+    assert exporter.seen_args[0] == {b"v": [b"2"]}
 
 
 def test_nothing_that_counts_is_exit_status_1(nginx_factory):

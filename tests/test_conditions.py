@@ -13,10 +13,10 @@ import time
 
 import pytest
 import pytest_twisted
-from helpers.faults import LogCapture, clock_at
+from helpers.faults import clock_at
 from support import line, wait_for
 from twisted.internet import defer, reactor, task
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.web import resource, server
 
 from lab.nginx import fetch
@@ -32,20 +32,13 @@ from sfive_ngxlua.sinks import CallableSink
 from sfive_ngxlua.stats import Stats
 
 pytestmark = pytest.mark.timeout(60)
+pytest_plugins = ("helpers.fixtures",)
 
 D = 10
 T0 = 1_800_000_000
 GOOD = "/live/hls/foo-high/seg1.ts"
 CLIENT = "10.9.8.7"
 UA = "SecretPlayer/4.2"
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture()
-    globalLogPublisher.addObserver(capture)
-    yield capture
-    globalLogPublisher.removeObserver(capture)
 
 
 class Chain:

@@ -197,7 +197,7 @@ async def test_oversized_dataset_is_trimmed_largest_first_with_exact_totals(
     big, *rest = dgram_hub.datasets()
     sndbuf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).getsockopt(
         socket.SOL_SOCKET, socket.SO_SNDBUF)
-    assert len(dgram_hub.received[0]) <= sndbuf
+    assert len(dgram_hub.datagrams[0]) <= sndbuf
     assert big["data"]["client-count"] == n
     assert big["data"]["bytes-sent"] == sum(sizes.values())
     kept = [((c["ip"], c["user-agent"]), c["bytes-sent"]) for c in big["data"]["clients"]]

@@ -10,22 +10,21 @@ from typing import Dict, FrozenSet, Tuple
 import pytest
 import pytest_twisted
 import treq
-from helpers.faults import iso
+from helpers.faults import WithMetrics, iso
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from support import DatagramHub, ExporterServer, wait_for
+from support import wait_for
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from sfive_ngxlua import __version__
 from sfive_ngxlua.metrics import MetricsService
 from sfive_ngxlua.records import REASONS
-from sfive_ngxlua.service import build
 from sfive_ngxlua.settings import Options, Settings
 from sfive_ngxlua.stats import Stats
 from sfive_ngxlua.status import DROP_REASONS
@@ -74,24 +73,12 @@ def scrape(port: int, accept: str = "text/plain"):
 @defer.inlineCallbacks
 def run_service(tmp_path):
     """Two intervals through the real service; the hub's datasets and the scrapes after each."""
-    clock = task.Clock()
-    clock.advance(T0)
-    exporter = ExporterServer()
-    hub = DatagramHub(str(tmp_path / "hub.sock"))
-    options = Options()
-    options.parseOptions([
-        "-s", str(tmp_path / "hub.sock"), "-n", "edge1", "-d", str(D), "--grace", "1",
-        "-S", "foo,bar/hls/high,low", "-u", exporter.url,
-        "--metrics", "tcp:0:interface=127.0.0.1",
-    ])
-    top = build(options.settings(), reactor, clock=clock)
-    stats = top.stats
-    top.startService()
+    run = WithMetrics(tmp_path, T0, D)
+    clock, exporter, hub, stats = run.clock, run.exporter, run.hub, run.stats
     out = {}
     try:
-        metrics = top.getServiceNamed("metrics")
-        port = (yield metrics.listening).getHost().port
-        yield wait_for(lambda: exporter.resource.requests)
+        yield run.start()
+        port = run.port
 
         first = [
             record(T0 + 1, STREAMERS[0], CLIENT_A, 1000, 1),
@@ -110,7 +97,7 @@ def run_service(tmp_path):
                         "url": "/elsewhere/x", "status": 200, "bytes-sent": 5}).encode() + b"\n",
             json.dumps({"lost": 3, "seq": 13}).encode() + b"\n",
         ]
-        exporter.resource.send(b"".join(first))
+        exporter.send(b"".join(first))
         yield wait_for(lambda: stats.lines == len(first))
         clock.advance(D + 1)
         out["first"] = list(hub.read())
@@ -121,7 +108,7 @@ def run_service(tmp_path):
             record(T0 + D + 2, STREAMERS[3], CLIENT_C, 10, 14),
             record(T0 + 5, STREAMERS[1], CLIENT_A, 60, 15),  # late: its interval is reported
         ]
-        exporter.resource.send(b"".join(second))
+        exporter.send(b"".join(second))
         yield wait_for(lambda: stats.lines == len(first) + len(second))
         clock.advance(D)
         out["second"] = hub.read()[len(out["first"]):]
@@ -130,9 +117,7 @@ def run_service(tmp_path):
         out["lines"] = len(first) + len(second)
         out["now"] = clock.seconds()
     finally:
-        yield top.stopService()
-        yield exporter.stop()
-        hub.close()
+        yield run.stop()
     return out
 
 

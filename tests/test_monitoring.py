@@ -13,14 +13,11 @@ from typing import Iterator, Set
 
 import pytest_twisted
 import treq
+from helpers.faults import WithMetrics
 from prometheus_client.parser import text_string_to_metric_families
-from support import DatagramHub, ExporterServer, wait_for
+from support import wait_for
 from test_metrics import CLIENT_A, STREAMERS, record
 from test_status import tool
-from twisted.internet import reactor, task
-
-from sfive_ngxlua.service import build
-from sfive_ngxlua.settings import Options
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "monitoring"
@@ -124,30 +121,18 @@ def used_metrics() -> Set[str]:
 
 @pytest_twisted.inlineCallbacks
 def test_the_rules_and_the_dashboard_use_only_metrics_the_service_serves(tmp_path):
-    clock = task.Clock()
-    clock.advance(T0)
-    exporter = ExporterServer()
-    hub = DatagramHub(str(tmp_path / "hub.sock"))
-    options = Options()
-    options.parseOptions([
-        "-s", str(tmp_path / "hub.sock"), "-n", "edge1", "-d", str(D), "--grace", "1",
-        "-S", "foo,bar/hls/high,low", "-u", exporter.url, "--state-dir", str(tmp_path / "st"),
-        "--metrics", "tcp:0:interface=127.0.0.1",
-    ])
-    top = build(options.settings(), reactor, clock=clock)
-    top.startService()
+    run = WithMetrics(tmp_path, T0, D, ["--state-dir", str(tmp_path / "st")])
+    clock, exporter, top = run.clock, run.exporter, run.top
     try:
-        port = (yield top.getServiceNamed("metrics").listening).getHost().port
-        yield wait_for(lambda: exporter.resource.requests)
-        exporter.resource.send(record(T0 + 1, STREAMERS[0], CLIENT_A, 100, 1))
+        yield run.start()
+        port = run.port
+        exporter.send(record(T0 + 1, STREAMERS[0], CLIENT_A, 100, 1))
         yield wait_for(lambda: top.stats.lines == 1)
         clock.advance(D + 1)
         response = yield treq.get(f"http://127.0.0.1:{port}/metrics", persistent=False)
         body = yield treq.text_content(response)
     finally:
-        yield top.stopService()
-        yield exporter.stop()
-        hub.close()
+        yield run.stop()
     served = set()
     for family in text_string_to_metric_families(body):
         served.add(family.name + ("_total" if family.type == "counter" else ""))

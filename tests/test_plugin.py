@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from helpers.faults import iso
-from support import DatagramHub, ExporterServer, line, wait_for
+from support import DatagramHub, Exporter, line, wait_for
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
@@ -63,19 +63,19 @@ def test_version_is_this_projects(runner):
 
 @pytest_twisted.inlineCallbacks
 def test_twistd_sends_datasets_and_survives_an_exporter_restart(tmp_path):
-    exporter = ExporterServer()
+    exporter = Exporter().listen()
     port = exporter.port.getHost().port
     hub = DatagramHub(str(tmp_path / "hub.sock"))
     proc = subprocess.Popen(
         [TWISTD, "-n", "--pidfile=", "-l", str(tmp_path / "twistd.log"), "sfive-ngxlua",
          "-s", hub.path, "-n", "edge1", "-d", "1", "-t", "tag1", "-S", STREAMERS,
-         "-u", exporter.url, "--grace", "0.2"],
+         "-u", exporter.url(), "--grace", "0.2"],
         cwd=tmp_path,
     )
     try:
-        yield wait_for(lambda: exporter.resource.requests, timeout=20)
+        yield wait_for(lambda: exporter.streams, timeout=20)
         # a v1 exporter vouches for the intervals once a first valid line came (issue 17 item 4)
-        exporter.resource.send(line(iso_now(), url="/another/site"))
+        exporter.send(line(iso_now(), url="/another/site"))
         yield wait_for(lambda: len(hub.read()) >= 16, timeout=10)
         datasets = hub.read()
         assert {d["hostname"] for d in datasets} == {"edge1"}
@@ -86,10 +86,10 @@ def test_twistd_sends_datasets_and_survives_an_exporter_restart(tmp_path):
             (c, f, q) for c in ("C1", "C2") for f in ("hls", "dash") for q in ("high", "low")}
 
         yield exporter.stop()
-        exporter = ExporterServer(port)
-        yield wait_for(lambda: exporter.resource.requests, timeout=20)
+        exporter = Exporter().listen(number=port)
+        yield wait_for(lambda: exporter.streams, timeout=20)
         before = len(hub.read())
-        exporter.resource.send(line(iso_now(), ua="after-restart", sent=4242))
+        exporter.send(line(iso_now(), ua="after-restart", sent=4242))
         yield wait_for(lambda: any(
             c == {"ip": "10.0.0.1", "user-agent": "after-restart", "bytes-sent": 4242}
             for d in hub.read()[before:] for c in d["data"]["clients"]), timeout=10)
@@ -114,14 +114,14 @@ def test_sighup_stops_as_sigterm_does_saving_the_state_and_the_queue(tmp_path):
     process ends by SIGHUP (what the unit's RestartForceExitStatus=SIGHUP restarts). The next
     start delivers the queue and the saved interval: every interval once, none partial, the
     record's bytes once."""
-    exporter = ExporterServer()
+    exporter = Exporter().listen()
     hub_path = str(tmp_path / "hub.sock")
     state = tmp_path / "state"
 
     def twistd(log, *more):
         return subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "-l", str(log), "sfive-ngxlua", "-s", hub_path,
-             "-n", "edge1", "-d", "1", "-S", "C1/hls/high", "-u", exporter.url,
+             "-n", "edge1", "-d", "1", "-S", "C1/hls/high", "-u", exporter.url(),
              "--grace", "0.2", "--state-dir", str(state), *more], cwd=tmp_path)
 
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
@@ -129,16 +129,16 @@ def test_sighup_stops_as_sigterm_does_saving_the_state_and_the_queue(tmp_path):
     proc = twistd(first_log, "--metrics", f"tcp:{metrics}:interface=127.0.0.1")
     hub = None
     try:
-        yield wait_for(lambda: exporter.resource.requests, timeout=30, what="the exporter")
+        yield wait_for(lambda: exporter.streams, timeout=30, what="the exporter")
 
         def reported():
             return first_log.read_text().count(" reported: ") if first_log.exists() else 0
 
         # after the first interval began (earlier records count as before_start)
         yield wait_for(lambda: reported() >= 1, timeout=30, what="a first interval")
-        exporter.resource.send(line(iso_now(), ua="before-hup", sent=4242))
+        exporter.send(line(iso_now(), ua="before-hup", sent=4242))
         yield wait_for(lambda: reported() >= 3, timeout=30, what="intervals queued")
-        exporter.resource.send(line(iso_now(), ua="before-hup", sent=1000))
+        exporter.send(line(iso_now(), ua="before-hup", sent=1000))
         # the fake exporter cannot send it again: it must be read before the HUP
         yield wait_for(lambda: accepted(metrics) == 2, timeout=30, what="the second record")
         hup_at = time.time()
@@ -151,7 +151,7 @@ def test_sighup_stops_as_sigterm_does_saving_the_state_and_the_queue(tmp_path):
 
         hub = DatagramHub(hub_path)
         proc = twistd(second_log)
-        yield wait_for(lambda: exporter.resource.requests, timeout=30, what="the exporter")
+        yield wait_for(lambda: exporter.streams, timeout=30, what="the exporter")
 
         def ours():
             return [c["bytes-sent"] for d in hub.read() for c in d["data"]["clients"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from helpers import faults
-from support import DatagramHub, ExporterServer, line, wait_for
+from helpers.faults import iso
+from support import DatagramHub, Exporter, line, wait_for
 from twisted.internet import reactor, task
 
 from sfive_ngxlua.replay import Progress, Replay
@@ -26,8 +26,6 @@ REPLAY = str(Path(sys.executable).parent / "sfive-ngxlua-replay")
 ARGS = ["-S", "C1/hls/high", "-S", "C1/dash/low", "-n", "edge1", "-d", "10", "-t", "backfill"]
 
 
-def iso(seconds, ms=0):
-    return faults.iso(seconds, ms=ms)
 
 
 def recorded(n=300):
@@ -36,7 +34,7 @@ def recorded(n=300):
     for i in range(n):
         t = T0 + i // 10
         url = "/live/hls/C1-high/s.ts" if i % 3 else "/live/dash/C1-low/s.m4s"
-        out.append(line(iso(t, (i * 37) % 1000), url=url, client=f"10.0.0.{i % 7}",
+        out.append(line(iso(t, ms=(i * 37) % 1000), url=url, client=f"10.0.0.{i % 7}",
                         ua=f"ua{i % 3}", sent=i, status=404 if i % 17 == 0 else 200, seq=i))
         if i % 50 == 0:
             out.append(b"not json\n")
@@ -50,17 +48,17 @@ def settings(**kw):
 @pytest_twisted.inlineCallbacks
 def test_replay_equals_the_live_service_for_the_same_records():
     lines = recorded()
-    exporter = ExporterServer()
+    exporter = Exporter().listen()
     clock = task.Clock()
     clock.advance(T0)
     live, stats = [], Stats()
-    service = build(settings(url=exporter.url), reactor, sink=CallableSink(live.append, stats),
+    service = build(settings(url=exporter.url()), reactor, sink=CallableSink(live.append, stats),
                     clock=clock, stats=stats)
     service.startService()
     try:
-        yield wait_for(lambda: exporter.resource.requests)
+        yield wait_for(lambda: exporter.streams)
         for n, data in enumerate(lines, 1):
-            exporter.resource.send(data)
+            exporter.send(data)
             yield wait_for(lambda n=n: stats.lines == n, step=0.001)
             now = json.loads(data)["time"] if data.startswith(b"{") else None
             if now is not None:

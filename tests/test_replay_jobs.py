@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.faults import iso
 from support import heartbeat, line
 
 from sfive_ngxlua import parallel
@@ -32,8 +33,6 @@ def settings(**kw):
                     duration=10, max_clients=kw.pop("max_clients", 6), **kw)
 
 
-def iso(seconds, ms=0):
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}+00:00"
 
 
 def traffic(seconds=600, per_second=12, seed=1, future=None, clients=9):
@@ -53,7 +52,7 @@ def traffic(seconds=600, per_second=12, seed=1, future=None, clients=9):
                 t = T0 + 86400
             many = clients * (4 if (s // 10) % 5 == 0 else 1)  # every fifth interval: folding
             url = "/live/hls/C1-high/s.ts" if rng.random() < 0.7 else "/live/dash/C1-low/s.m4s"
-            out.append(line(iso(t, rng.randrange(1000)), url=url,
+            out.append(line(iso(t, ms=rng.randrange(1000)), url=url,
                             client=f"10.0.0.{rng.randrange(many)}", ua=f"ua{rng.randrange(2)}",
                             sent=rng.randrange(1, 5000), status=rng.choice((200, 200, 404)),
                             seq=n))

@@ -5,8 +5,8 @@ intervals pass when the test says so.
 """
 
 import pytest_twisted
-from helpers import faults
-from support import DatagramHub, ExporterServer, heartbeat, line, wait_for
+from helpers.faults import iso
+from support import DatagramHub, Exporter, heartbeat, line, wait_for
 from twisted.internet import reactor, task
 
 from sfive_ngxlua.service import build
@@ -18,8 +18,6 @@ T0 = 1795856400  # 2026-11-28T09:00:00Z
 STREAMERS = tuple((c, f, q) for c in ("C1", "C2") for f in ("hls", "dash") for q in ("high", "low"))
 
 
-def iso(seconds, ms=0):
-    return faults.iso(seconds, "Z", ms)
 
 
 def settings(url, **kw):
@@ -45,22 +43,22 @@ class Running:
     """A started service with its peers; ``stop()`` tears everything down."""
 
     def __init__(self, tmp_path, **kw):
-        self.exporter = ExporterServer()
+        self.exporter = Exporter().listen()
         self.hub = DatagramHub(str(tmp_path / "hub.sock"))
         self.clock = task.Clock()
         self.clock.advance(T0 + 0.5)
-        self.settings = settings(self.exporter.url, socket=self.hub.path, **kw)
+        self.settings = settings(self.exporter.url(), socket=self.hub.path, **kw)
         self.service = build(self.settings, reactor, clock=self.clock)
         self.stats = self.service.stats
         self.service.startService()
 
     @property
     def requests(self):
-        return self.exporter.resource.requests
+        return self.exporter.streams
 
     def send(self, data, chunk=7):
         for i in range(0, len(data), chunk):
-            self.exporter.resource.send(data[i:i + chunk])
+            self.exporter.send(data[i:i + chunk])
 
     @pytest_twisted.inlineCallbacks
     def stop(self):
@@ -79,18 +77,18 @@ def test_exact_datasets_interval_after_interval(tmp_path):
     run = Running(tmp_path)
     try:
         yield wait_for(lambda: run.requests)
-        headers = run.exporter.resource.seen_headers[0]
+        headers = run.exporter.seen_headers[0]
         assert headers[b"User-Agent"][0].startswith(b"sfive-ngxlua/")
         lines = b"".join([
-            line(iso(T0 + 1), client="10.0.0.9"),                       # before start
-            line(iso(T0 + 2, 5), client="10.0.0.1", ua="A", sent=100),
-            line(iso(T0 + 2, 900), client="10.0.0.1", ua="A", sent=50),
-            line(iso(T0 + 3), client="10.0.0.1", ua="B", sent=7),
-            line(iso(T0 + 3), client="10.0.0.2", ua="A", sent=1000, status=206),
-            line(iso(T0 + 3), client="10.0.0.3", ua="A", sent=5, status=404),
-            line(iso(T0 + 3), url="/live/dash/C2-low/x.m4s", client="10.0.0.4", sent=3),
-            line(iso(T0 + 3), url="/live/hls/C3-low/x.ts", client="10.0.0.5", sent=3),
-            line(iso(T0 + 4), url="/live/hls/C1-high/x.ts", client="10.0.0.6", sent=11),
+            line(iso(T0 + 1, "Z"), client="10.0.0.9"),                       # before start
+            line(iso(T0 + 2, "Z", 5), client="10.0.0.1", ua="A", sent=100),
+            line(iso(T0 + 2, "Z", 900), client="10.0.0.1", ua="A", sent=50),
+            line(iso(T0 + 3, "Z"), client="10.0.0.1", ua="B", sent=7),
+            line(iso(T0 + 3, "Z"), client="10.0.0.2", ua="A", sent=1000, status=206),
+            line(iso(T0 + 3, "Z"), client="10.0.0.3", ua="A", sent=5, status=404),
+            line(iso(T0 + 3, "Z"), url="/live/dash/C2-low/x.m4s", client="10.0.0.4", sent=3),
+            line(iso(T0 + 3, "Z"), url="/live/hls/C3-low/x.ts", client="10.0.0.5", sent=3),
+            line(iso(T0 + 4, "Z"), url="/live/hls/C1-high/x.ts", client="10.0.0.6", sent=11),
             b"garbage\n",
         ])
         run.send(lines)
@@ -126,16 +124,17 @@ def test_exporter_restart_resumes_after_the_last_sequence_number(tmp_path):
     run = Running(tmp_path)
     try:
         yield wait_for(lambda: run.requests)
-        run.send(line(iso(T0 + 2), seq=41, sent=1) + line(iso(T0 + 2), seq=42, sent=2) + b'{"ti')
+        run.send(line(iso(T0 + 2, "Z"), seq=41, sent=1) + line(iso(T0 + 2, "Z"), seq=42, sent=2)
+                 + b'{"ti')
         yield wait_for(lambda: run.stats.lines == 2)
-        run.exporter.resource.cut()
+        run.exporter.cut()
         yield wait_for(lambda: run.stats.exporter_reconnects == 1)
         assert run.stats.exporter_connected is False
         assert not run.requests
         run.clock.advance(3)
         yield wait_for(lambda: run.requests)
-        assert run.exporter.resource.seen_args[-1] == {b"v": [b"2"], b"after": [b"42"]}
-        run.send(line(iso(T0 + 3), seq=43, sent=4))
+        assert run.exporter.seen_args[-1] == {b"v": [b"2"], b"after": [b"42"]}
+        run.send(line(iso(T0 + 3, "Z"), seq=43, sent=4))
         yield wait_for(lambda: run.stats.lines == 3)
         assert sum(run.stats.rejected.values()) == 0, "the cut partial line was parsed"
         run.clock.advance(T0 + 5 - run.clock.seconds())
@@ -150,18 +149,18 @@ def test_non_200_answers_back_off_and_retry(tmp_path):
     run = Running(tmp_path)
     try:
         yield wait_for(lambda: run.requests)
-        run.exporter.resource.code = 503
-        run.exporter.resource.cut()
+        run.exporter.code = 503
+        run.exporter.cut()
         delays = []
         for attempt in range(1, 4):
             yield wait_for(lambda attempt=attempt: run.stats.exporter_reconnects == attempt)
             call = run.service.getServiceNamed("fetch")._retry
             delays.append(call.getTime() - run.clock.seconds())
             run.clock.advance(delays[-1])
-            yield wait_for(lambda n=attempt: len(run.exporter.resource.seen_args) == n + 1)
+            yield wait_for(lambda n=attempt: len(run.exporter.seen_args) == n + 1)
         for n, delay in enumerate(delays):
             assert 1.5 ** n <= delay <= 1.5 ** n + 1, "exponential backoff with jitter in [0, 1)"
-        run.exporter.resource.code = 200
+        run.exporter.code = 200
         yield wait_for(lambda: run.stats.exporter_reconnects == 4)
         run.clock.advance(run.service.getServiceNamed("fetch")._retry.getTime()
                           - run.clock.seconds())
@@ -169,7 +168,7 @@ def test_non_200_answers_back_off_and_retry(tmp_path):
         assert run.stats.exporter_connected
         # a v1 answer (no protocol header) is an exporter's once it carries a record
         assert run.service.getServiceNamed("fetch").failures == 4
-        run.send(line(iso(T0 + 1), url="/live/hls/C1-high/1.ts"))
+        run.send(line(iso(T0 + 1, "Z"), url="/live/hls/C1-high/1.ts"))
         yield wait_for(lambda: run.service.getServiceNamed("fetch").failures == 0)
     finally:
         yield run.stop()
@@ -180,11 +179,11 @@ def test_stop_reports_the_partial_interval_and_late_records(tmp_path):
     run = Running(tmp_path)
     try:
         yield wait_for(lambda: run.requests)
-        run.send(line(iso(T0 + 3), sent=5))
+        run.send(line(iso(T0 + 3, "Z"), sent=5))
         yield wait_for(lambda: run.stats.lines == 1)
         run.clock.advance(T0 + 5 - run.clock.seconds())
         yield wait_for(lambda: len(run.hub.read()) == 8)
-        run.send(line(iso(T0 + 3), sent=6) + line(iso(T0 + 4, 250), sent=7))
+        run.send(line(iso(T0 + 3, "Z"), sent=6) + line(iso(T0 + 4, "Z", 250), sent=7))
         yield wait_for(lambda: run.stats.lines == 3)
         assert run.stats.late == 1
         run.clock.advance(0.75)
@@ -200,17 +199,17 @@ def test_stop_reports_the_partial_interval_and_late_records(tmp_path):
 
 @pytest_twisted.inlineCallbacks
 def test_embedding_with_a_callable_sink():
-    exporter = ExporterServer()
+    exporter = Exporter().listen()
     clock = task.Clock()
     clock.advance(T0)
     got = []
     stats = Stats()
-    service = build(settings(exporter.url), reactor, sink=CallableSink(got.append, stats),
+    service = build(settings(exporter.url()), reactor, sink=CallableSink(got.append, stats),
                     clock=clock, stats=stats)
     service.startService()
     try:
-        yield wait_for(lambda: exporter.resource.requests)
-        exporter.resource.send(line(iso(T0 + 1), sent=9))
+        yield wait_for(lambda: exporter.streams)
+        exporter.send(line(iso(T0 + 1, "Z"), sent=9))
         yield wait_for(lambda: stats.accepted == 1)
         clock.advance(3)
         assert len(got) == 8
@@ -223,7 +222,7 @@ def test_embedding_with_a_callable_sink():
 
 @pytest_twisted.inlineCallbacks
 def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
-    exporter = ExporterServer()
+    exporter = Exporter().listen()
     clock = task.Clock()
     clock.advance(T0)
     calls, stats = [], Stats()
@@ -233,12 +232,12 @@ def test_a_failing_sink_costs_datasets_not_the_reporting_loop():
         if len(calls) <= 8:
             raise BrokenPipeError("the reader went away")
 
-    service = build(settings(exporter.url), reactor, sink=flaky, clock=clock,
+    service = build(settings(exporter.url()), reactor, sink=flaky, clock=clock,
                     stats=stats)
     service.startService()
     try:
         yield wait_for(lambda: stats.exporter_connected)  # before that, intervals are held
-        exporter.resource.send(line(iso(T0 - 60), url="/other/site"))  # v1: a first valid line
+        exporter.send(line(iso(T0 - 60, "Z"), url="/other/site"))  # v1: a first valid line
         yield wait_for(lambda: stats.lines == 1)
         clock.advance(3)
         clock.advance(2)
@@ -256,15 +255,15 @@ def test_a_v2_exporter_away_holds_the_intervals_and_its_backlog_counts_in_them(t
     (not at the next tick); while the exporter is away they are held, not sent empty; the
     backlog it sends after the reconnect is counted in its own intervals, not late."""
     run = Running(tmp_path)
-    run.exporter.resource.ring = "0123456789abcdef"
+    run.exporter.ring = "0123456789abcdef"
     fetch = run.service.getServiceNamed("fetch")
     try:
         yield wait_for(lambda: run.requests)
-        run.exporter.resource.cut()  # the first answer was v1 (no ring yet): now a v2 one
+        run.exporter.cut()  # the first answer was v1 (no ring yet): now a v2 one
         yield wait_for(lambda: run.stats.exporter_reconnects == 1)
         run.clock.advance(fetch._retry.getTime() - run.clock.seconds())
         yield wait_for(lambda: run.stats.exporter_protocol == 2 and run.requests)
-        run.send(line(iso(T0 + 2), seq=1, sent=1) + heartbeat(1, T0 + 2.5))
+        run.send(line(iso(T0 + 2, "Z"), seq=1, sent=1) + heartbeat(1, T0 + 2.5))
         yield wait_for(lambda: run.stats.heartbeats == 1)
         run.clock.advance(T0 + 5 - run.clock.seconds())  # T0+2..4 is due by the clock
         assert run.hub.read() == [] and run.stats.held == 1
@@ -272,15 +271,15 @@ def test_a_v2_exporter_away_holds_the_intervals_and_its_backlog_counts_in_them(t
         yield wait_for(lambda: len(run.hub.read()) == 8)  # on_watermark, no tick needed
         assert run.hub.read()[0]["data"]["bytes-sent"] == 1
 
-        run.exporter.resource.cut()  # away for 10 s while viewers go on
+        run.exporter.cut()  # away for 10 s while viewers go on
         yield wait_for(lambda: not run.stats.exporter_connected)
         run.clock.advance(10)
         assert len(run.hub.read()) == 8, "held, not sent empty"
         assert run.stats.held == 5
         yield wait_for(lambda: run.requests)  # the backoff's retry (1-2 s) came due
-        assert run.exporter.resource.seen_args[-1] == {
+        assert run.exporter.seen_args[-1] == {
             b"v": [b"2"], b"ring": [b"0123456789abcdef"], b"after": [b"1"]}
-        run.send(b"".join(line(iso(T0 + t), seq=t, sent=t) for t in range(4, 15))
+        run.send(b"".join(line(iso(T0 + t, "Z"), seq=t, sent=t) for t in range(4, 15))
                  + heartbeat(14, T0 + 15.0))
         yield wait_for(lambda: len(run.hub.read()) == 8 * 6)
         got = [d for d in run.hub.read() if d["streamer-id"]["content-id"] == "C1"

@@ -472,7 +472,7 @@ async def advance(node, t):
 
 @pytest.fixture
 def hub(tmp_path):
-    h = DatagramHub(str(tmp_path / "hub.sock")).open()
+    h = DatagramHub(str(tmp_path / "hub.sock"))
     yield h
     h.close()
 
@@ -535,7 +535,7 @@ async def test_crash_between_closing_an_interval_and_committing_it(tmp_path, rin
     node.crash()
     monkeypatch.undo()
     hub.read()
-    assert hub.received == [], "nothing is sent before the commit"
+    assert hub.datagrams == [], "nothing is sent before the commit"
     ring.log(*records_for(2, 1))
     node2 = await Node(tmp_path, ring, hub, clock, grace=1.5).start()
     assert ring.afters[-1] == 9, "the last checkpoint's position: the rest is read again"
@@ -568,10 +568,10 @@ async def test_crash_between_sending_a_dataset_and_marking_it_sent(tmp_path, rin
     node.crash()
     monkeypatch.undo()
     hub.read()
-    assert len(hub.received) == 2, "the first went out and was marked; the second in flight"
+    assert len(hub.datagrams) == 2, "the first went out and was marked; the second in flight"
     node2 = await Node(tmp_path, ring, hub, clock).start()
     await wait_for(hub.has(4), what="the queue sent after the restart")
-    received = list(hub.received)
+    received = list(hub.datagrams)
     assert received[2] == received[1], "the in-flight one again, identical"
     assert len(received) == 4
     assert got([simplejson.loads(d) for d in received[:1] + received[2:]]) == \

@@ -13,14 +13,14 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import pytest_twisted
 import treq
-from support import DatagramHub, ExporterServer, wait_for
+from helpers.faults import WithMetrics
+from support import wait_for
 from test_metrics import CLIENT_A, CLIENT_B, CLIENT_C, STREAMERS, record
 from twisted.internet import reactor, task, utils
 
 from sfive_ngxlua import stats as stats_module
 from sfive_ngxlua.metrics import MetricsService
-from sfive_ngxlua.service import build
-from sfive_ngxlua.settings import Options, Settings
+from sfive_ngxlua.settings import Settings
 from sfive_ngxlua.stats import Stats
 from sfive_ngxlua.status import CHART_COLUMNS, columns, health, last_hour, render
 
@@ -226,22 +226,11 @@ class Dom(HTMLParser):
 @pytest_twisted.inlineCallbacks
 def test_the_page_in_a_real_browser_shows_streams_figures_and_charts(tmp_path):
     chromium = tool("chromium", "chromium")
-    clock = task.Clock()
-    clock.advance(T0)
-    exporter = ExporterServer()
-    hub = DatagramHub(str(tmp_path / "hub.sock"))
-    options = Options()
-    options.parseOptions([
-        "-s", str(tmp_path / "hub.sock"), "-n", "edge1", "-d", str(D), "--grace", "1",
-        "-S", "foo,bar/hls/high,low", "-u", exporter.url,
-        "--metrics", "tcp:0:interface=127.0.0.1",
-    ])
-    top = build(options.settings(), reactor, clock=clock)
-    stats = top.stats
-    top.startService()
+    run = WithMetrics(tmp_path, T0, D)
+    clock, exporter, hub, stats = run.clock, run.exporter, run.hub, run.stats
     try:
-        port = (yield top.getServiceNamed("metrics").listening).getHost().port
-        yield wait_for(lambda: exporter.resource.requests)
+        yield run.start()
+        port = run.port
         seq = 0
         for n in range(3):  # three intervals: 1, 2 and 3 viewers of foo/hls/high
             lines = []
@@ -250,7 +239,7 @@ def test_the_page_in_a_real_browser_shows_streams_figures_and_charts(tmp_path):
                 lines.append(record(T0 + n * D + 1, STREAMERS[0], client, 1000 * (n + 1), seq))
             seq += 1
             lines.append(record(T0 + n * D + 2, STREAMERS[3], CLIENT_C, 77, seq))
-            exporter.resource.send(b"".join(lines))
+            exporter.send(b"".join(lines))
             yield wait_for(lambda n=seq: stats.lines == n)
             clock.advance(D)
         clock.advance(D)  # the reporting loop runs D after the first report's moment
@@ -296,7 +285,5 @@ def test_the_page_in_a_real_browser_shows_streams_figures_and_charts(tmp_path):
         if os.environ.get("SFIVE_KEEP_SCREENSHOT"):
             shutil.copy(shot, os.environ["SFIVE_KEEP_SCREENSHOT"])
     finally:
-        yield top.stopService()
-        yield exporter.stop()
-        hub.close()
+        yield run.stop()
 

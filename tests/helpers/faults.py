@@ -1,34 +1,29 @@
 """Real fault injectors for the reliability suite.
 
-An exporter (a twisted.web server on 127.0.0.1 that streams what the test tells it, cuts
-connections mid-line, goes silent, answers errors, or never sends headers), a unix datagram hub
-whose socket the test reads, stalls, closes and reopens, a stream hub (unix or tcp) that can go
-away and come back, a capture of every twisted.logger event, and a bounded poll on the real
-reactor. Nothing here is a fake: the service under test talks to real sockets.
+The exporter (a twisted.web server on 127.0.0.1 that streams what the test tells it, cuts
+connections mid-line, goes silent, answers errors, or never sends headers) and the unix datagram
+hub whose socket the test reads, stalls, closes and reopens are support's, here too; a stream
+hub (unix or tcp) that can go away and come back, a capture of every twisted.logger event, a
+bounded poll on the real reactor, and the service run with ``--metrics``. Nothing here is a
+fake: the service under test talks to real sockets.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
 import time
-from collections import deque
-from typing import Callable, Deque, List, Optional
+from typing import List, Optional, Sequence
 
 import simplejson
 import support
-from support import v2_headers, wait_for
+from support import DatagramHub, Exporter, v2_headers, wait_for  # noqa: F401 (theirs, here too)
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
 
 from sfive_ngxlua.service import build
-from sfive_ngxlua.settings import Settings
+from sfive_ngxlua.settings import Options, Settings
 from sfive_ngxlua.sinks import CallableSink
 from sfive_ngxlua.stats import Stats
 
@@ -110,145 +105,7 @@ class LogCapture:
         return "\n".join(f"{formatEvent(e)} {e!r}" for e in self.events)
 
 
-# -- the exporter ---------------------------------------------------------------------------
-
-
-class _ExporterResource(Resource):
-    isLeaf = True
-
-    def __init__(self, exporter: Exporter) -> None:
-        super().__init__()
-        self.exporter = exporter
-
-    def render_GET(self, request):  # noqa: ANN001, ANN201
-        return self.exporter._answer(request)
-
-
-class Exporter:
-    """A real HTTP exporter on 127.0.0.1 whose answers the test scripts.
-
-    ``plan`` holds one action per coming request: ``("stream", *chunks)`` answers 200 and keeps
-    the body open (``send``/``cut``/``end`` act on it), ``("status", code)`` answers an error,
-    ``("silent",)`` accepts the request and never sends headers. Without a plan: stream.
-    With ``ring`` set, a stream answers with the protocol 2 headers (``X-Sfive-Protocol``,
-    ``X-Sfive-Ring``), as nginx/sfive.lua does.
-    """
-
-    def __init__(self, ring: Optional[str] = None) -> None:
-        self.ring = ring
-        self.plan: Deque[tuple] = deque()
-        self.requests: List[object] = []
-        self.current = None
-        self.held: List[object] = []
-        self.port = None
-        self.tls = False
-
-    def listen(self, context_factory: object = None, number: int = 0) -> Exporter:
-        """Listen on 127.0.0.1 (port ``number``, default any), with TLS given a context."""
-        site = Site(_ExporterResource(self))
-        site.noisy = False
-        if context_factory is None:
-            self.port = reactor.listenTCP(number, site, interface="127.0.0.1")
-        else:
-            self.tls = True
-            self.port = reactor.listenSSL(number, site, context_factory, interface="127.0.0.1")
-        self.number = self.port.getHost().port
-        return self
-
-    def url(self, host: str = "127.0.0.1", userinfo: str = "") -> str:
-        scheme = "https" if self.tls else "http"
-        return f"{scheme}://{userinfo}{host}:{self.number}/sfive"
-
-    def _answer(self, request):  # noqa: ANN001, ANN201
-        self.requests.append(request)
-        request.notifyFinish().addErrback(lambda _: None)
-        action = self.plan.popleft() if self.plan else ("stream",)
-        kind = action[0]
-        if kind == "status":
-            request.setResponseCode(action[1])
-            return b"error page\n"
-        self.held.append(request)
-        if kind == "silent":
-            return NOT_DONE_YET
-        request.setResponseCode(200)
-        request.setHeader(b"content-type", b"application/x-ndjson")
-        v2_headers(request, self.ring)
-        self.current = request
-        for chunk in action[1:]:
-            request.write(chunk)
-        if len(action) == 1:
-            request.write(b"")
-        return NOT_DONE_YET
-
-    def send(self, *chunks: bytes) -> None:
-        """Write chunks to the open stream, each as its own HTTP chunk."""
-        for chunk in chunks:
-            self.current.write(chunk)
-
-    def cut(self) -> None:
-        """Drop the connection without ending the body."""
-        request, self.current = self.current, None
-        request.transport.abortConnection()
-
-    def stop(self) -> Deferred:
-        port, self.port = self.port, None
-        for request in self.held:
-            if request.channel is not None and request.transport is not None:
-                request.transport.abortConnection()
-        self.held = []
-        self.current = None
-        return port.stopListening() if port is not None else succeed(None)
-
-
 # -- the hubs -------------------------------------------------------------------------------
-
-
-class DatagramHub:
-    """The sfive hub's unix datagram socket, read only when the test says so."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock: Optional[socket.socket] = None
-        self.received: List[bytes] = []
-
-    def open(self) -> DatagramHub:
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setblocking(False)
-        return self
-
-    def read(self) -> int:
-        """Take every datagram waiting; return how many there were."""
-        n = 0
-        while self.sock is not None:
-            try:
-                data = self.sock.recv(4 << 20)
-            except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    break
-                raise
-            self.received.append(data)
-            n += 1
-        return n
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-
-    def datasets(self) -> List[dict]:
-        return [simplejson.loads(d) for d in self.received]
-
-    def has(self, n: int) -> Callable[[], bool]:
-        def check() -> bool:
-            self.read()
-            return len(self.received) >= n
-
-        return check
 
 
 class _LineCollector(protocol.Protocol):
@@ -329,3 +186,38 @@ class Running:
         d = self.top.stopService()
         self.clock.advance(60)
         return d
+
+
+class WithMetrics:
+    """The service as the plugin builds it from its options, with ``--metrics`` on a free
+    loopback port, a real exporter and hub (``tmp_path/hub.sock``) and its timers on a
+    task.Clock at ``start``: ``yield run.start()`` (fires once the metrics port listens and the
+    exporter's stream is open; ``run.port``), then ``yield run.stop()`` in a ``finally``."""
+
+    def __init__(self, tmp_path: object, start: float = T0, duration: int = 10,
+                 options: Sequence[str] = ()) -> None:
+        self.clock = clock_at(start)
+        self.exporter = Exporter().listen()
+        self.hub = DatagramHub(str(tmp_path / "hub.sock"))
+        parsed = Options()
+        parsed.parseOptions([
+            "-s", self.hub.path, "-n", "edge1", "-d", str(duration), "--grace", "1",
+            "-S", "foo,bar/hls/high,low", "-u", self.exporter.url(), *options,
+            "--metrics", "tcp:0:interface=127.0.0.1",
+        ])
+        self.top = build(parsed.settings(), reactor, clock=self.clock)
+        self.stats = self.top.stats
+        self.port: Optional[int] = None
+
+    @inlineCallbacks
+    def start(self):
+        self.top.startService()
+        self.port = (yield self.top.getServiceNamed("metrics").listening).getHost().port
+        yield wait_for(lambda: self.exporter.streams)
+        return self
+
+    @inlineCallbacks
+    def stop(self):
+        yield self.top.stopService()
+        yield self.exporter.stop()
+        self.hub.close()

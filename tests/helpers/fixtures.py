@@ -50,6 +50,6 @@ async def exporter():
 @pytest.fixture
 def dgram_hub(tmp_path):
     """A unix datagram hub at a fresh path, not yet open; closed after the test."""
-    hub = DatagramHub(str(tmp_path / "hub.sock"))
+    hub = DatagramHub(str(tmp_path / "hub.sock"), bind=False)
     yield hub
     hub.close()
