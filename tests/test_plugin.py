@@ -130,6 +130,8 @@ def test_sighup_stops_as_sigterm_does_saving_the_state_and_the_queue(tmp_path):
     hub = None
     try:
         yield wait_for(lambda: exporter.streams, timeout=30, what="the exporter")
+        # a v1 exporter vouches for its intervals once a first exporter line came (coverage)
+        exporter.send(line(iso_now(), url="/another/site"))
 
         def reported():
             return first_log.read_text().count(" reported: ") if first_log.exists() else 0
@@ -152,6 +154,7 @@ def test_sighup_stops_as_sigterm_does_saving_the_state_and_the_queue(tmp_path):
         hub = DatagramHub(hub_path)
         proc = twistd(second_log)
         yield wait_for(lambda: exporter.streams, timeout=30, what="the exporter")
+        exporter.send(line(iso_now(), url="/another/site"))  # v1 vouches again
 
         def ours():
             return [c["bytes-sent"] for d in hub.read() for c in d["data"]["clients"]
