@@ -740,6 +740,37 @@ def test_any_stream_cut_by_checkpoints_crashes_and_restarts_gives_the_same_datas
     run()
 
 
+@pytest_twisted.ensureDeferred
+async def test_retire_gives_up_a_saved_withheld_stretch_with_its_replay_command(tmp_path, logs):
+    """The saved model's withheld stretch (nothing vouched for it) is not sent as "no
+    viewers" when the node is retired: it is logged with the replay command that fills it; the
+    interval after it, with records, is reported."""
+    import io
+
+    from sfive_ngxlua.retire import RetireOptions, retire
+
+    store, s, stats = opened(tmp_path)
+    model = IntervalModel(s, stats, start=T0)
+    k = T0 // 10
+    model.withheld = [k, k + 1]  # T0 .. T0+20: withheld, still open, no record
+    model.add(rec(T0 + 21, sent=42))
+    store.now = lambda: T0 + 25
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    store.close()
+    options = RetireOptions()
+    options.parseOptions(["--state-dir", s.state_dir])
+    err, out = io.StringIO(), io.BytesIO()
+    assert await retire(options, reactor, err, out) == 0, err.getvalue()
+    sets = [simplejson.loads(line) for line in out.getvalue().splitlines()]
+    assert [d["start-time"] for d in sets] == [start_time(T0 + 20)] * 3, "no zeros before it"
+    assert sets[0]["data"]["bytes-sent"] == 42 and sets[0]["duration-ms"] == 5000
+    (line,) = logs.matching("for good")
+    assert f"from {start_time(T0)} to {start_time(T0 + 20)}" in line
+    assert f"sfive-ngxlua-replay -n h -d 10 -S {'/'.join(HIGH)}" in line
+    assert f"--from {start_time(T0)} --until {start_time(T0 + 20)}" in line
+    assert "1 saved intervals as 3 datasets" in err.getvalue()
+
+
 def test_retire_command_line_to_standard_output(tmp_path):
     """The console script: a saved interval comes out as JSON lines, the state is removed;
     a missing directory is a usage error."""
