@@ -348,7 +348,7 @@ def test_an_access_log_with_some_lines_of_another_format(tmp_path):
     assert status == 0, proc.stdout
     file_probe = probe(report, "file")
     assert file_probe["status"] == "warn"
-    assert "1 of 4 lines are not in the sfive format" in file_probe["message"]
+    assert "2 of 4 lines are not in the sfive format" in file_probe["message"]  # bad-time too
     sample = report["sample"]
     assert sample["counted"] == {"records": 2, "bytes": 2468}
     [missing] = sample["rejected"]["missing-field"]["examples"]
