@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from twisted.python import usage
 
 from . import __version__
-from .conditions import FORMAT_REASONS, TEXT_LOG, format_verdict
+from .conditions import FORMAT_REASONS, TEXT_LOG, format_verdict, parsed_as
 from .lines import LineSplitter
 from .records import Gap, Heartbeat, Record, RecordParser
 from .retire import DEFAULT_STATE_DIR
@@ -289,16 +289,14 @@ class Sample:
         if reason == "url-mismatch":
             self._example(reason, shape(url, None), "not matched by the name format (-F)")
         elif reason == "unknown-streamer" and key is not None:
-            self._example(reason, shape(url, match),
-                          f"parsed as {stream_name(key)}, which is not among -S")
+            self._example(reason, shape(url, match), parsed_as(key, self.settings))
             entry = self.unlisted.setdefault(key, [0, 0])
             entry[0] += 1
             sent = obj.get("bytes-sent")
             entry[1] += sent if type(sent) is int else 0
         elif reason == "status":
             statuses = ",".join(map(str, sorted(self.settings.statuses)))
-            what = ("not matched by -F" if key is None else f"parsed as {stream_name(key)}"
-                    + ("" if key in self.counted else ", not among -S"))
+            what = parsed_as(key, self.settings)
             self._example(reason, shape(url, match),
                           f"status {obj.get('status')}, not among --status {statuses}; {what}")
 

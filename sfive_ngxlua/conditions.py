@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from .records import RecordParser
-from .settings import Settings
+from .settings import Settings, StreamerKey
 from .stats import Stats
 
 FORMAT_REASONS = ("invalid-utf8", "invalid-json", "not-an-object", "missing-field", "wrong-type",
@@ -174,11 +174,18 @@ class Conditions:
         """What the name format (-F) makes of ``url``, and whether that is among -S."""
         assert self.parser is not None
         m = self.parser.url_match(url)
-        if m is None:
-            return "not matched by -F"
-        key = (m.group("content"), m.group("format"), m.group("quality"))
-        among = key in self.settings.streamers
-        return f"parsed as {'/'.join(key)}" + ("" if among else ", which is not among -S")
+        key = None if m is None else (m.group("content"), m.group("format"), m.group("quality"))
+        return parsed_as(key, self.settings)
+
+
+def parsed_as(key: Optional[StreamerKey], settings: Settings) -> str:
+    """What the name format (-F) made of a URL (``key``: its content, format and quality, or
+    None where -F does not match it), and whether that is among -S (the warnings' examples
+    and sfive-ngxlua-check's)."""
+    if key is None:
+        return "not matched by -F"
+    among = key in settings.streamers
+    return f"parsed as {'/'.join(key)}" + ("" if among else ", which is not among -S")
 
 
 def rejected_url(parser: RecordParser, line: bytes) -> Optional[str]:
