@@ -481,7 +481,7 @@ async def probe_hub(settings: Settings, reactor: Any) -> Probe:
     from .fetch import describe
 
     endpoint = clientFromString(reactor, settings.hub)
-    path = getattr(endpoint, "_path", None)
+    path = unix_path(settings.hub)
     if path is not None and not os.path.exists(path):
         return Probe("hub", "fail", f"{settings.hub}: no such socket {path}",
                      "start the sfive hub (it creates its socket), or correct --hub")
@@ -500,6 +500,31 @@ async def probe_hub(settings: Settings, reactor: Any) -> Probe:
         return Probe("hub", "fail", f"{settings.hub}: cannot connect ({why})", fix)
     protocol.transport.loseConnection()
     return Probe("hub", "ok", f"{settings.hub}: connectable (connected and closed, nothing sent)")
+
+
+def unix_path(description: str) -> Optional[str]:
+    """The socket path of a ``unix:`` client endpoint string (``unix:path=P`` or ``unix:P``,
+    with Twisted's backslash escapes), or None for another kind of endpoint."""
+    fields, field, escaped = [], [], False
+    for char in description:
+        if escaped:
+            field.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append("".join(field))
+            field = []
+        else:
+            field.append(char)
+    fields.append("".join(field))
+    if fields[0] != "unix":
+        return None
+    for arg in fields[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep or key == "path":
+            return value if sep else arg
+    return None
 
 
 def probe_state(directory: Optional[str]) -> Probe:
