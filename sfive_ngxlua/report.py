@@ -38,40 +38,12 @@ class Source(Protocol):
 class ReportService(Service):
     """Reports interval k once the event-time watermark passes ``(k+1)*D + grace``.
 
-    The watermark is ``effective = max(source.watermark(now), now - max_delay)``: what the
-    source vouches for (a v1 exporter while connected, and no source at all: ``now``, the
-    wall-clock rule), but never more than ``--max-delay`` behind the clock. Intervals due by the
-    clock but not yet by the watermark are *held* (the exporter is unreachable, or its backlog
-    is being read) instead of being sent empty; past ``max_delay`` what is known is reported
-    (partial) and records that come later count as late, unless the source vouched for none of
-    the interval and sent nothing for it: then it is *withheld* (kept open, logged with the
-    replay command, reported after all if its records come, given up once a loss announced by
-    the source overlaps it). Held intervals are bounded: past ``held_cap`` client entries in
-    them, the oldest are reported early (counted in ``stats.held_early``). Each reported
-    interval says its coverage (``Interval.coverage``; README, "What is counted").
-
-    A LoopingCall, started at the first due time and then every D seconds from there (so it
-    does not drift), closes whatever is due; a late tick (a busy or suspended machine) reports
-    all it missed. ``check`` is also called by the source whenever its watermark may have
-    moved (``on_watermark``), so held intervals are reported as soon as the backlog is read.
-
-    The intervals closed by one check go to the ``outbox`` together (oldest first); at a stop,
-    what is due and then what the outbox's kind closes at a stop (the running interval, or
-    nothing when a checkpoint saves it). An unexpected error in a check is logged with its
-    traceback, counted, and the loop starts again at the next due time.
-
-    Clock steps: the wall clock may jump (NTP at boot). A forward step makes every interval in
-    between due at once: they are reported (empty ones too) in one check, and records go into
-    the intervals of their own time as always (a record may lie up to FUTURE_HORIZON, two
-    hours, ahead of the reported intervals). A backward step stalls Twisted's timers until the
-    clock catches up with them, and nothing new becomes due meanwhile; the records of the hour
-    the clock went back are for intervals already reported (or older than the first), so they
-    count as late into the oldest open interval, which is reported when the clock reaches its
-    end again. Neither crashes or drops a record: a dataset with traffic may come late or
-    merged, never lost. (Only the service's clock stepping, with the exporter on another
-    host: stepped back, the heartbeats still close the intervals on time; stepped forward,
-    ``now - max_delay`` closes the coming hour's intervals at once, and their records count
-    as late into the interval after them.)
+    The watermark is the source's, but never more than ``--max-delay`` behind the clock:
+    intervals due by the clock and not yet by the source are held, then reported partial, or
+    withheld where the source vouched for none of them (README, "What is counted, and when";
+    clock steps: "Restarts and outages"). A LoopingCall in phase with the due times, and the
+    source's ``on_watermark``, call ``check``; what one check closes goes to the ``outbox``
+    together. An unexpected error is logged, counted, and the loop retried.
     """
 
     log = Logger()
