@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from twisted.python import usage
 
 from . import __version__
+from .conditions import FORMAT_REASONS, TEXT_LOG, format_verdict, parsed_as
 from .lines import LineSplitter
 from .records import Gap, Heartbeat, Record, RecordParser
 from .retire import DEFAULT_STATE_DIR
@@ -42,14 +43,9 @@ LOG_CONF = "/usr/share/sfive-ngxlua/nginx/sfive-log.conf"
 LOCATION_CONF = "/usr/share/sfive-ngxlua/nginx/sfive-location.conf"
 EXAMPLES = 5
 """URLs (or URL shapes) shown per rejection reason."""
-FORMAT_REASONS = frozenset(
-    {"invalid-utf8", "invalid-json", "not-an-object", "missing-field", "wrong-type"})
-"""Rejections that mean the line is not in the sfive format at all."""
 _DIGITS = re.compile(r"\d+")
 _EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}\Z")
 """A file name's extension (.ts, .m4s, .mp4) keeps its digits."""
-_TEXT_LOG = re.compile(rb'^\S+ \S+ \S+ \[[^\]]+\] "')
-"""nginx's ``combined`` (and ``main``, ``common``) access log formats."""
 _SHOWN_URL = 120
 
 
@@ -230,8 +226,6 @@ class Sample:
         self.examples: Dict[str, Counter] = {}
         self.unlisted: Dict[StreamerKey, List[int]] = {}
         self.lost = 0
-        self.text_format = 0
-        """Lines that look like nginx's combined (or another text) log format."""
         self.complete = True
         self.note = ""
 
@@ -267,11 +261,7 @@ class Sample:
         return sum(n for n, _ in self.counted.values())
 
     def _explain(self, reason: str, line: bytes) -> None:
-        if reason in ("invalid-json", "not-an-object", "invalid-utf8"):
-            if _TEXT_LOG.match(line):
-                self.text_format += 1
-            return
-        if reason == "too-long":
+        if reason in ("invalid-json", "not-an-object", "invalid-utf8", "too-long"):
             return
         try:
             obj = json.loads(line.decode("utf-8", "replace"))
@@ -299,16 +289,14 @@ class Sample:
         if reason == "url-mismatch":
             self._example(reason, shape(url, None), "not matched by the name format (-F)")
         elif reason == "unknown-streamer" and key is not None:
-            self._example(reason, shape(url, match),
-                          f"parsed as {stream_name(key)}, which is not among -S")
+            self._example(reason, shape(url, match), parsed_as(key, self.settings))
             entry = self.unlisted.setdefault(key, [0, 0])
             entry[0] += 1
             sent = obj.get("bytes-sent")
             entry[1] += sent if type(sent) is int else 0
         elif reason == "status":
             statuses = ",".join(map(str, sorted(self.settings.statuses)))
-            what = ("not matched by -F" if key is None else f"parsed as {stream_name(key)}"
-                    + ("" if key in self.counted else ", not among -S"))
+            what = parsed_as(key, self.settings)
             self._example(reason, shape(url, match),
                           f"status {obj.get('status')}, not among --status {statuses}; {what}")
 
@@ -493,7 +481,7 @@ async def probe_hub(settings: Settings, reactor: Any) -> Probe:
     from .fetch import describe
 
     endpoint = clientFromString(reactor, settings.hub)
-    path = getattr(endpoint, "_path", None)
+    path = unix_path(settings.hub)
     if path is not None and not os.path.exists(path):
         return Probe("hub", "fail", f"{settings.hub}: no such socket {path}",
                      "start the sfive hub (it creates its socket), or correct --hub")
@@ -512,6 +500,31 @@ async def probe_hub(settings: Settings, reactor: Any) -> Probe:
         return Probe("hub", "fail", f"{settings.hub}: cannot connect ({why})", fix)
     protocol.transport.loseConnection()
     return Probe("hub", "ok", f"{settings.hub}: connectable (connected and closed, nothing sent)")
+
+
+def unix_path(description: str) -> Optional[str]:
+    """The socket path of a ``unix:`` client endpoint string (``unix:path=P`` or ``unix:P``,
+    with Twisted's backslash escapes), or None for another kind of endpoint."""
+    fields, field, escaped = [], [], False
+    for char in description:
+        if escaped:
+            field.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append("".join(field))
+            field = []
+        else:
+            field.append(char)
+    fields.append("".join(field))
+    if fields[0] != "unix":
+        return None
+    for arg in fields[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep or key == "path":
+            return value if sep else arg
+    return None
 
 
 def probe_state(directory: Optional[str]) -> Probe:
@@ -845,8 +858,9 @@ def probe_file(options: CheckOptions, settings: Settings) -> Tuple[Probe, Option
     bad = sum(n for reason, n in sample.rejected.items() if reason in FORMAT_REASONS)
     fix = (f"include {LOG_CONF} in http {{ }} and log with its format by name: 'access_log "
            f"{path} sfive buffer=64k flush=1s;', then reload nginx")
-    if sample.lines and bad == sample.lines:
-        what = ("nginx's combined (or another text) format" if sample.text_format * 2 >= bad
+    verdict = format_verdict(sample.parser, lines)
+    if verdict is not None:
+        what = ("nginx's combined (or another text) format" if verdict[0] == TEXT_LOG
                 else "not the sfive format")
         return Probe("file", "fail", f"{path}: readable, but its lines are in {what}",
                      fix), sample

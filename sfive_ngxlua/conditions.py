@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from .records import RecordParser
-from .settings import Settings
+from .settings import Settings, StreamerKey
 from .stats import Stats
 
 FORMAT_REASONS = ("invalid-utf8", "invalid-json", "not-an-object", "missing-field", "wrong-type",
@@ -174,11 +174,18 @@ class Conditions:
         """What the name format (-F) makes of ``url``, and whether that is among -S."""
         assert self.parser is not None
         m = self.parser.url_match(url)
-        if m is None:
-            return "not matched by -F"
-        key = (m.group("content"), m.group("format"), m.group("quality"))
-        among = key in self.settings.streamers
-        return f"parsed as {'/'.join(key)}" + ("" if among else ", which is not among -S")
+        key = None if m is None else (m.group("content"), m.group("format"), m.group("quality"))
+        return parsed_as(key, self.settings)
+
+
+def parsed_as(key: Optional[StreamerKey], settings: Settings) -> str:
+    """What the name format (-F) made of a URL (``key``: its content, format and quality, or
+    None where -F does not match it), and whether that is among -S (the warnings' examples
+    and sfive-ngxlua-check's)."""
+    if key is None:
+        return "not matched by -F"
+    among = key in settings.streamers
+    return f"parsed as {'/'.join(key)}" + ("" if among else ", which is not among -S")
 
 
 def rejected_url(parser: RecordParser, line: bytes) -> Optional[str]:
@@ -207,6 +214,23 @@ def text_log(line: bytes) -> bool:
 def not_sfive(parser: RecordParser, lines: List[bytes]) -> Optional[str]:
     """Why a log whose first lines are ``lines`` is not in the sfive format, or None if most of
     them are records (rejected or not for what they say, not for their form)."""
+    verdict = format_verdict(parser, lines)
+    if verdict is None:
+        return None
+    what, bad = verdict
+    if what == TEXT_LOG:
+        return "its lines are in one of nginx's text formats (combined?), not JSON"
+    return f"{bad} of its first {len(lines)} lines are {_MEANING[what]} ({what})"
+
+
+TEXT_LOG = "text-log"
+"""``format_verdict``'s name for lines in one of nginx's text formats."""
+
+
+def format_verdict(parser: RecordParser, lines: List[bytes]) -> Optional[Tuple[str, int]]:
+    """None if most of ``lines`` are records in the sfive format (whatever they say); else
+    what they are (TEXT_LOG, or the commonest of FORMAT_REASONS) and how many are not in the
+    format. The one rule for the follower's check of a file and sfive-ngxlua-check's."""
     if not lines:
         return None
     seq = parser.last_seq
@@ -218,9 +242,8 @@ def not_sfive(parser: RecordParser, lines: List[bytes]) -> Optional[str]:
     if 2 * len(bad) <= len(lines):
         return None
     if sum(map(text_log, lines)) * 2 > len(lines):
-        return "its lines are in one of nginx's text formats (combined?), not JSON"
-    common = max(set(bad), key=bad.count)
-    return f"{len(bad)} of its first {len(lines)} lines are {_MEANING[common]} ({common})"
+        return TEXT_LOG, len(bad)
+    return max(set(bad), key=bad.count), len(bad)
 
 
 def _cut(url: str) -> str:

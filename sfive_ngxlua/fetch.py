@@ -373,8 +373,13 @@ class LogFetchService(Service):
                                                       self._check_idle)
                 return
             self.log.warn("exporter sent nothing for {idle:.0f}s; reconnecting", idle=idle)
-            if self.body is not None and self.body.transport is not None:
-                self.body.transport.stopProducing()
+            # not left to the body's connectionLost (it may never come, or have no transport
+            # to come from): let go and retry here; _ended ignores the old body then
+            dropped = self._teardown()
+            why = f"idle for {idle:.0f}s"
+            if dropped:
+                why += f"; discarded a partial line of {dropped} bytes"
+            self._retry_later(why)
         except Exception:
             self._unexpected(Failure(), "watching the stream for silence")
 

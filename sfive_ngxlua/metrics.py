@@ -36,7 +36,6 @@ from .status import (
     StatusPage,
     components,
     health,
-    source_connected,
 )
 
 PREFIX = "sfive_ngxlua_"
@@ -112,7 +111,7 @@ class StatsCollector:
             rejected.add_metric((reason,), counts[reason])
         yield rejected
 
-        connected = int(source_connected(s))
+        connected = int(s.source_connected)
         yield GaugeMetricFamily(PREFIX + "source_connected", "1 while the source is open (the "
                                 "exporter's stream, or the --file log).", value=connected)
         yield GaugeMetricFamily(PREFIX + "exporter_connected", "Deprecated alias of "
@@ -147,7 +146,8 @@ class StatsCollector:
         optional = (
             ("watermark_lag_seconds", "How far the event-time watermark is behind the clock; "
              "absent while unknown.", s.watermark_lag),
-            ("ring_size_records", "Records the exporter's ring holds, if it says.", s.ring_size),
+            ("ring_size_records", "Records the exporter's ring holds (from its heartbeats).",
+             s.ring_size),
             ("ring_history_seconds", "Seconds of traffic the exporter's ring holds (from its "
              "heartbeats): how long an outage or restart may last before records are lost.",
              s.ring_history),

@@ -9,7 +9,8 @@ kinds.
   save and the restart to finish.
 
 A dataset that cannot be delivered is counted by reason (``Stats.drop``) and logged with its
-traceback; the reporter goes on either way.
+traceback; the reporter goes on either way. A report whose transaction fails keeps its datasets
+(the next checkpoint writes them and the whole state).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class DurableOutbox:
 
     def emit(self, intervals: Sequence[Interval]) -> None:
         batch = [d for interval in intervals for d in datasets(interval, self.settings)]
+        queued = len(self.queue) if self.queue is not None else 0
         try:
             if self.hub is not None:
                 self.store.checkpoint(self.model, self.source.position(), self.queue,
@@ -102,14 +104,38 @@ class DurableOutbox:
             else:
                 self.store.checkpoint(self.model, self.source.position())
         except Exception:
-            self.stats.drop("commit-failed", len(batch))
-            self.log.failure("committing {n} datasets failed; dropped them", n=len(batch))
-            return
+            self._commit_failed(batch, queued)
         if self.hub is not None:
             self.hub.flush()
             return
         for dataset in batch:
             deliver(self.sink, dataset, self.stats, self.log)
+
+    def _commit_failed(self, batch: List[Dataset], queued: int) -> None:
+        """An unexpected error in the report's transaction: the intervals are out of the
+        model already, so their datasets are kept as a full disk keeps them (in the queue's
+        memory, written by the next checkpoint, which writes the whole model), the error
+        counted as the reporter's and logged with its traceback; only a dataset that cannot
+        be encoded is dropped. Without a queue the caller delivers them."""
+        self.store.write_all_next()
+        self.stats.errors["report"] = self.stats.errors.get("report", 0) + 1
+        kept, lost = len(batch), 0
+        if self.hub is not None and self.queue is not None \
+                and len(self.queue) < queued + len(batch):  # not committed after all
+            items = []
+            for dataset in batch:
+                try:
+                    items.append(self.hub.encode(dataset))
+                except Exception:
+                    lost += 1
+            self.queue.push_memory(items)
+            kept = len(items)
+        if lost:
+            self.stats.drop("commit-failed", lost)
+        self.log.failure("committing the report's {n} datasets failed unexpectedly; {kept} "
+                         "kept for the sink and the next checkpoint (which writes the whole "
+                         "state), {lost} that cannot be encoded dropped", n=len(batch),
+                         kept=kept, lost=lost)
 
     def at_stop(self, model: IntervalModel, now: float) -> List[Interval]:
         return []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import shlex
-from typing import Dict, List, Optional, Protocol, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -38,40 +38,12 @@ class Source(Protocol):
 class ReportService(Service):
     """Reports interval k once the event-time watermark passes ``(k+1)*D + grace``.
 
-    The watermark is ``effective = max(source.watermark(now), now - max_delay)``: what the
-    source vouches for (a v1 exporter while connected, and no source at all: ``now``, the
-    wall-clock rule), but never more than ``--max-delay`` behind the clock. Intervals due by the
-    clock but not yet by the watermark are *held* (the exporter is unreachable, or its backlog
-    is being read) instead of being sent empty; past ``max_delay`` what is known is reported
-    (partial) and records that come later count as late, unless the source vouched for none of
-    the interval and sent nothing for it: then it is *withheld* (kept open, logged with the
-    replay command, reported after all if its records come, given up once a loss announced by
-    the source overlaps it). Held intervals are bounded: past ``held_cap`` client entries in
-    them, the oldest are reported early (counted in ``stats.held_early``). Each reported
-    interval says its coverage (``Interval.coverage``; README, "What is counted").
-
-    A LoopingCall, started at the first due time and then every D seconds from there (so it
-    does not drift), closes whatever is due; a late tick (a busy or suspended machine) reports
-    all it missed. ``check`` is also called by the source whenever its watermark may have
-    moved (``on_watermark``), so held intervals are reported as soon as the backlog is read.
-
-    The intervals closed by one check go to the ``outbox`` together (oldest first); at a stop,
-    what is due and then what the outbox's kind closes at a stop (the running interval, or
-    nothing when a checkpoint saves it). An unexpected error in a check is logged with its
-    traceback, counted, and the loop starts again at the next due time.
-
-    Clock steps: the wall clock may jump (NTP at boot). A forward step makes every interval in
-    between due at once: they are reported (empty ones too) in one check, and records go into
-    the intervals of their own time as always (a record may lie up to FUTURE_HORIZON, two
-    hours, ahead of the reported intervals). A backward step stalls Twisted's timers until the
-    clock catches up with them, and nothing new becomes due meanwhile; the records of the hour
-    the clock went back are for intervals already reported (or older than the first), so they
-    count as late into the oldest open interval, which is reported when the clock reaches its
-    end again. Neither crashes or drops a record: a dataset with traffic may come late or
-    merged, never lost. (Only the service's clock stepping, with the exporter on another
-    host: stepped back, the heartbeats still close the intervals on time; stepped forward,
-    ``now - max_delay`` closes the coming hour's intervals at once, and their records count
-    as late into the interval after them.)
+    The watermark is the source's, but never more than ``--max-delay`` behind the clock:
+    intervals due by the clock and not yet by the source are held, then reported partial, or
+    withheld where the source vouched for none of them (README, "What is counted, and when";
+    clock steps: "Restarts and outages"). A LoopingCall in phase with the due times, and the
+    source's ``on_watermark``, call ``check``; what one check closes goes to the ``outbox``
+    together. An unexpected error is logged, counted, and the loop retried.
     """
 
     log = Logger()
@@ -243,25 +215,10 @@ class ReportService(Service):
         self._resolved(interval, out)
 
     def _is_withheld(self, k: int) -> bool:
-        withheld = self.model.withheld
-        return withheld is not None and withheld[0] <= k <= withheld[1]
+        return _in(self.model.withheld, k)
 
     def _resolved(self, interval: Interval, out: Optional[List[Interval]]) -> None:
-        """``interval`` is closed: to be reported (into ``out``) or given up (``out`` None);
-        the withheld stretch shrinks by it."""
-        k = interval.start // self.settings.duration
-        withheld = self.model.withheld
-        if withheld is not None and withheld[0] <= k:
-            if out is not None and k <= withheld[1]:
-                self._filled.append(interval.start)
-            if k >= withheld[1]:
-                self.model.withheld = None
-            else:
-                withheld[0] = k + 1
-        if out is None:
-            self.model.give_up(k)
-        else:
-            out.append(interval)
+        resolve(self.model, interval, out, self._filled)
 
     def _withhold(self, first: int, last: int, mark: float) -> None:
         """Intervals ``first``..``last`` are due by --max-delay and the source vouched for
@@ -287,13 +244,8 @@ class ReportService(Service):
 
     def _told_filled(self) -> None:
         """One line for the withheld intervals reported after all in this check."""
-        if self._filled:
-            first, last = self._filled[0], self._filled[-1]
-            self._filled = []
-            self.log.info("the withheld intervals from {since} to {until} are reported after "
-                          "all: the source's records for them came (no replay needed)",
-                          since=start_time(first),
-                          until=start_time(last + self.settings.duration))
+        filled, self._filled = self._filled, []
+        told_filled(self.log, self.settings, filled)
 
     def _why(self, mark: float) -> str:
         if not math.isfinite(mark):
@@ -301,22 +253,7 @@ class ReportService(Service):
         return f"its watermark is at {start_time(int(mark))}"
 
     def _gave_up(self, intervals: List[Interval], why: str) -> None:
-        """Log each stretch of given-up intervals with its replay command."""
-        d = self.settings.duration
-        stretches: List[List[int]] = []
-        for interval in intervals:
-            if stretches and stretches[-1][1] == interval.start:
-                stretches[-1][1] = interval.start + d
-            else:
-                stretches.append([interval.start, interval.start + d])
-        for since, until in stretches:
-            self.log.warn(
-                "withheld the intervals from {since_iso} to {until_iso} for good ({why}); "
-                "records that still come for them are counted as withheld; to fill them from "
-                "an access log in the sfive format (nginx/sfive-log.conf): {command}",
-                since_iso=start_time(since), until_iso=start_time(until), why=why,
-                command=replay_command(self.settings, since, until), since=since,
-                until=until)
+        gave_up(self.log, self.settings, intervals, why)
 
     def _held_entries(self, held: int) -> int:
         return self.model.entries(upto=self.model.reported + held)
@@ -391,26 +328,86 @@ class ReportService(Service):
         self.lifecycle.enter(STOPPED)
 
     def _at_stop(self, intervals: List[Interval]) -> List[Interval]:
-        """What a stop closes is partial (cut short), or given up where the source vouched
-        for none of it and delivered no record for it."""
-        now = self.clock.seconds()
-        mark = self._source_mark(now)
-        out: List[Interval] = []
-        given_up: List[Interval] = []
-        for interval in intervals:
-            k = interval.start // self.settings.duration
-            empty = not any(c.bytes for c in interval.streams.values())
-            if empty and (self._is_withheld(k) or mark < interval.start):
-                if not self._is_withheld(k):
-                    self.stats.intervals_withheld += 1
-                self._resolved(interval, None)
-                given_up.append(interval)
-            else:
-                interval.coverage = PARTIAL
-                self._resolved(interval, out)
-        self._told_filled()
-        self._gave_up(given_up, "the service stops, and the source vouched for none of them")
-        return out
+        return at_stop(self.model, intervals, self._source_mark(self.clock.seconds()),
+                       self.stats, self.settings, self.log,
+                       "the service stops, and the source vouched for none of them")
+
+
+def at_stop(model: IntervalModel, intervals: Sequence[Interval], mark: float, stats: Stats,
+            settings: Settings, log: Logger, why: str) -> List[Interval]:
+    """What a stop closes (``intervals``, oldest first), to be reported: partial (cut short),
+    or given up, not reported, where the source vouched for none of it (withheld, or ``mark``
+    short of its start) and delivered no record for it; each given-up stretch is logged with
+    its replay command (``why``: the reason in that line). The service's stop and a saved
+    state reported as saved (``service.report_saved``) both go through here."""
+    out: List[Interval] = []
+    given_up: List[Interval] = []
+    filled: List[int] = []
+    for interval in intervals:
+        k = interval.start // settings.duration
+        withheld = _in(model.withheld, k)
+        empty = not any(c.bytes for c in interval.streams.values())
+        if empty and (withheld or mark < interval.start):
+            if not withheld:
+                stats.intervals_withheld += 1
+            resolve(model, interval, None, filled)
+            given_up.append(interval)
+        else:
+            interval.coverage = PARTIAL
+            resolve(model, interval, out, filled)
+    told_filled(log, settings, filled)
+    gave_up(log, settings, given_up, why)
+    return out
+
+
+def _in(span: Optional[List[int]], k: int) -> bool:
+    return span is not None and span[0] <= k <= span[1]
+
+
+def resolve(model: IntervalModel, interval: Interval, out: Optional[List[Interval]],
+            filled: List[int]) -> None:
+    """``interval`` is closed: to be reported (into ``out``; a withheld one's start into
+    ``filled``) or given up (``out`` None); the model's withheld stretch shrinks by it."""
+    k = interval.start // model.duration
+    withheld = model.withheld
+    if withheld is not None and withheld[0] <= k:
+        if out is not None and k <= withheld[1]:
+            filled.append(interval.start)
+        if k >= withheld[1]:
+            model.withheld = None
+        else:
+            withheld[0] = k + 1
+    if out is None:
+        model.give_up(k)
+    else:
+        out.append(interval)
+
+
+def told_filled(log: Logger, settings: Settings, filled: List[int]) -> None:
+    """One line for the withheld intervals (their starts: ``filled``) reported after all."""
+    if filled:
+        log.info("the withheld intervals from {since} to {until} are reported after all: the "
+                 "source's records for them came (no replay needed)",
+                 since=start_time(filled[0]),
+                 until=start_time(filled[-1] + settings.duration))
+
+
+def gave_up(log: Logger, settings: Settings, intervals: Sequence[Interval], why: str) -> None:
+    """Log each stretch of given-up intervals with its replay command."""
+    d = settings.duration
+    stretches: List[List[int]] = []
+    for interval in intervals:
+        if stretches and stretches[-1][1] == interval.start:
+            stretches[-1][1] = interval.start + d
+        else:
+            stretches.append([interval.start, interval.start + d])
+    for since, until in stretches:
+        log.warn(
+            "withheld the intervals from {since_iso} to {until_iso} for good ({why}); records "
+            "that still come for them are counted as withheld; to fill them from an access log "
+            "in the sfive format (nginx/sfive-log.conf): {command}",
+            since_iso=start_time(since), until_iso=start_time(until), why=why,
+            command=replay_command(settings, since, until), since=since, until=until)
 
 
 def replay_command(settings: Settings, since: int, until: int) -> str:

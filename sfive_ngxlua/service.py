@@ -7,6 +7,7 @@ what it needs).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from typing import Any, Callable, List, Optional, Tuple, Union
@@ -25,7 +26,7 @@ from .model import Interval, IntervalModel, StateMismatch
 from .outbox import DirectOutbox, DurableOutbox, Outbox, Positioned, deliver
 from .pipeline import Pipeline
 from .queues import MemoryQueue, Queue
-from .report import ReportService
+from .report import ReportService, at_stop
 from .settings import Options, Settings
 from .sinks import CallableSink, HubDatagramSink, HubStreamSink, StdoutSink
 from .stats import Stats
@@ -160,14 +161,21 @@ def report_saved(store: StateStore, saved: Saved, settings: Settings, why: str,
     """Report a saved model as it was saved (the running interval cut where it was saved)
     under the settings it was counted with, and clear it: its datasets into ``queue`` in the
     same transaction (without one, they are returned for the caller to deliver). For a state
-    saved under other settings (at the start) and for retiring a node."""
+    saved under other settings (at the start) and for retiring a node. What the source
+    vouched for is not saved: as at a stop (``report.at_stop``), an interval without records
+    that is withheld, or later than the last interval with records, is given up (logged with
+    its replay command), never sent as "no viewers". Returns the intervals reported."""
     try:
         old = replace(settings, **_settings_from(saved.record))
         model = IntervalModel.restore(old, Stats(), saved.snapshot)
-        intervals = model.close_all(saved.saved_at or store.now())
+        closed = model.close_all(saved.saved_at or store.now())
     except Exception as e:
         store.set_aside(f"{why}, and it cannot be reported as saved", e)
         return [], []
+    mark = max((i.start for i in closed if any(c.bytes for c in i.streams.values())),
+               default=-math.inf)
+    intervals = at_stop(model, closed, mark, model.stats, old, store.log,
+                        f"the state {why}, and the source vouched for none of them")
     items = [d for interval in intervals for d in datasets(interval, old)]
     with store.transactions.transaction():
         store.tables.clear()
@@ -176,8 +184,9 @@ def report_saved(store: StateStore, saved: Saved, settings: Settings, why: str,
     first = start_time(intervals[0].start) if intervals else "-"
     store.log.warn(
         "state in {dir} {why}: reported its {n} saved intervals from {first} as {m} "
-        "datasets under the settings they were counted with ({where}); the model starts "
-        "fresh", dir=store.directory, why=why, n=len(intervals), first=first, m=len(items),
+        "datasets under the settings they were counted with ({where}), {left} given up; the "
+        "model starts fresh", dir=store.directory, why=why, n=len(intervals), first=first,
+        m=len(items), left=len(closed) - len(intervals),
         where="into the hub queue" if queue is not None else "to the sink")
     return intervals, [] if queue is not None else items
 

@@ -250,7 +250,8 @@ class ModelOptions(usage.Options):
         ["grace", None, "1", "seconds to wait after an interval's end before reporting it"],
         ["max-delay", None, "300",
          "seconds an interval is held while the exporter's records for it are not in (it is "
-         "unreachable, or its backlog is being read); then it is reported with what is known"],
+         "unreachable, or its backlog is being read); then what is known is reported "
+         "(partial), or the interval is withheld if the source vouched for none of it"],
         ["max-clients", None, "50000",
          "distinct clients kept per interval and streamer; more are folded into one entry"],
         ["max-ua-length", None, "512", "user agents are truncated to this many characters"],

@@ -32,12 +32,6 @@ grace), counted from the start before the first report."""
 HOUR = 3600.0
 
 
-def source_connected(stats: Stats) -> bool:
-    """Whether the source is open (``Stats.source_connected`` where the sources set it, else
-    the older ``exporter_connected``, which the file source sets too)."""
-    return bool(getattr(stats, "source_connected", stats.exporter_connected))
-
-
 def components(settings: Settings, stats: Stats) -> Iterator[Tuple[str, str, bool]]:
     """Each component of this configuration (and any other that published a state or an
     error): its name, its current state ("unknown" before it published one), and whether it
@@ -246,7 +240,7 @@ def render(settings: Settings, stats: Stats, now: float, started: Optional[float
     """The status page as one HTML document."""
     s = stats
     ok, reason = health(settings, s, now, started)
-    connected = source_connected(s)
+    connected = s.source_connected
     out: List[str] = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="refresh" content="{settings.duration}">',

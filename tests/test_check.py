@@ -348,7 +348,7 @@ def test_an_access_log_with_some_lines_of_another_format(tmp_path):
     assert status == 0, proc.stdout
     file_probe = probe(report, "file")
     assert file_probe["status"] == "warn"
-    assert "1 of 4 lines are not in the sfive format" in file_probe["message"]
+    assert "2 of 4 lines are not in the sfive format" in file_probe["message"]  # bad-time too
     sample = report["sample"]
     assert sample["counted"] == {"records": 2, "bytes": 2468}
     [missing] = sample["rejected"]["missing-field"]["examples"]
@@ -356,6 +356,18 @@ def test_an_access_log_with_some_lines_of_another_format(tmp_path):
     [bad_time] = sample["rejected"]["bad-time"]["examples"]
     assert bad_time["what"] == "yesterday"
     assert "192.0.2.7" not in proc.stdout and UA not in proc.stdout
+
+
+def test_the_hub_probe_reads_a_unix_endpoints_path_as_twisted_does():
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import clientFromString
+
+    from sfive_ngxlua.check import unix_path
+
+    for description in ("unix:path=/run/sfive/pipe", "unix:/run/a:timeout=3",
+                        "unix:timeout=3:path=/run/b\\:c", "unix:lockfile=1:/run/d"):
+        assert unix_path(description) == clientFromString(reactor, description)._path
+    assert unix_path("tcp:host=hub:port=4000") is None
 
 
 def test_url_shapes_and_streamer_specs():

@@ -163,6 +163,40 @@ async def test_idle_body_is_dropped_and_resumed_after_last_seq(service, exporter
     assert not run.stats.rejected
 
 
+class Deaf:
+    """A body transport whose stopProducing never leads to connectionLost (stands in for a
+    transport that does not report it: no real one here fails that way on demand)."""
+
+    stopped = 0
+
+    def stopProducing(self):  # noqa: N802 (the interface)
+        self.stopped += 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_body_whose_transport_never_reports_its_end_is_still_retried(
+        service, exporter, logs):
+    exporter.plan.append(("stream", line(T0 + 1, seq=41)))
+    run = service(settings(url=exporter.url(), idle_timeout=30.0))
+    await wait_for(lambda: run.stats.accepted == 1)
+    old, real = run.fetch.body, run.fetch.body.transport
+    old.transport = deaf = Deaf()
+    try:
+        run.clock.advance(30.0)
+        assert deaf.stopped == 1 and run.fetch.body is None
+        assert not run.stats.source_connected
+        await next_attempt(run, logs, 1)
+        assert reconnect_events(logs)[0]["why"] == "idle for 30s"
+        await wait_for(lambda: len(exporter.requests) == 2)
+        assert exporter.requests[1].args == {b"v": [b"2"], b"after": [b"41"]}
+        old.connectionLost()  # late after all: the old body is ignored
+        assert len(reconnect_events(logs)) == 1
+        exporter.send(line(T0 + 2, seq=42))
+        await wait_for(lambda: run.stats.accepted == 2)
+    finally:
+        real.stopProducing()
+
+
 @pytest_twisted.ensureDeferred
 async def test_cut_mid_line_discards_the_partial_line(service, exporter, logs):
     whole = line(T0 + 1, seq=1)

@@ -249,6 +249,64 @@ def test_a_full_disk_keeps_the_state_in_memory_and_writes_all_once_it_works(tmp_
     store2.close()
 
 
+def test_an_unexpected_commit_error_keeps_the_reports_datasets_for_the_next_checkpoint(
+        tmp_path, logs, monkeypatch):
+    """The report's transaction fails with an error nobody expected (injected): its
+    intervals are out of the model already, so their datasets wait in the queue's memory and
+    the next checkpoint writes them with the whole model; counted as the reporter's error,
+    with its traceback; nothing dropped."""
+    from sfive_ngxlua.datasets import encode
+    from sfive_ngxlua.outbox import DurableOutbox
+
+    class Hub:  # the queueing sink's part the outbox uses; it sends nothing here
+        flushed = 0
+
+        def encode(self, dataset):
+            return encode(dataset)
+
+        def flush(self):
+            self.flushed += 1
+
+    class Source:
+        def position(self):
+            return {"kind": "exporter", "ring": None, "seq": 7}
+
+    store, s, stats = opened(tmp_path)
+    queue = store.queue(100)
+    model = IntervalModel(s, stats, start=T0)
+    model.add(rec(T0 + 1, sent=5))
+    model.add(rec(T0 + 12, sent=6))
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    hub = Hub()
+    outbox = DurableOutbox(s, store, model, Source(), hub, stats, queue)
+    write = store.tables.write
+
+    def broken(*args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(store.tables, "write", broken)
+    outbox.emit(model.close_due(T0 + 11))
+    assert stats.errors["report"] == 1 and stats.datasets_dropped == 0
+    assert (len(logs.matching("failed unexpectedly")) == 1
+            and "RuntimeError: injected" in logs.everything())
+    assert len(queue) == 3 and queue.totals()[0] == 0, "in memory, not yet on disk"
+    assert hub.flushed == 1
+    monkeypatch.setattr(store.tables, "write", write)
+    assert store.checkpoint(model, Source().position(), queue)
+    assert queue.totals()[0] == 3 and not queue.spill
+    store.close()
+    store2, _, _ = opened(tmp_path)
+    assert norm(restore(store2).snapshot()) == norm(model.snapshot()), "written in full"
+    assert store2.position()["seq"] == 7
+    sets = []
+    queue2 = store2.queue(100)
+    while queue2.head() is not None:
+        sets.append(simplejson.loads(queue2.head()))
+        queue2.sent()
+    assert [d["data"]["bytes-sent"] for d in sets] == [5, 0, 0]
+    store2.close()
+
+
 def test_state_saved_under_another_duration_is_reported_as_saved_then_fresh(tmp_path, logs):
     store, s, stats = opened(tmp_path, duration=10)
     model = IntervalModel(s, stats, start=T0)
@@ -738,6 +796,37 @@ def test_any_stream_cut_by_checkpoints_crashes_and_restarts_gives_the_same_datas
         assert _canonical(got) == _canonical(expected)
 
     run()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retire_gives_up_a_saved_withheld_stretch_with_its_replay_command(tmp_path, logs):
+    """The saved model's withheld stretch (nothing vouched for it) is not sent as "no
+    viewers" when the node is retired: it is logged with the replay command that fills it; the
+    interval after it, with records, is reported."""
+    import io
+
+    from sfive_ngxlua.retire import RetireOptions, retire
+
+    store, s, stats = opened(tmp_path)
+    model = IntervalModel(s, stats, start=T0)
+    k = T0 // 10
+    model.withheld = [k, k + 1]  # T0 .. T0+20: withheld, still open, no record
+    model.add(rec(T0 + 21, sent=42))
+    store.now = lambda: T0 + 25
+    assert store.checkpoint(model, {"kind": "exporter", "ring": None, "seq": 1})
+    store.close()
+    options = RetireOptions()
+    options.parseOptions(["--state-dir", s.state_dir])
+    err, out = io.StringIO(), io.BytesIO()
+    assert await retire(options, reactor, err, out) == 0, err.getvalue()
+    sets = [simplejson.loads(line) for line in out.getvalue().splitlines()]
+    assert [d["start-time"] for d in sets] == [start_time(T0 + 20)] * 3, "no zeros before it"
+    assert sets[0]["data"]["bytes-sent"] == 42 and sets[0]["duration-ms"] == 5000
+    (line,) = logs.matching("for good")
+    assert f"from {start_time(T0)} to {start_time(T0 + 20)}" in line
+    assert f"sfive-ngxlua-replay -n h -d 10 -S {'/'.join(HIGH)}" in line
+    assert f"--from {start_time(T0)} --until {start_time(T0 + 20)}" in line
+    assert "1 saved intervals as 3 datasets" in err.getvalue()
 
 
 def test_retire_command_line_to_standard_output(tmp_path):

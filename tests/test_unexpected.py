@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-import support
 from helpers.faults import T0, Exporter, heartbeat, line, settings
 from support import wait_for
 
@@ -134,32 +133,6 @@ async def test_the_same_error_again_is_one_line_without_traceback_and_still_retr
         exporter.send(chunk(1, 2))
         await wait_for(lambda: run.stats.accepted == 2)
         assert run.stats.states["fetch"] == "streaming"
-    finally:
-        await exporter.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_header_that_isdigit_accepts_and_int_refuses_leaves_no_dead_fetcher(
-        service, logs, monkeypatch):
-    """The case that was found: ``'²'.isdigit()`` is true, ``int('²')`` raises, and the old
-    ring size reader died on it. The ring's extent now comes from the heartbeats, so such a
-    header is not read at all: the fetcher streams and counts, with no error."""
-    headers = support.v2_headers
-
-    def odd_headers(request, ring):
-        headers(request, ring)
-        request.setHeader(b"X-Sfive-Ring-Size", b"\xb2")  # latin-1 for '²'
-
-    monkeypatch.setattr(support, "v2_headers", odd_headers)  # the one exporter calls it there
-    exporter = Exporter(ring=RING).listen()
-    try:
-        run = service(settings(url=exporter.url()))
-        await wait_for(lambda: run.stats.exporter_connected)
-        assert exporter.current.responseHeaders.getRawHeaders(b"X-Sfive-Ring-Size") == [b"\xb2"]
-        exporter.send(chunk(1, 3))
-        await wait_for(lambda: run.stats.accepted == 3)
-        assert run.stats.states["fetch"] == "streaming"
-        assert run.stats.errors["fetch"] == 0 and not tracebacks(logs, "fetch")
     finally:
         await exporter.stop()
 
