@@ -13,7 +13,11 @@ A file is known by its device, inode and first line (its "head"), never by its p
 - copytruncate: the file shrinks under the reader (or its head changes): counted, logged, read
   again from its start; what the copy holds beyond the position is read from the copy, and the
   lines nginx wrote between the copy and the truncation are lost, by the nature of copytruncate;
-- deleted and created again, absent at start: waited for, read from the start once it is there.
+- deleted and created again, absent at start: waited for, read from the start once it is there;
+- while the service was down: the saved files are found again by identity, and the log's files
+  that came after them (the ones in between when it was rotated more than once, or the copy of a
+  file saved before it had a complete line, whose truncation nothing else can tell) are read from
+  their start, oldest first: the position names the log's other files, done with (``seen``).
 
 A file's first lines are checked when it is opened (or once it has them): a log that is not in
 the sfive format (nginx's ``combined``, say) is one error naming nginx/sfive-log.conf, counted

@@ -632,3 +632,19 @@ def test_a_compressed_rotated_file_is_not_read(log):
     g = Follower(log, position=position)
     g.tick(3)
     assert g.clients() == ips([1, 2]) and not g.stats.rejected
+
+
+def test_a_seen_inode_with_another_first_line_is_a_new_file(log):
+    """An inode number freed (logrotate's oldest file deleted) and taken by a later file: it
+    begins otherwise than the file seen then, so it is read."""
+    position = stopped_after(log, entry(0))
+    os.rename(log, f"{log}.1")
+    log.write_bytes(entry(1))
+    os.rename(log, f"{log}.2")
+    log.write_bytes(entry(2))
+    st = os.stat(f"{log}.2")
+    position["seen"].append({"dev": st.st_dev, "ino": st.st_ino, "head": "0" * 16,
+                             "head_len": 10})
+    g = Follower(log, position=position)
+    g.tick(3)
+    assert g.clients() == ips([1, 2])
