@@ -558,8 +558,8 @@ class FileFollowService(Service):
             self.rotated.append(f)
             if not truncated:
                 self.stats.file_rotations += 1
-            self.log.info("{name} came after the saved position (a rotation while the service "
-                          "was down): reading it from its start", name=name)
+            self.log.info("{name} came after the saved position (while the service was down): "
+                          "reading it from its start", name=name)
         if truncated:
             self.stats.file_truncations += 1
             self.pipeline.lose(None, now)
