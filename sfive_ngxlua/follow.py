@@ -13,7 +13,11 @@ A file is known by its device, inode and first line (its "head"), never by its p
 - copytruncate: the file shrinks under the reader (or its head changes): counted, logged, read
   again from its start; what the copy holds beyond the position is read from the copy, and the
   lines nginx wrote between the copy and the truncation are lost, by the nature of copytruncate;
-- deleted and created again, absent at start: waited for, read from the start once it is there.
+- deleted and created again, absent at start: waited for, read from the start once it is there;
+- while the service was down: the saved files are found again by identity, and the log's files
+  that came after them (the ones in between when it was rotated more than once, or the copy of a
+  file saved before it had a complete line, whose truncation nothing else can tell) are read from
+  their start, oldest first: the position names the log's other files, done with (``seen``).
 
 A file's first lines are checked when it is opened (or once it has them): a log that is not in
 the sfive format (nginx's ``combined``, say) is one error naming nginx/sfive-log.conf, counted
@@ -63,6 +67,8 @@ ROTATED_SLACK = 1.0
 POLL_WITH_INOTIFY = 1.0
 POLL_WITHOUT_INOTIFY = 0.25
 WAITING, BACKLOG, FOLLOWING = "waiting-for-file", "reading-backlog", "following"
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x04\x22\x4d\x18")
+"""Magic numbers of gzip, bzip2, xz, zstd and lz4: a rotated log compressed is not read."""
 FORMAT_LINES = 8
 FORMAT_BYTES = 64 << 10
 """A file's format is checked on its first FORMAT_LINES lines, read from its first FORMAT_BYTES
@@ -71,6 +77,12 @@ bytes."""
 
 def _digest(head: bytes) -> str:
     return hashlib.blake2b(head, digest_size=8).hexdigest()
+
+
+def _first_line(data: bytes) -> bytes:
+    """A file's first line (with its newline), or what it has of it, from its first bytes."""
+    nl = data.find(b"\n")
+    return data[: nl + 1] if nl >= 0 else data
 
 
 class _File:
@@ -154,6 +166,8 @@ class FileFollowService(Service):
         self._warned: set = set()
         self._base = os.path.basename(self.path)
         self._writes = 0
+        self._heads: dict = {}
+        """(dev, ino) -> ((size, mtime_ns), first line) of the log's other files (``seen``)."""
         self.lifecycle = Lifecycle("follow", stats, (WAITING, BACKLOG, FOLLOWING), log=self.log)
         self.retry_policy = backoffPolicy(initialDelay=1.0, maxDelay=30.0)
         self.failures = 0
@@ -185,12 +199,69 @@ class FileFollowService(Service):
     def position(self) -> dict:
         """Where the model stands in the log, for the state store: the file at the path and the
         rotated ones still read, each by device, inode and first line, with the offset just after
-        the last complete line fed to the pipeline."""
+        the last complete line fed to the pipeline; and ``seen``, the log's other files in its
+        directory (its rotated names, done with), each by device, inode and first line, so that
+        a resume tells the files that came after (rotations and copytruncate's copies while the
+        service was down) from those already read."""
         if not self.running and self._resume is not None:
             return self._resume
         return {"kind": "file", "path": self.path,
                 "file": self.current.ident() if self.current is not None else None,
-                "rotated": [f.ident() for f in self.rotated]}
+                "rotated": [f.ident() for f in self.rotated],
+                "seen": self._seen()}
+
+    def _siblings(self) -> List[Tuple[str, os.stat_result]]:
+        """The log's other regular files in its directory (names beginning with its own:
+        ``sfive.log.1``, ``sfive.log-20261201``), with their stat."""
+        out = []
+        try:
+            with os.scandir(os.path.dirname(self.path)) as entries:
+                for e in entries:
+                    if e.path == self.path or not e.name.startswith(self._base):
+                        continue
+                    try:
+                        if e.is_file(follow_symlinks=False):
+                            out.append((e.path, e.stat(follow_symlinks=False)))
+                    except OSError:
+                        continue
+        except OSError:
+            pass
+        return out
+
+    def _head_of(self, name: str, st: os.stat_result) -> Optional[bytes]:
+        """The first line (or what there is of it, up to HEAD bytes) of a sibling, cached while
+        its size and mtime stay; None if it cannot be read."""
+        key, version = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
+        cached = self._heads.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            with open(name, "rb") as fh:
+                now = os.fstat(fh.fileno())
+                if (now.st_dev, now.st_ino) != key:
+                    return None
+                head = _first_line(fh.read(HEAD))
+        except OSError:
+            return None
+        self._heads[key] = (version, head)
+        return head
+
+    def _seen(self) -> List[dict]:
+        followed = {(f.dev, f.ino) for f in self._files()}
+        seen, keep = [], set()
+        for name, st in self._siblings():
+            key = (st.st_dev, st.st_ino)
+            if key in followed:
+                continue
+            head = self._head_of(name, st)
+            if head is None:
+                continue
+            keep.add(key)
+            seen.append({"dev": st.st_dev, "ino": st.st_ino, "head": _digest(head),
+                         "head_len": len(head)})
+        for key in set(self._heads) - keep:
+            del self._heads[key]
+        return seen
 
     def resume(self, position: dict) -> None:
         """Continue from a saved position when the service starts (instead of the file's end);
@@ -401,9 +472,11 @@ class FileFollowService(Service):
                       offset=f.offset)
 
     def _reopen(self, position: dict, now: float) -> None:
-        """Find the saved files again (by device, inode and head: they may have been renamed)."""
+        """Find the saved files again (by device, inode and head: they may have been renamed),
+        then the files that came after the saved one while the service was down (``_came``)."""
         rotated = position.get("rotated")
-        for ident in (list(rotated) if isinstance(rotated, list) else []) + [position.get("file")]:
+        saved = position.get("file")
+        for ident in (list(rotated) if isinstance(rotated, list) else []) + [saved]:
             if not ident:
                 continue
             try:
@@ -424,6 +497,76 @@ class FileFollowService(Service):
             else:
                 self.rotated.append(f)
             self.log.info("resuming {name} at offset {offset}", name=f.name, offset=f.offset)
+        seen = position.get("seen")
+        if not isinstance(seen, list):
+            return  # saved by an earlier release: only the saved files are known
+        try:
+            headless = isinstance(saved, dict) and not int(saved.get("head_len") or 0)
+        except (TypeError, ValueError):
+            headless = False
+        if self.current is None or headless:
+            self._came(seen, now)
+
+    def _came(self, seen: list, now: float) -> None:
+        """The log's files that came after the saved position, read from their start, oldest
+        (by mtime) first, before the file at the path: the files in between when it was rotated
+        more than once while the service was down, or the copy when a file saved without a
+        complete line (no head to tell a truncation by) was copytruncated. A file is old if it
+        was ``seen`` then with the same first line; a file beginning as the file at the path or
+        one being read does (logrotate's ``copy``) is not read twice."""
+        old = {}
+        for e in seen:
+            if isinstance(e, dict):
+                old[(e.get("dev"), e.get("ino"))] = e
+        followed = {(f.dev, f.ino) for f in self._files()}
+        heads = {f.head for f in self._files() if f.head}
+        try:
+            at_path = os.stat(self.path)
+            here = self._head_of(self.path, at_path)
+            if here and here.endswith(b"\n"):
+                heads.add(here)
+        except OSError:
+            pass
+        came = []
+        for name, st in self._siblings():
+            key = (st.st_dev, st.st_ino)
+            if key in followed:
+                continue
+            head = self._head_of(name, st)
+            if head is None or head.startswith(COMPRESSED) or head in heads:
+                continue
+            e = old.get(key)
+            if e is not None:
+                try:
+                    head_len = int(e.get("head_len") or 0)
+                except (TypeError, ValueError):
+                    head_len = 0
+                if st.st_size == 0 or (head_len and _digest(head[:head_len]) == e.get("head")):
+                    continue  # done with before the stop (or nothing in it)
+            came.append((st.st_mtime_ns, name, key))
+        if not came:
+            return
+        truncated = self.current is not None  # the saved file is still at the path: copies
+        for _mtime, name, key in sorted(came):
+            f = self._open(name, now)
+            if f is None:
+                continue
+            if (f.dev, f.ino) != key:
+                f.close()
+                continue
+            f.learn_head()
+            self.rotated.append(f)
+            if not truncated:
+                self.stats.file_rotations += 1
+            self.log.info("{name} came after the saved position (while the service was down): "
+                          "reading it from its start", name=name)
+        if truncated:
+            self.stats.file_truncations += 1
+            self.pipeline.lose(None, now)
+            self.log.warn("{path} was truncated in place (copytruncate?) while the service was "
+                          "down, before it had a complete line: reading its copy from its start; "
+                          "lines nginx wrote between the copy and the truncation are lost",
+                          path=self.path)
 
     def _reopen_one(self, ident: dict, now: float) -> Optional[_File]:
         """One saved file, opened at its saved offset (or at its start, or its copy's offset

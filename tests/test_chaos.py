@@ -478,11 +478,6 @@ def test_a_copytruncate_then_a_rename_before_the_follower_looks_loses_no_line(tm
     assert f.stats.file_truncations == 1 and f.stats.file_rotations == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open defect in follow.py, found by the chaos test (seed 544678, --file, --max-delay 4): "
-    "a position saved while the followed file had no complete line yet (offset 0, no head) "
-    "cannot tell a copytruncate while the service was down; the lines in the copy are never "
-    "read and nothing is announced, so their intervals are reported covered and empty"))
 def test_a_copytruncate_while_down_after_a_position_without_a_line_is_noticed(tmp_path):
     log = tmp_path / "sfive.log"
     log.write_bytes(b"")
@@ -501,11 +496,6 @@ def test_a_copytruncate_while_down_after_a_position_without_a_line_is_noticed(tm
     assert g.clients() == ips([0, 1, 2]) or g.stats.file_truncations == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open defect in follow.py, found by the chaos test (seed 857037, --file): two rotations "
-    "(rename + USR1) while the service is down; the resume reads the saved file under its new "
-    "name and then the file at the path, never the one in between, and nothing is announced, "
-    "so its intervals are reported covered with bytes missing"))
 def test_two_rotations_while_down_lose_no_line(tmp_path):
     log = tmp_path / "sfive.log"
     log.write_bytes(b"")

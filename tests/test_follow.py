@@ -555,3 +555,96 @@ def test_an_unexpected_error_is_logged_once_counted_and_retried_without_loss(
         assert folded == ips(range(6)) and f.stats.errors["follow"] == 1
     finally:
         globalLogPublisher.removeObserver(events.append)
+
+
+def test_resume_after_logrotates_numbered_rotations_while_down_reads_each_file_once(log):
+    """sfive.log.1 -> .2 -> .3 while the service is down: the file in between is read from its
+    start, the saved one from its offset, the ones done with before the stop not again."""
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0))
+    f.tick()
+    os.rename(log, f"{log}.1")
+    log.write_bytes(entry(1))
+    f.tick()
+    f.tick(3)  # done with sfive.log.1
+    assert f.service.rotated == []
+    position = f.service.position()
+    assert [e["ino"] for e in position["seen"]] == [os.stat(f"{log}.1").st_ino]
+    f.service.stopService()
+    append(log, entry(2))
+    for new in (3, 4):  # two rotations while down
+        for n in (2, 1):
+            if os.path.exists(f"{log}.{n}"):
+                os.rename(f"{log}.{n}", f"{log}.{n + 1}")
+        os.rename(log, f"{log}.1")
+        log.write_bytes(entry(new))
+    g = Follower(log, position=position)
+    g.tick(3)
+    assert g.clients() == ips([2, 3, 4])
+    assert g.stats.file_truncations == 0
+
+
+def test_a_position_of_the_previous_release_still_resumes(log):
+    """Saved without ``seen``: the saved files are resumed as before."""
+    position = stopped_after(log, entry(0))
+    del position["seen"]
+    append(log, entry(1))
+    os.rename(log, f"{log}.1")
+    log.write_bytes(entry(2))
+    g = Follower(log, position=position)
+    assert g.clients() == ips([1, 2])
+
+
+def test_a_copy_without_truncation_of_a_file_saved_without_a_line_is_not_read_twice(log):
+    """logrotate's ``copy``: the file at the path still holds what the copy does."""
+    position = stopped_after(log, b"")
+    append(log, entry(0) + entry(1))
+    shutil.copyfile(log, f"{log}.1")
+    g = Follower(log, position=position)
+    g.tick(3)
+    assert g.clients() == ips([0, 1]) and g.stats.file_truncations == 0
+
+
+def test_a_copytruncate_while_down_of_a_file_saved_without_a_line_reads_the_copy(log):
+    position = stopped_after(log, entry(0)[:10])  # a partial line: no head yet
+    assert position["file"]["head_len"] == 0
+    append(log, entry(0)[10:] + entry(1))
+    shutil.copyfile(log, f"{log}.1")
+    os.truncate(log, 0)
+    append(log, entry(2))
+    g = Follower(log, position=position)
+    g.tick(3)
+    assert g.clients() == ips([0, 1, 2])
+    assert g.stats.file_truncations == 1  # the window between the copy and the truncation
+    assert g.service.position()["rotated"] == []
+
+
+def test_a_compressed_rotated_file_is_not_read(log):
+    import gzip
+
+    position = stopped_after(log, entry(0))
+    append(log, entry(1))
+    os.rename(log, f"{log}.1")
+    log.write_bytes(entry(2))
+    with gzip.open(f"{log}.2.gz", "wb") as z:
+        z.write(entry(9))
+    g = Follower(log, position=position)
+    g.tick(3)
+    assert g.clients() == ips([1, 2]) and not g.stats.rejected
+
+
+def test_a_seen_inode_with_another_first_line_is_a_new_file(log):
+    """An inode number freed (logrotate's oldest file deleted) and taken by a later file: it
+    begins otherwise than the file seen then, so it is read."""
+    position = stopped_after(log, entry(0))
+    os.rename(log, f"{log}.1")
+    log.write_bytes(entry(1))
+    os.rename(log, f"{log}.2")
+    log.write_bytes(entry(2))
+    st = os.stat(f"{log}.2")
+    position["seen"].append({"dev": st.st_dev, "ino": st.st_ino, "head": "0" * 16,
+                             "head_len": 10})
+    g = Follower(log, position=position)
+    g.tick(3)
+    assert g.clients() == ips([1, 2])
