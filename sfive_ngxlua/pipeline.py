@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 
@@ -56,40 +56,54 @@ class Pipeline:
     def feed_lines(self, lines: list) -> None:
         """Take complete lines (no line ends)."""
         stats = self.stats
-        parse = self.parser.parse
-        add = self.model.add
-        on_time = self.on_time
-        due = math.inf if on_time is None else -math.inf
-        gap = self._gap is not None
-        last = None
         stats.lines += len(lines)
-        for line in lines:
-            result = parse(line)
-            if type(result) is Record:
-                last = result
-                if gap:
-                    self._gap_ends(result.time)
-                    gap = False
-                if add(result) and result.time >= due:
-                    on_time(result.time)
-                    due = self.model.due_at
-            elif type(result) is str:
-                stats.rejected[result] += 1
-            elif type(result) is Heartbeat:
+        rejected: Dict[str, int] = {}
+        records, events = self.parser.parse_lines(lines, rejected)
+        if rejected:
+            counts = stats.rejected
+            for reason, n in rejected.items():
+                counts[reason] += n
+        done = 0
+        for at, event in events:
+            if at > done:
+                self._add(records, done, at)
+                done = at
+            if type(event) is Heartbeat:
                 stats.lines -= 1
                 stats.heartbeats += 1
-                self.heartbeat = result
-                if gap:
-                    self._gap_ends(result.time)
-                    gap = False
-            elif type(result) is Gap:
-                stats.lost += result.lost
-                if last is not None:
-                    self.last_time = last.time
-                self._gap_begins(result)
-                gap = True
-        if last is not None:
-            self.last_time = last.time
+                self.heartbeat = event
+                if self._gap is not None:
+                    self._gap_ends(event.time)
+            else:
+                assert type(event) is Gap
+                stats.lost += event.lost
+                self._gap_begins(event)
+        if done < len(records):
+            self._add(records, done, len(records))
+
+    def _add(self, records: List[Record], start: int, end: int) -> None:
+        """Records ``start`` to ``end`` into the model; replay's intervals are closed as the
+        records' time makes them due."""
+        if self._gap is not None:
+            self._gap_ends(records[start].time)
+        self.last_time = records[end - 1].time
+        if start or end < len(records):
+            records = records[start:end]
+        model = self.model
+        on_time = self.on_time
+        if on_time is None:
+            model.add_records(records)
+            return
+        while records:
+            # before the first record the model has no due time: stop after that record
+            due = model.due_at if model.reported is not None else -math.inf
+            taken = model.add_records(records, due)
+            time = records[taken - 1].time
+            if time >= due:
+                on_time(time)
+            if taken == len(records):
+                return
+            records = records[taken:]
 
     def _gap_begins(self, gap: Gap) -> None:
         if self._gap is not None:
