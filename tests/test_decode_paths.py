@@ -1,0 +1,156 @@
+"""The piece-at-a-time decoding (one decoder call for many lines) against one line at a time.
+
+``RecordParser.parse_lines`` decodes lines a piece at a time, by orjson where it is installed
+and by the standard library's decoder otherwise, and falls back to one line at a time where a
+piece fails; ``parse`` decodes one line alone. On arbitrary and hostile lines, every decoder
+the parser may pick and every piece size must give the same records, rejection reasons, gaps,
+heartbeats and sequence numbers as ``parse`` of each line, with and without UTF-8 repair.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from sfive_ngxlua import records as records_module
+from sfive_ngxlua.records import Gap, Heartbeat, Record, RecordParser
+from sfive_ngxlua.settings import Settings
+
+SETTINGS = Settings(streamers=(("av", "hls", "high"), ("av", "dash", "low")), hostname="h",
+                    nameformat="/[^/]+/(?P<format>hls|dash)/(?P<content>.+)-(?P<quality>[^-]+)/.*")
+
+DECODERS = ["stdlib"] + (["orjson"] if records_module.orjson is not None else [])
+
+texts = st.one_of(
+    st.sampled_from(["1.2.3.4", "ua", "Mozilla/5.0 (X11)", "/live/hls/av-high/1.ts",
+                     "/live/dash/av-low/2.m4s", "/live/hls/zz-high/1.ts", "/x",
+                     "2026-11-28T10:00:00.003+01:00", "2026-11-28T09:00:01Z",
+                     "2026-11-28T10:00:00", "yesterday", "{", "}", "},\n{", '"', "\\",
+                     "\ud800", "\x00", "\u2028", "é", ""]),
+    st.text(max_size=12))
+numbers = st.one_of(
+    st.sampled_from([200, 206, 304, 0, -1, 2**53, 2**63, 2**64, 10**30, -(10**20), 1.0, 1.5,
+                     1e300, 7]),
+    st.integers(-5, 10**6))
+values = st.one_of(texts, numbers, st.none(), st.booleans(), st.lists(numbers, max_size=2),
+                   st.dictionaries(st.sampled_from(["a", "url"]), numbers, max_size=2))
+keys = st.sampled_from(["seq", "time", "client", "ua", "url", "status", "bytes-sent", "lost",
+                        "hb", "x"])
+
+
+@st.composite
+def record_lines(draw) -> bytes:
+    """An exporter-like object: right fields mostly, any order, duplicates, wrong types."""
+    pairs = []
+    base = {"seq": draw(st.integers(0, 50)), "time": draw(st.sampled_from(
+        ["2026-11-28T10:00:00.003+01:00", "2026-11-28T09:00:01Z", "2026-11-28T09:00:05,5Z"])),
+        "client": draw(texts), "ua": draw(texts), "url": draw(st.sampled_from(
+            ["/live/hls/av-high/1.ts", "/live/dash/av-low/2.m4s", "/live/hls/zz-high/1.ts",
+             "/x"])), "status": draw(st.sampled_from([200, 206, 404])),
+        "bytes-sent": draw(st.integers(0, 10**7))}
+    for key, value in base.items():
+        if not draw(st.integers(0, 15)) == 0:
+            pairs.append((key, value))
+    for _ in range(draw(st.integers(0, 2))):
+        pairs.append((draw(keys), draw(values)))
+    pairs = draw(st.permutations(pairs))
+    body = ",".join(json.dumps(k) + ":" + (json.dumps(v, ensure_ascii=draw(st.booleans())))
+                    for k, v in pairs)
+    return ("{" + body + "}").encode("utf-8", "surrogatepass")
+
+
+control_lines = st.one_of(
+    st.builds(lambda seq, lost: json.dumps({"seq": seq, "lost": lost}).encode(),
+              st.integers(0, 99), st.one_of(st.integers(-1, 9), st.just(10**21), st.just(2.0))),
+    st.builds(lambda seq, hb: json.dumps({"seq": seq, "hb": hb}).encode(),
+              st.one_of(st.integers(0, 99), st.just(10**20)),
+              st.one_of(st.integers(0, 2**41), st.floats(allow_nan=False), st.just("x"))),
+    st.sampled_from([b'{"seq":5,"hb":NaN}', b'{"seq":5,"hb":Infinity}', b'{"seq":1e400}',
+                     b'{"seq":123456789012345678901,"url":"/x"}']),
+)
+hostile = st.sampled_from([
+    b'{"a":1},{"b":2}', b'{"x":[{}', b'{}]}', b'{"a":"x}', b'{"a":1', b'{"a":1,}', b'{"a":01}',
+    b'{"a":"\t"}', b'{"a":"\\ud800"}', b'{"a":"\xff"}', b'{"a":"\xed\xa0\x80"}', b"[1, 2, 3]",
+    b'"just a string"', b"not json at all", b'{"seq":1,,}', b" {}", b"{} ", b"{}\x0b",
+    b"\xef\xbb\xbf{}", b"{" + b"[" * 50 + b"]" * 50 + b"}", b'{"a":' + b"1" * 5000 + b"}",
+    b'{"a":[1}', b'{"a"}', b"{}", b"{\"url\":\"}\"}",
+])
+
+
+def _mutate(data: st.DataObject, line: bytes) -> bytes:
+    how = data.draw(st.integers(0, 5))
+    if how == 0 and len(line) > 1:
+        return line[: data.draw(st.integers(1, len(line) - 1))]
+    if how == 1:
+        at = data.draw(st.integers(0, len(line)))
+        return line[:at] + data.draw(st.binary(min_size=1, max_size=3)).replace(b"\n", b"") \
+            + line[at:]
+    return line
+
+
+lines_strategy = st.lists(st.one_of(record_lines(), control_lines, hostile,
+                                    st.binary(min_size=1, max_size=20)), max_size=40)
+
+
+def reference(lines, repair):
+    """``parse`` of each line, with the sequence number after each."""
+    parser = RecordParser(SETTINGS)
+    parser.repair_utf8 = repair
+    parser.fast_decoder = False
+    out = []
+    for line in lines:
+        out.append((parser.parse(line), parser.last_seq))
+    return out, parser.last_seq
+
+
+def bulk(lines, repair, decoder, piece):
+    parser = RecordParser(SETTINGS)
+    parser.repair_utf8 = repair
+    parser.fast_decoder = decoder == "orjson"
+    rejected = Counter()
+    records, events = parser.parse_lines(lines, rejected)
+    return records, events, rejected, parser.last_seq
+
+
+@settings(max_examples=400, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), base=lines_strategy, repair=st.booleans(),
+       piece=st.sampled_from([1, 2, 3, 7, 32]), decoder=st.sampled_from(DECODERS))
+@example(data=None, base=[b'{"a":1},{"b":2}', b'{"x":[{}', b'{}]}'], repair=False, piece=32,
+         decoder=DECODERS[-1])
+def test_every_decoder_and_piece_size_agrees_with_one_line_at_a_time(
+        data, base, repair, piece, decoder):
+    lines = [line.replace(b"\n", b"") or b"{}" for line in
+             (base if data is None else [_mutate(data, line) for line in base])]
+    old = records_module.PIECE
+    records_module.PIECE = piece
+    try:
+        got_records, got_events, got_rejected, got_seq = bulk(lines, repair, decoder, piece)
+    finally:
+        records_module.PIECE = old
+    want, want_seq = reference(lines, repair)
+    want_records = [r for r, _ in want if type(r) is Record]
+    want_events, n = [], 0
+    for r, _ in want:
+        if type(r) is Record:
+            n += 1
+        elif type(r) in (Gap, Heartbeat):
+            want_events.append((n, r))
+    want_rejected = Counter(r for r, _ in want if type(r) is str)
+    assert got_records == want_records
+    assert [(at, type(e), tuple(e)) for at, e in got_events] == \
+        [(at, type(e), tuple(e)) for at, e in want_events]
+    assert got_rejected == want_rejected
+    assert got_seq == want_seq
+
+
+def test_a_line_that_is_two_objects_is_not_taken_for_two_lines():
+    """The shape checks exist for this: joined into one array, these three lines would give
+    three objects (``{"a":1}``, ``{"b":2}``, ``{"x":[{},{}]}``) though none of them is one."""
+    lines = [b'{"a":1},{"url":"/live/hls/av-high/1.ts"}', b'{"x":[{}', b'{}]}']
+    for decoder in DECODERS:
+        records, events, rejected, _ = bulk(lines, False, decoder, 32)
+        assert (records, events, rejected) == ([], [], Counter({"invalid-json": 3}))
