@@ -29,6 +29,21 @@ sys.path.insert(0, str(ROOT))
 from bench import gen, run  # noqa: E402
 
 
+def distinct_clients(path: str) -> None:
+    """Give every line its own client address (no client repeats: caches and known-client
+    look-ups cannot be what makes it fast)."""
+    import re
+
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    n = iter(range(1, len(lines) + 1))
+    pattern = re.compile(rb'"client":"[^"]*"')
+    out = [pattern.sub(lambda m: b'"client":"10.%d.%d.%d"' % (
+        (i := next(n)) >> 16, i >> 8 & 255, i & 255), line, count=1) for line in lines]
+    with open(path, "wb") as f:
+        f.write(b"\n".join(out))
+
+
 def model_only(path: str, track: bool, feed: bool) -> None:
     """Parse every line first, then (if ``feed``) add the records to a model."""
     from sfive_ngxlua.model import IntervalModel
@@ -103,7 +118,12 @@ def main() -> int:
     p.add_argument("--imports-only", action="store_true")
     p.add_argument("--model-only", action="store_true",
                    help="time model.add alone (records parsed beforehand)")
-    p.add_argument("--track", action="store_true", help="with --model-only: tracking on")
+    p.add_argument("--track", action="store_true",
+                   help="change tracking on (as under --state-dir): the replay's model, or "
+                   "with --model-only the model alone")
+    p.add_argument("--distinct", action="store_true", help="every line from another client")
+    p.add_argument("--no-orjson", action="store_true",
+                   help="decode with the standard library even where orjson is installed")
     p.add_argument("--changes", type=int, metavar="N",
                    help="time take_changes()/snapshot() with N clients instead")
     a = p.parse_args()
@@ -113,12 +133,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "input.log")
         gen.write(path, a.lines)
+        if a.distinct:
+            distinct_clients(path)
+        from sfive_ngxlua import records, replay
+
+        if a.no_orjson:
+            records.orjson = None
+        if a.track and not a.model_only:
+            init = replay.Replay.__init__
+
+            def tracked(self, *args, **kw) -> None:
+                init(self, *args, **kw)
+                self.model.take_changes()
+
+            replay.Replay.__init__ = tracked
         if a.model_only:
             model_only(path, a.track, not a.imports_only)
         elif not a.imports_only:
             run.replay_inprocess(path)
-        else:
-            from sfive_ngxlua import replay  # noqa: F401
     return 0
 
 
