@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 
 class LineSplitter:
@@ -51,6 +51,35 @@ class LineSplitter:
                 continue
             out.append(line)
         return out
+
+    def feed_blocks(self, data: bytes, size: int = 4096) -> Optional[List[bytes]]:
+        """``feed`` for the common case, without cutting the chunk into lines: the complete
+        lines as blocks of whole lines joined by "\\n", each block at most ``size`` bytes
+        (so no line in it is over-long). None, with nothing consumed, unless the chunk is
+        plain (no CR, no empty line, no line longer than ``size``, none being skipped):
+        then call ``feed``."""
+        pending = self._pending
+        size = min(size, self.max_length)
+        if self._skipping or b"\r" in data or b"\n\n" in data or b"\r" in pending:
+            return None
+        last = data.rfind(b"\n")
+        if last < 0 or len(data) - last - 1 > self.max_length:
+            return None
+        head = pending + data[:last] if pending else data[:last]
+        if not head or head[0] == 10:
+            return None
+        blocks = []
+        start = 0
+        end = len(head)
+        while end - start > size:
+            cut = head.rfind(b"\n", start, start + size + 1)
+            if cut < 0:
+                return None
+            blocks.append(head[start:cut])
+            start = cut + 1
+        blocks.append(head[start:] if start else head)
+        self._pending = data[last + 1:]
+        return blocks
 
     def reset(self) -> int:
         """Forget a partial line (the stream was cut); return how many bytes were discarded."""

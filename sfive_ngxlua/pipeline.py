@@ -42,8 +42,12 @@ class Pipeline:
 
     def feed(self, data: bytes) -> None:
         """Take a chunk of the stream, cut anywhere."""
-        self.feed_lines(self.splitter.feed(data))
-        self._count_too_long()
+        blocks = self.splitter.feed_blocks(data)
+        if blocks is None:
+            self.feed_lines(self.splitter.feed(data))
+            self._count_too_long()
+            return
+        self._feed_parsed(blocks, self.parser.parse_blocks)
 
     def feed_split(self, splitter: LineSplitter, data: bytes) -> list:
         """``feed`` through the caller's own splitter (the file follower reads several files at
@@ -55,10 +59,13 @@ class Pipeline:
 
     def feed_lines(self, lines: list) -> None:
         """Take complete lines (no line ends)."""
+        self._feed_parsed(lines, self.parser.parse_lines)
+
+    def _feed_parsed(self, lines: list, parse: Callable) -> None:
         stats = self.stats
-        stats.lines += len(lines)
         rejected: Dict[str, int] = {}
-        records, events = self.parser.parse_lines(lines, rejected)
+        records, events = parse(lines, rejected)
+        stats.lines += len(records) + sum(rejected.values()) + len(events)
         if rejected:
             counts = stats.rejected
             for reason, n in rejected.items():

@@ -104,6 +104,19 @@ REASONS = (
 """Every rejection reason, so that counters and metrics can list them all from the start."""
 
 
+class _Lines:
+    """The lines of blocks, cut only if one is asked for (rarely: see ``_classify``)."""
+
+    def __init__(self, blocks: Sequence[bytes]) -> None:
+        self._blocks = blocks
+        self._lines: Optional[List[bytes]] = None
+
+    def __getitem__(self, i: int) -> bytes:
+        if self._lines is None:
+            self._lines = [line for block in self._blocks for line in block.split(b"\n")]
+        return self._lines[i]
+
+
 _INVALID_UTF8 = ("invalid-utf8",)
 _INVALID_JSON = ("invalid-json",)
 
@@ -143,13 +156,49 @@ class RecordParser:
         records before it, and the rejections counted into ``rejected`` by reason. The lines
         are decoded a piece at a time (one decoder call for PIECE lines); the outcome is
         exactly that of ``parse`` for each line."""
+        return self._classify(self._decode_lines(lines), rejected, lines)
+
+    def parse_blocks(self, blocks: Sequence[bytes], rejected: Dict[str, int]
+                     ) -> Tuple[List[Record], List[Tuple[int, Parsed]]]:
+        """``parse_lines`` of blocks of lines joined by "\\n" (``LineSplitter.feed_blocks``),
+        without cutting them into lines where they have the plain shape: each block is
+        checked and decoded whole (a block that is not plain, or fails, is cut into lines)."""
+        objs: list = []
+        fast = self.fast_decoder
+        for block in blocks:
+            got = self._decode_block(block, fast)
+            if got is None:
+                got = self._decode_lines(block.split(b"\n"))
+            objs += got
+        return self._classify(objs, rejected, _Lines(blocks) if fast else None)
+
+    def _decode_block(self, block: bytes, fast: bool) -> Optional[list]:
+        """The values of a block's lines in one decoder call, if each line begins with its only
+        "{" and ends with its only "}" (see ``_decode_piece``); None if not, or if it fails."""
+        if block[0] != 123 or block[-1] != 125:
+            return None
+        rest = block[1:-1].replace(b"}\n{", b"")
+        if b"\n" in rest or b"{" in rest or b"}" in rest:
+            return None
+        data = b"[" + block.replace(b"}\n{", b"},\n{") + b"]"
+        if fast:
+            try:
+                return orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return None
+        try:
+            return _scan(data.decode("utf-8"), 0)[0]
+        except (UnicodeDecodeError, ValueError, RecursionError, StopIteration):
+            return None
+
+    def _decode_lines(self, lines: Sequence[bytes]) -> list:
         decode = self._decode_fast if self.fast_decoder else self._decode_piece
         if len(lines) <= PIECE:
-            return self._classify(decode(lines), rejected, lines)
+            return decode(lines)
         objs: list = []
         for i in range(0, len(lines), PIECE):
             objs += decode(lines[i:i + PIECE])
-        return self._classify(objs, rejected, lines)
+        return objs
 
     def _decode_fast(self, lines: Sequence[bytes]) -> list:
         """``_decode_piece`` by orjson, under the same checks of the lines' shape. orjson is

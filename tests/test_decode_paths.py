@@ -106,29 +106,40 @@ def reference(lines, repair):
     return out, parser.last_seq
 
 
-def bulk(lines, repair, decoder, piece):
+def bulk(lines, repair, decoder, piece, cuts=None):
+    """``parse_lines`` of the lines, or with ``cuts`` ``parse_blocks`` of the lines joined
+    into blocks at those line numbers."""
     parser = RecordParser(SETTINGS)
     parser.repair_utf8 = repair
     parser.fast_decoder = decoder == "orjson"
     rejected = Counter()
-    records, events = parser.parse_lines(lines, rejected)
+    if cuts is None:
+        records, events = parser.parse_lines(lines, rejected)
+    else:
+        bounds = [0, *sorted({c % (len(lines) + 1) for c in cuts}), len(lines)]
+        blocks = [b"\n".join(lines[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+        records, events = parser.parse_blocks(blocks, rejected)
     return records, events, rejected, parser.last_seq
 
 
 @settings(max_examples=400, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), base=lines_strategy, repair=st.booleans(),
-       piece=st.sampled_from([1, 2, 3, 7, 32]), decoder=st.sampled_from(DECODERS))
+       piece=st.sampled_from([1, 2, 3, 7, 32]), decoder=st.sampled_from(DECODERS),
+       cuts=st.one_of(st.none(), st.lists(st.integers(0, 50), max_size=4)))
 @example(data=None, base=[b'{"a":1},{"b":2}', b'{"x":[{}', b'{}]}'], repair=False, piece=32,
-         decoder=DECODERS[-1])
+         decoder=DECODERS[-1], cuts=None)
+@example(data=None, base=[b'{"a":1},{"b":2}', b'{"x":[{}', b'{}]}'], repair=False, piece=32,
+         decoder=DECODERS[-1], cuts=[])
 def test_every_decoder_and_piece_size_agrees_with_one_line_at_a_time(
-        data, base, repair, piece, decoder):
+        data, base, repair, piece, decoder, cuts):
     lines = [line.replace(b"\n", b"") or b"{}" for line in
              (base if data is None else [_mutate(data, line) for line in base])]
     old = records_module.PIECE
     records_module.PIECE = piece
     try:
-        got_records, got_events, got_rejected, got_seq = bulk(lines, repair, decoder, piece)
+        got_records, got_events, got_rejected, got_seq = bulk(lines, repair, decoder, piece,
+                                                              cuts)
     finally:
         records_module.PIECE = old
     want, want_seq = reference(lines, repair)
@@ -152,5 +163,26 @@ def test_a_line_that_is_two_objects_is_not_taken_for_two_lines():
     three objects (``{"a":1}``, ``{"b":2}``, ``{"x":[{},{}]}``) though none of them is one."""
     lines = [b'{"a":1},{"url":"/live/hls/av-high/1.ts"}', b'{"x":[{}', b'{}]}']
     for decoder in DECODERS:
-        records, events, rejected, _ = bulk(lines, False, decoder, 32)
-        assert (records, events, rejected) == ([], [], Counter({"invalid-json": 3}))
+        for cuts in (None, []):
+            records, events, rejected, _ = bulk(lines, False, decoder, 32, cuts)
+            assert (records, events, rejected) == ([], [], Counter({"invalid-json": 3}))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(data=st.binary(max_size=300).map(lambda b: b.replace(b"x", b"\n")),
+       cuts=st.lists(st.integers(0, 300), max_size=6), size=st.sampled_from([5, 20, 4096]),
+       limit=st.sampled_from([8, 30, 65536]))
+def test_the_splitters_blocks_are_its_lines(data, cuts, size, limit):
+    """``feed_blocks`` gives the lines ``feed`` gives, whenever it takes the chunk."""
+    from sfive_ngxlua.lines import LineSplitter
+
+    one, other = LineSplitter(limit), LineSplitter(limit)
+    bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+    for a, b in zip(bounds, bounds[1:]):
+        chunk = data[a:b]
+        blocks = other.feed_blocks(chunk, size)
+        got = other.feed(chunk) if blocks is None else \
+            [line for block in blocks for line in block.split(b"\n")]
+        assert all(len(block) <= min(size, limit) for block in blocks or ())
+        assert got == one.feed(chunk)
+        assert (other.pending, other.too_long) == (one.pending, one.too_long)
