@@ -55,29 +55,31 @@ class LineSplitter:
     def feed_blocks(self, data: bytes, size: int = 4096) -> Optional[List[bytes]]:
         """``feed`` for the common case, without cutting the chunk into lines: the complete
         lines as blocks of whole lines joined by "\\n", each block at most ``size`` bytes
-        (so no line in it is over-long). None, with nothing consumed, unless the chunk is
-        plain (no CR, no empty line, no line longer than ``size``, none being skipped):
-        then call ``feed``."""
+        (so no line in it is over-long); a block may hold empty lines, which do not count.
+        None, with nothing consumed, unless the chunk is plain (no CR, no line longer than
+        ``size``, none being skipped): then call ``feed``."""
         pending = self._pending
         size = min(size, self.max_length)
-        if self._skipping or b"\r" in data or b"\n\n" in data or b"\r" in pending:
+        if self._skipping or b"\r" in data or b"\r" in pending:
             return None
         last = data.rfind(b"\n")
         if last < 0 or len(data) - last - 1 > self.max_length:
             return None
-        head = pending + data[:last] if pending else data[:last]
-        if not head or head[0] == 10:
-            return None
         blocks = []
         start = 0
-        end = len(head)
-        while end - start > size:
-            cut = head.rfind(b"\n", start, start + size + 1)
+        if pending:
+            start = data.find(b"\n") + 1
+            if len(pending) + start - 1 > size:
+                return None
+            blocks.append(pending + data[:start - 1])
+        while last - start > size:
+            cut = data.rfind(b"\n", start, start + size + 1)
             if cut < 0:
                 return None
-            blocks.append(head[start:cut])
+            blocks.append(data[start:cut])
             start = cut + 1
-        blocks.append(head[start:] if start else head)
+        if start < last:
+            blocks.append(data[start:last])
         self._pending = data[last + 1:]
         return blocks
 

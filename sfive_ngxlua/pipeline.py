@@ -92,8 +92,8 @@ class Pipeline:
         """Records ``start`` to ``end`` into the model; replay's intervals are closed as the
         records' time makes them due."""
         if self._gap is not None:
-            self._gap_ends(records[start].time)
-        self.last_time = records[end - 1].time
+            self._gap_ends(records[start][0])
+        self.last_time = records[end - 1][0]
         if start or end < len(records):
             records = records[start:end]
         model = self.model
@@ -105,7 +105,7 @@ class Pipeline:
             # before the first record the model has no due time: stop after that record
             due = model.due_at if model.reported is not None else -math.inf
             taken = model.add_records(records, due)
-            time = records[taken - 1].time
+            time = records[taken - 1][0]
             if time >= due:
                 on_time(time)
             if taken == len(records):

@@ -104,6 +104,11 @@ REASONS = (
 """Every rejection reason, so that counters and metrics can list them all from the start."""
 
 
+def _index(objs: list, obj: object) -> int:
+    """Where ``obj`` itself (not an equal value) is in ``objs``."""
+    return next(i for i, o in enumerate(objs) if o is obj)
+
+
 class _Lines:
     """The lines of blocks, cut only if one is asked for (rarely: see ``_classify``)."""
 
@@ -113,7 +118,8 @@ class _Lines:
 
     def __getitem__(self, i: int) -> bytes:
         if self._lines is None:
-            self._lines = [line for block in self._blocks for line in block.split(b"\n")]
+            self._lines = [line for block in self._blocks for line in block.split(b"\n")
+                           if line]
         return self._lines[i]
 
 
@@ -145,15 +151,16 @@ class RecordParser:
         rejected: Dict[str, int] = {}
         records, events = self._classify([self._decode_line(line)], rejected)
         if records:
-            return records[0]
+            return _new_record(Record, records[0])
         if events:
             return events[0][1]
         return next(iter(rejected))
 
     def parse_lines(self, lines: Sequence[bytes], rejected: Dict[str, int]
                     ) -> Tuple[List[Record], List[Tuple[int, Parsed]]]:
-        """Classify many lines: the records in order, each gap or heartbeat with the number of
-        records before it, and the rejections counted into ``rejected`` by reason. The lines
+        """Classify many lines: the records in order (plain tuples laid out as Record), each
+        gap or heartbeat with the number of records before it, and the rejections counted
+        into ``rejected`` by reason. The lines
         are decoded a piece at a time (one decoder call for PIECE lines); the outcome is
         exactly that of ``parse`` for each line."""
         return self._classify(self._decode_lines(lines), rejected, lines)
@@ -168,19 +175,19 @@ class RecordParser:
         for block in blocks:
             got = self._decode_block(block, fast)
             if got is None:
-                got = self._decode_lines(block.split(b"\n"))
+                got = self._decode_lines([line for line in block.split(b"\n") if line])
             objs += got
         return self._classify(objs, rejected, _Lines(blocks) if fast else None)
 
     def _decode_block(self, block: bytes, fast: bool) -> Optional[list]:
         """The values of a block's lines in one decoder call, if each line begins with its only
         "{" and ends with its only "}" (see ``_decode_piece``); None if not, or if it fails."""
-        if block[0] != 123 or block[-1] != 125:
+        if block[:1] != b"{" or block[-1] != 125:
             return None
         rest = block[1:-1].replace(b"}\n{", b"")
         if b"\n" in rest or b"{" in rest or b"}" in rest:
             return None
-        data = b"[" + block.replace(b"}\n{", b"},\n{") + b"]"
+        data = b"[" + block.replace(b"\n", b",\n") + b"]"
         if fast:
             try:
                 return orjson.loads(data)
@@ -301,7 +308,7 @@ class RecordParser:
         seconds = self._seconds
         tails = self._tails
         last_seq = self.last_seq
-        for i, obj in enumerate(objs):
+        for obj in objs:
             if type(obj) is not dict:
                 reason = obj[0] if type(obj) is tuple else "not-an-object"
                 rejected[reason] = rejected.get(reason, 0) + 1
@@ -311,7 +318,8 @@ class RecordParser:
                 if "url" not in obj:
                     if lines is not None and type(obj.get("lost")) is float:
                         self.last_seq = last_seq
-                        last_seq = self._again(lines[i], records, events, rejected)
+                        last_seq = self._again(lines[_index(objs, obj)], records, events,
+                                               rejected)
                         continue
                     control = self._control(obj, seq)
                     if control is not None:
@@ -324,7 +332,8 @@ class RecordParser:
                 last_seq = seq
             elif type(seq) is float and lines is not None:
                 self.last_seq = last_seq
-                last_seq = self._again(lines[i], records, events, rejected)
+                last_seq = self._again(lines[_index(objs, obj)], records, events,
+                                       rejected)
                 continue
             try:
                 url = obj["url"]
@@ -347,7 +356,8 @@ class RecordParser:
             ):
                 if lines is not None and float in (type(status), type(sent)):
                     self.last_seq = last_seq
-                    last_seq = self._again(lines[i], records, events, rejected)
+                    last_seq = self._again(lines[_index(objs, obj)], records, events,
+                                           rejected)
                     continue
                 rejected["wrong-type"] = rejected.get("wrong-type", 0) + 1
                 continue
@@ -369,7 +379,7 @@ class RecordParser:
                     continue
             else:
                 t = head - offset
-            append(_new_record(Record, (t, streamer, client, ua, sent)))
+            append((t, streamer, client, ua, sent))
         self.last_seq = last_seq
         return records, events
 

@@ -182,7 +182,7 @@ def test_the_splitters_blocks_are_its_lines(data, cuts, size, limit):
         chunk = data[a:b]
         blocks = other.feed_blocks(chunk, size)
         got = other.feed(chunk) if blocks is None else \
-            [line for block in blocks for line in block.split(b"\n")]
+            [line for block in blocks for line in block.split(b"\n") if line]
         assert all(len(block) <= min(size, limit) for block in blocks or ())
         assert got == one.feed(chunk)
         assert (other.pending, other.too_long) == (one.pending, one.too_long)
