@@ -113,7 +113,7 @@ def start(v: Variant, tmp: Path, twistd: str, pythonpath: Optional[str]) -> None
     v.service = subprocess.Popen(
         [twistd, "-n", "--pidfile=", "-l", str(tmp / f"service-{v.name}.log"), "sfive-ngxlua",
          "-n", "bench", "-d", "5", "-S", "foo/hls/high", *source, "-s", str(hub),
-         "--metrics", f"tcp:{port}:interface=127.0.0.1"], stdin=subprocess.DEVNULL,
+         "--metrics", f"tcp:{port}:interface=127.0.0.1"], stdin=subprocess.DEVNULL, cwd=tmp,
         env={**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None)
     v.metrics = Metrics(port)
 

@@ -52,10 +52,14 @@ class Pipeline:
     def feed_split(self, splitter: LineSplitter, data: bytes) -> list:
         """``feed`` through the caller's own splitter (the file follower reads several files at
         once, each with its own partial line); returns the complete lines."""
-        lines = splitter.feed(data)
-        self.feed_lines(lines)
-        self._count_too_long(splitter)
-        return lines
+        blocks = splitter.feed_blocks(data)
+        if blocks is None:
+            lines = splitter.feed(data)
+            self.feed_lines(lines)
+            self._count_too_long(splitter)
+            return lines
+        self._feed_parsed(blocks, self.parser.parse_blocks)
+        return [line for block in blocks for line in block.split(b"\n") if line]
 
     def feed_lines(self, lines: list) -> None:
         """Take complete lines (no line ends)."""

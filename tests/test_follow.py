@@ -40,13 +40,14 @@ class Follower:
         self.model = IntervalModel(self.settings, self.stats)
         self.pipeline = Pipeline(self.settings, self.stats, self.model)
         self.lines: list[bytes] = []
-        feed = self.pipeline.feed_lines
+        feed = self.pipeline.feed_split
 
-        def record(lines):
+        def record(splitter, data):
+            lines = feed(splitter, data)
             self.lines.extend(lines)
-            feed(lines)
+            return lines
 
-        self.pipeline.feed_lines = record
+        self.pipeline.feed_split = record
         self.service = FileFollowService(self.settings, None, self.pipeline, self.stats,
                                          clock=self.clock, inotify=False,
                                          on_watermark=on_watermark)
