@@ -104,6 +104,13 @@ REASONS = (
 """Every rejection reason, so that counters and metrics can list them all from the start."""
 
 
+def _plain(data: bytes, n: int) -> bool:
+    """Whether the n lines joined into ``data`` (``[line,\\nline,...]``) each begin with their
+    only "{" and end with their only "}"."""
+    return (data.count(b"{") == n and data.count(b"}") == n and data.count(b"},\n{") == n - 1
+            and data[1] == 123 and data[-2] == 125)
+
+
 def _index(objs: list, obj: object) -> int:
     """Where ``obj`` itself (not an equal value) is in ``objs``."""
     return next(i for i, o in enumerate(objs) if o is obj)
@@ -212,10 +219,8 @@ class RecordParser:
         strict JSON: what it refuses (lone surrogates, numbers beyond a double, invalid UTF-8)
         goes to the standard library's decoder; the one value it reads otherwise, an integer
         beyond 64 bits (a float), is re-decoded in ``_classify`` where it matters."""
-        n = len(lines)
         data = b"[" + b",\n".join(lines) + b"]"
-        if (data.count(b"{") != n or data.count(b"}") != n or data.count(b"},\n{") != n - 1
-                or data[1] != 123 or data[-2] != 125):
+        if not _plain(data, len(lines)):
             return self._decode_mixed(lines)
         try:
             return orjson.loads(data)
@@ -244,7 +249,7 @@ class RecordParser:
         return obj
 
     def _decode_piece(self, lines: Sequence[bytes]) -> list:
-        """``_decode_line`` of each line, by one decoder call over ``[line,\nline,...]``.
+        """``_decode_line`` of each line, by one decoder call over ``[line,\\nline,...]``.
 
         That array holds exactly one element per line, the line's own value, when every line
         begins with its only "{" and ends with its only "}" (checked by counting over the
@@ -252,10 +257,8 @@ class RecordParser:
         either closes its line's object or fails, and the newline after each "," cannot be
         inside a string. A failure is then in the line the error position is in: the lines
         before it are decoded again, that line alone, the rest as a piece."""
-        n = len(lines)
         data = b"[" + b",\n".join(lines) + b"]"
-        if (data.count(b"{") != n or data.count(b"}") != n or data.count(b"},\n{") != n - 1
-                or data[1] != 123 or data[-2] != 125):
+        if not _plain(data, len(lines)):
             return self._decode_mixed(lines)
         try:
             text = data.decode("utf-8")
