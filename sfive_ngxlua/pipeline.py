@@ -109,8 +109,7 @@ class Pipeline:
                 sample_at = self._sample_at
                 due = [reason for reason in rejected if stats.lines >= sample_at.get(reason, 0)]
                 if due:
-                    self._sample(due, _cut(lines) if blocks else lines,
-                                 start_seq)
+                    self._sample(due, _cut(lines) if blocks else lines, start_seq)
             for at, event in events:
                 if at > done:
                     self._add(records, done, at)
@@ -246,6 +245,8 @@ class Pipeline:
         counts = stats.rejected
         for reason, n in rejected.items():
             counts[reason] -= n - kept.get(reason, 0)
+            if not counts[reason]:
+                del counts[reason]  # as if never counted
 
     def _gap_begins(self, gap: Gap) -> None:
         if self._gap is not None:

@@ -221,3 +221,30 @@ def test_the_splitters_blocks_are_its_lines(data, cuts, size, limit):
         assert all(len(block) <= min(size, limit) for block in blocks or ())
         assert got == one.feed(chunk)
         assert (other.pending, other.too_long) == (one.pending, one.too_long)
+
+
+def test_the_pipeline_samples_rejections_once_per_reason_and_read_on_both_paths():
+    """A read's first rejected line of each reason gives its URL to the samples, whether the
+    read goes in as lines or as blocks; the next read samples again."""
+    from sfive_ngxlua.model import IntervalModel
+    from sfive_ngxlua.pipeline import Pipeline
+    from sfive_ngxlua.stats import Stats
+
+    def rec(url, status=200):
+        return json.dumps({"seq": 1, "time": "2026-11-28T09:00:01Z", "client": "c", "ua": "u",
+                           "url": url, "status": status, "bytes-sent": 5}).encode()
+
+    lines = [rec("/live/hls/av-high/1.ts"), rec("/a?token=x", 404), rec("/b", 404),
+             rec("/nope"), rec("/c", 404), rec("/live/hls/av-high/1.ts", 200)[:-1]]
+    for path in ("lines", "blocks"):
+        stats = Stats()
+        pipeline = Pipeline(SETTINGS, stats, IntervalModel(SETTINGS, stats))
+        for _ in range(2):
+            if path == "lines":
+                pipeline.feed_lines(lines)
+            else:
+                pipeline.feed(b"\n".join(lines) + b"\n")
+        assert stats.rejected == {"status": 6, "url-mismatch": 2, "invalid-json": 2}, path
+        assert {k: list(v) for k, v in stats.rejected_samples.items()} == {
+            "status": ["/a?\u2026", "/a?\u2026"], "url-mismatch": ["/nope", "/nope"]}, path
+        assert stats.accepted == 2 and stats.lines == 12
