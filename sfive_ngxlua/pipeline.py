@@ -109,7 +109,7 @@ class Pipeline:
                 sample_at = self._sample_at
                 due = [reason for reason in rejected if stats.lines >= sample_at.get(reason, 0)]
                 if due:
-                    self._sample(due, _cut(lines) if blocks else lines, start_seq)
+                    self._sample(due, _cut(lines) if blocks else lines)
             for at, event in events:
                 if at > done:
                     self._add(records, done, at)
@@ -182,25 +182,16 @@ class Pipeline:
             put(record)
         return out
 
-    def _sample(self, reasons: List[str], lines: List[bytes], seq: Optional[int]) -> None:
+    def _sample(self, reasons: List[str], lines: List[bytes]) -> None:
         """Keep the URL of the first line rejected for each of ``reasons`` among the reason's
         samples (stats.sample_rejection: the URL only, never the line's client or user agent).
-        Lines are parsed again one by one until each is found (``last_seq`` put back)."""
-        parser = self.parser
-        after = parser.last_seq
-        parser.last_seq = seq
-        wanted = set(reasons)
-        for line in lines:
-            result = parser.parse(line)
-            if type(result) is str and result in wanted:
-                wanted.discard(result)
-                self._sample_at[result] = self.stats.lines + 1
-                url = rejected_url(parser, line)
-                if url is not None:
-                    self.stats.sample_rejection(result, url)
-                if not wanted:
-                    break
-        parser.last_seq = after
+        """
+        firsts = self.parser.first_rejected
+        for reason in reasons:
+            self._sample_at[reason] = self.stats.lines + 1
+            url = rejected_url(self.parser, lines[firsts[reason]])
+            if url is not None:
+                self.stats.sample_rejection(reason, url)
 
     def _rewind(self, lines: List[bytes], folded: int, events_done: int,
                 start_seq: Optional[int], rejected: Dict[str, int],

@@ -116,11 +116,6 @@ def _plain(data: bytes, n: int) -> bool:
             and data[1] == 123 and data[-2] == 125)
 
 
-def _index(objs: list, obj: object) -> int:
-    """Where ``obj`` itself (not an equal value) is in ``objs``."""
-    return next(i for i, o in enumerate(objs) if o is obj)
-
-
 class _Lines:
     """The lines of blocks, cut only if one is asked for (rarely: see ``_classify``)."""
 
@@ -150,6 +145,9 @@ class RecordParser:
         self._seconds: Dict[str, int] = {}
         self._tails: Dict[str, int] = {}
         self.last_seq: Optional[int] = None
+        self.first_rejected: Dict[str, int] = {}
+        """Per rejection reason, the number of its first line in the last ``parse_lines`` or
+        ``parse_blocks`` (of the lines, blocks cut into lines without the empty ones)."""
         self.fast_decoder = orjson is not None
         """Decode pieces with orjson first where it is installed (the standard library's
         decoder decides whatever orjson refuses or may read otherwise)."""
@@ -175,6 +173,7 @@ class RecordParser:
         into ``rejected`` by reason. The lines
         are decoded a piece at a time (one decoder call for PIECE lines); the outcome is
         exactly that of ``parse`` for each line."""
+        self.first_rejected = {}
         return self._classify(self._decode_lines(lines), rejected, lines)
 
     def parse_blocks(self, blocks: Sequence[bytes], rejected: Dict[str, int]
@@ -189,6 +188,7 @@ class RecordParser:
             if got is None:
                 got = self._decode_lines([line for line in block.split(b"\n") if line])
             objs += got
+        self.first_rejected = {}
         return self._classify(objs, rejected, _Lines(blocks) if fast else None)
 
     def _decode_block(self, block: bytes, fast: bool) -> Optional[list]:
@@ -303,9 +303,10 @@ class RecordParser:
         return out
 
     def _classify(self, objs: list, rejected: Dict[str, int],
-                  lines: Optional[Sequence[bytes]] = None
+                  lines: Optional[Sequence[bytes]] = None, base: int = 0
                   ) -> Tuple[List[Record], List[Tuple[int, Parsed]]]:
-        """Decoded lines to records, events (gaps, heartbeats) and counted rejections.
+        """Decoded lines to records, events (gaps, heartbeats) and counted rejections (the
+        number of each reason's first line, from ``base``, in ``first_rejected``).
         ``lines``: where an integer field holds a float (orjson reads integers beyond 64 bits
         as floats), the line is decoded again by the standard library."""
         records: List[Record] = []
@@ -316,23 +317,32 @@ class RecordParser:
         seconds = self._seconds
         tails = self._tails
         last_seq = self.last_seq
-        for obj in objs:
+        firsts = self.first_rejected
+        for i, obj in enumerate(objs):
             if type(obj) is not dict:
                 reason = obj[0] if type(obj) is tuple else "not-an-object"
-                rejected[reason] = rejected.get(reason, 0) + 1
+                if reason in rejected:
+                    rejected[reason] += 1
+                else:
+                    rejected[reason] = 1
+                    firsts[reason] = base + i
                 continue
             seq = obj.get("seq")
             if type(seq) is int:
                 if "url" not in obj:
                     if lines is not None and type(obj.get("lost")) is float:
                         self.last_seq = last_seq
-                        last_seq = self._again(lines[_index(objs, obj)], records, events,
-                                               rejected)
+                        last_seq = self._again(lines[i], records, events,
+                                               rejected, base + i)
                         continue
                     control = self._control(obj, seq)
                     if control is not None:
                         if type(control) is str:
-                            rejected[control] = rejected.get(control, 0) + 1
+                            if control in rejected:
+                                rejected[control] += 1
+                            else:
+                                rejected[control] = 1
+                                firsts[control] = base + i
                         else:
                             last_seq = self.last_seq
                             events.append((len(records), control))
@@ -340,8 +350,8 @@ class RecordParser:
                 last_seq = seq
             elif type(seq) is float and lines is not None:
                 self.last_seq = last_seq
-                last_seq = self._again(lines[_index(objs, obj)], records, events,
-                                       rejected)
+                last_seq = self._again(lines[i], records, events,
+                                       rejected, base + i)
                 continue
             try:
                 url = obj["url"]
@@ -351,7 +361,11 @@ class RecordParser:
                 status = obj["status"]
                 sent = obj["bytes-sent"]
             except KeyError:
-                rejected["missing-field"] = rejected.get("missing-field", 0) + 1
+                if "missing-field" in rejected:
+                    rejected["missing-field"] += 1
+                else:
+                    rejected["missing-field"] = 1
+                    firsts["missing-field"] = base + i
                 continue
             if (
                 type(url) is not str
@@ -364,29 +378,49 @@ class RecordParser:
             ):
                 if lines is not None and float in (type(status), type(sent)):
                     self.last_seq = last_seq
-                    last_seq = self._again(lines[_index(objs, obj)], records, events,
-                                           rejected)
+                    last_seq = self._again(lines[i], records, events,
+                                           rejected, base + i)
                     continue
-                rejected["wrong-type"] = rejected.get("wrong-type", 0) + 1
+                if "wrong-type" in rejected:
+                    rejected["wrong-type"] += 1
+                else:
+                    rejected["wrong-type"] = 1
+                    firsts["wrong-type"] = base + i
                 continue
             if status not in statuses:
-                rejected["status"] = rejected.get("status", 0) + 1
+                if "status" in rejected:
+                    rejected["status"] += 1
+                else:
+                    rejected["status"] = 1
+                    firsts["status"] = base + i
                 continue
             if "url-truncated" in obj:  # the exporter cut the URL (max_url_bytes): not its stream
-                rejected["url-truncated"] = rejected.get("url-truncated", 0) + 1
+                if "url-truncated" in rejected:
+                    rejected["url-truncated"] += 1
+                else:
+                    rejected["url-truncated"] = 1
+                    firsts["url-truncated"] = base + i
                 continue
             streamer = urls.get(url)
             if streamer is None:
                 streamer = self._streamer(url)
             if type(streamer) is str:
-                rejected[streamer] = rejected.get(streamer, 0) + 1
+                if streamer in rejected:
+                    rejected[streamer] += 1
+                else:
+                    rejected[streamer] = 1
+                    firsts[streamer] = base + i
                 continue
             head = seconds.get(when[:19])
             offset = tails.get(when[19:])
             if head is None or offset is None:
                 t = self.seconds(when)
                 if t is None:
-                    rejected["bad-time"] = rejected.get("bad-time", 0) + 1
+                    if "bad-time" in rejected:
+                        rejected["bad-time"] += 1
+                    else:
+                        rejected["bad-time"] = 1
+                        firsts["bad-time"] = base + i
                     continue
             else:
                 t = head - offset
@@ -395,10 +429,10 @@ class RecordParser:
         return records, events
 
     def _again(self, line: bytes, records: List[Record], events: List[Tuple[int, Parsed]],
-               rejected: Dict[str, int]) -> Optional[int]:
+               rejected: Dict[str, int], at: int) -> Optional[int]:
         """Classify one line decoded by the standard library into the lists; the last
         sequence number after it."""
-        more, also = self._classify([self._decode_line(line)], rejected)
+        more, also = self._classify([self._decode_line(line)], rejected, None, at)
         events.extend((len(records) + at, event) for at, event in also)
         records.extend(more)
         return self.last_seq

@@ -115,9 +115,9 @@ def reference(lines, repair):
     return out, parser.last_seq
 
 
-def bulk(lines, repair, decoder, piece, cuts=None):
+def bulk(lines, repair, decoder, piece, cuts=None, firsts=None):
     """``parse_lines`` of the lines, or with ``cuts`` ``parse_blocks`` of the lines joined
-    into blocks at those line numbers."""
+    into blocks at those line numbers (each reason's first line into ``firsts``)."""
     parser = RecordParser(SETTINGS)
     parser.repair_utf8 = repair
     parser.fast_decoder = decoder == "orjson"
@@ -128,6 +128,8 @@ def bulk(lines, repair, decoder, piece, cuts=None):
         bounds = [0, *sorted({c % (len(lines) + 1) for c in cuts}), len(lines)]
         blocks = [b"\n".join(lines[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
         records, events = parser.parse_blocks(blocks, rejected)
+    if firsts is not None:
+        firsts.update(parser.first_rejected)
     return records, events, rejected, parser.last_seq
 
 
@@ -146,9 +148,10 @@ def test_every_decoder_and_piece_size_agrees_with_one_line_at_a_time(
              (base if data is None else [_mutate(data, line) for line in base])]
     old = records_module.PIECE
     records_module.PIECE = piece
+    firsts = {}
     try:
         got_records, got_events, got_rejected, got_seq = bulk(lines, repair, decoder, piece,
-                                                              cuts)
+                                                              cuts, firsts)
     finally:
         records_module.PIECE = old
     want, want_seq = reference(lines, repair)
@@ -165,6 +168,11 @@ def test_every_decoder_and_piece_size_agrees_with_one_line_at_a_time(
         [(at, type(e), tuple(e)) for at, e in want_events]
     assert got_rejected == want_rejected
     assert got_seq == want_seq
+    want_firsts = {}
+    for i, (r, _) in enumerate(want):
+        if type(r) is str:
+            want_firsts.setdefault(r, i)
+    assert firsts == want_firsts, "each reason's first line (the rejection samples')"
 
 
 def test_heartbeat_history_and_truncated_urls_on_every_decoder_path():
