@@ -109,7 +109,7 @@ class Pipeline:
                 sample_at = self._sample_at
                 due = [reason for reason in rejected if stats.lines >= sample_at.get(reason, 0)]
                 if due:
-                    self._sample(due, _cut(lines) if blocks else lines)
+                    self._sample(due, lines, blocks)
             for at, event in events:
                 if at > done:
                     self._add(records, done, at)
@@ -182,14 +182,15 @@ class Pipeline:
             put(record)
         return out
 
-    def _sample(self, reasons: List[str], lines: List[bytes]) -> None:
+    def _sample(self, reasons: List[str], lines: List[bytes], blocks: bool) -> None:
         """Keep the URL of the first line rejected for each of ``reasons`` among the reason's
         samples (stats.sample_rejection: the URL only, never the line's client or user agent).
         """
         firsts = self.parser.first_rejected
         for reason in reasons:
             self._sample_at[reason] = self.stats.lines + 1
-            url = rejected_url(self.parser, lines[firsts[reason]])
+            i = firsts[reason]
+            url = rejected_url(self.parser, _line_at(lines, i) if blocks else lines[i])
             if url is not None:
                 self.stats.sample_rejection(reason, url)
 
@@ -296,3 +297,18 @@ class Pipeline:
 def _cut(blocks: List[bytes]) -> List[bytes]:
     """The lines of blocks (``LineSplitter.feed_blocks``), without the empty ones."""
     return [line for block in blocks for line in block.split(b"\n") if line]
+
+
+def _line_at(blocks: List[bytes], i: int) -> bytes:
+    """Line ``i`` of blocks (as ``_cut`` numbers them), cutting only the block it is in."""
+    for block in blocks:
+        if b"\n\n" in block or block[:1] == b"\n" or block[-1:] == b"\n":
+            lines = [line for line in block.split(b"\n") if line]
+            n = len(lines)
+        else:
+            lines = None
+            n = block.count(b"\n") + 1 if block else 0
+        if i < n:
+            return (lines if lines is not None else block.split(b"\n"))[i]
+        i -= n
+    raise IndexError(i)
