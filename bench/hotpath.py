@@ -10,6 +10,9 @@ count ("Collected") does not (set PYTHONHASHSEED=0). Replays the first --lines g
 by --lines is the cost per line. ``--track`` feeds the model with change tracking on (as under
 a state store) instead of through replay: model.add only, on records parsed beforehand.
 
+``--stage S`` runs the pipeline's stages up to S (split, decode, parse, model) instead of the
+replay: consecutive stages' counts differ by the cost of the later one.
+
 ``--changes N`` (no callgrind needed) times the model's side of a checkpoint instead: 8
 streamers, N clients in one interval, then take_changes() with every client changed, with 1%
 changed, with none, and snapshot(); best of 5, CPU milliseconds.
@@ -27,6 +30,57 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import gen, run  # noqa: E402
+
+
+def distinct_clients(path: str) -> None:
+    """Give every line its own client address (no client repeats: caches and known-client
+    look-ups cannot be what makes it fast)."""
+    import re
+
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    n = iter(range(1, len(lines) + 1))
+    pattern = re.compile(rb'"client":"[^"]*"')
+    out = [pattern.sub(lambda m: b'"client":"10.%d.%d.%d"' % (
+        (i := next(n)) >> 16, i >> 8 & 255, i & 255), line, count=1) for line in lines]
+    with open(path, "wb") as f:
+        f.write(b"\n".join(out))
+
+
+STAGES = ("split", "decode", "parse", "model")
+
+
+def stages(path: str, upto: str) -> None:
+    """The pipeline's stages up to ``upto`` on 64 KiB chunks of the input: split (the
+    splitter's blocks), decode (each block's checks and decoder call), parse (decoding and
+    classifying: fields, types, status, URL and time look-ups, the records), model
+    (``add_records``); the differences of consecutive stages' counts are their costs."""
+    from sfive_ngxlua.lines import LineSplitter
+    from sfive_ngxlua.model import IntervalModel
+    from sfive_ngxlua.records import RecordParser
+    from sfive_ngxlua.replay import ReplayOptions
+    from sfive_ngxlua.stats import Stats
+
+    options = ReplayOptions()
+    options.parseOptions(run.replay_args([path]))
+    settings = options.settings()
+    splitter, parser = LineSplitter(settings.max_line_length), RecordParser(settings)
+    model = IntervalModel(settings, Stats())
+    level = STAGES.index(upto)
+    rejected: dict = {}
+    with open(path, "rb") as f:
+        data = f.read()
+    for i in range(0, len(data), 65536):
+        blocks = splitter.feed_blocks(data[i:i + 65536])
+        if blocks is None:
+            blocks = [b"\n".join(splitter.feed(data[i:i + 65536]))]
+        if level == 1:
+            for block in blocks:
+                parser._decode_block(block, parser.fast_decoder)
+        elif level >= 2:
+            records, _ = parser.parse_blocks(blocks, rejected)
+            if level == 3:
+                model.add_records(records)
 
 
 def model_only(path: str, track: bool, feed: bool) -> None:
@@ -103,7 +157,14 @@ def main() -> int:
     p.add_argument("--imports-only", action="store_true")
     p.add_argument("--model-only", action="store_true",
                    help="time model.add alone (records parsed beforehand)")
-    p.add_argument("--track", action="store_true", help="with --model-only: tracking on")
+    p.add_argument("--track", action="store_true",
+                   help="change tracking on (as under --state-dir): the replay's model, or "
+                   "with --model-only the model alone")
+    p.add_argument("--stage", choices=STAGES,
+                   help="run the pipeline's stages up to this one instead of the replay")
+    p.add_argument("--distinct", action="store_true", help="every line from another client")
+    p.add_argument("--no-orjson", action="store_true",
+                   help="decode with the standard library even where orjson is installed")
     p.add_argument("--changes", type=int, metavar="N",
                    help="time take_changes()/snapshot() with N clients instead")
     a = p.parse_args()
@@ -113,12 +174,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "input.log")
         gen.write(path, a.lines)
-        if a.model_only:
+        if a.distinct:
+            distinct_clients(path)
+        from sfive_ngxlua import records, replay
+
+        if a.no_orjson:
+            records.orjson = None
+        if a.track and not a.model_only:
+            init = replay.Replay.__init__
+
+            def tracked(self, *args, **kw) -> None:
+                init(self, *args, **kw)
+                self.model.take_changes()
+
+            replay.Replay.__init__ = tracked
+        if a.stage and not a.imports_only:
+            stages(path, a.stage)
+        elif a.model_only:
             model_only(path, a.track, not a.imports_only)
         elif not a.imports_only:
             run.replay_inprocess(path)
-        else:
-            from sfive_ngxlua import replay  # noqa: F401
     return 0
 
 

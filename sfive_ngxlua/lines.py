@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 
 class LineSplitter:
@@ -51,6 +51,37 @@ class LineSplitter:
                 continue
             out.append(line)
         return out
+
+    def feed_blocks(self, data: bytes, size: int = 4096) -> Optional[List[bytes]]:
+        """``feed`` for the common case, without cutting the chunk into lines: the complete
+        lines as blocks of whole lines joined by "\\n", each block at most ``size`` bytes
+        (so no line in it is over-long); a block may hold empty lines, which do not count.
+        None, with nothing consumed, unless the chunk is plain (no CR, no line longer than
+        ``size``, none being skipped): then call ``feed``."""
+        pending = self._pending
+        size = min(size, self.max_length)
+        if self._skipping or b"\r" in data or b"\r" in pending:
+            return None
+        last = data.rfind(b"\n")
+        if last < 0 or len(data) - last - 1 > self.max_length:
+            return None
+        blocks = []
+        start = 0
+        if pending:
+            start = data.find(b"\n") + 1
+            if len(pending) + start - 1 > size:
+                return None
+            blocks.append(pending + data[:start - 1])
+        while last - start > size:
+            cut = data.rfind(b"\n", start, start + size + 1)
+            if cut < 0:
+                return None
+            blocks.append(data[start:cut])
+            start = cut + 1
+        if start < last:
+            blocks.append(data[start:last])
+        self._pending = data[last + 1:]
+        return blocks
 
     def reset(self) -> int:
         """Forget a partial line (the stream was cut); return how many bytes were discarded."""

@@ -11,8 +11,8 @@ The model is plain data: ``snapshot()`` dumps it as JSON-able data, ``restore()`
 in another process (``StateMismatch`` if it was made under other settings), and
 ``take_changes()`` hands out only what changed since the last call, for incremental
 checkpoints. Dirty tracking, on from the first of these calls, costs one set add per counted
-record; a model nobody takes changes from (replay, a service without a state store) pays
-nothing.
+record; a model nobody takes changes from (replay, a service without a state store) pays one
+test of a local flag per record.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from .records import Record
 from .settings import Settings, StreamerKey
@@ -183,6 +183,8 @@ class IntervalModel:
         self._open: Dict[int, Dict[StreamerKey, Clients]] = {}
         self._dropped: List[int] = []
         self._tracking = False
+        self.taken = 0
+        """How many records the last ``add_records`` that raised took before it raised."""
         self._cur_k: Optional[int] = None
         self._cur_streams: Dict[StreamerKey, Clients] = {}
         self.first: Optional[int] = None
@@ -210,57 +212,67 @@ class IntervalModel:
 
     def add(self, record: Record) -> bool:
         """Count one accepted record; False if it is refused (before start, too far ahead)."""
-        time, streamer, client, ua, sent = record
-        k = time // self.duration
-        streams = self._cur_streams if k == self._cur_k else self._streams_for(k)
-        if streams is None:
-            return False
-        clients = streams.get(streamer)
-        if clients is None:
-            clients = streams[streamer] = Clients(self._cap)
-        if len(ua) > self._ua_max:
-            ua = ua[: self._ua_max]
-        key = (client, ua)
-        known = clients.bytes
-        if key in known:
-            known[key] += sent
-        elif not clients.add_new(key, sent):
-            self.stats.folded += 1
-        self.stats.accepted += 1
-        return True
+        stats = self.stats
+        before = stats.accepted
+        self.add_records((record,))
+        return stats.accepted > before
 
-    def _add_tracked(self, record: Record) -> bool:
-        """``add`` while changes are tracked (replaces ``add`` on the instance): the same, plus
-        one set add per record. Two copies, so that a model nobody takes
-        changes from (replay, the service without a state store) pays nothing for it."""
-        time, streamer, client, ua, sent = record
-        k = time // self.duration
-        streams = self._cur_streams if k == self._cur_k else self._streams_for(k)
-        if streams is None:
-            return False
-        clients = streams.get(streamer)
-        if clients is None:
-            clients = streams[streamer] = Clients(self._cap)
-        if len(ua) > self._ua_max:
-            ua = ua[: self._ua_max]
-        key = (client, ua)
-        known = clients.bytes
-        if key in known:
-            known[key] += sent
-            clients.changed.add(key)
-        elif clients.add_new(key, sent):
-            clients.changed.add(key)
-        else:
-            clients.changed.add(OVERFLOW_CLIENT)
-            self.stats.folded += 1
-        self.stats.accepted += 1
-        return True
+    def add_records(self, records: Sequence[Record], due: float = math.inf) -> int:
+        """Count records in order (the one way records come in: ``add`` is this for one).
+        Stops after the first record whose time is at or past ``due`` (replay closes the
+        intervals due then, before the next record) and returns how many it took. If it raises,
+        ``taken`` is how many it took before the record that raised."""
+        duration = self.duration
+        cap = self._cap
+        ua_max = self._ua_max
+        tracking = self._tracking
+        cur_k = self._cur_k
+        streams = self._cur_streams
+        accepted = folded = taken = 0
+        try:
+            for time, streamer, client, ua, sent in records:
+                k = time // duration
+                if k != cur_k:
+                    found = self._streams_for(k)
+                    cur_k, streams = self._cur_k, self._cur_streams
+                    if found is None:
+                        taken += 1
+                        if time >= due:
+                            break
+                        continue
+                clients = streams.get(streamer)
+                if clients is None:
+                    clients = streams[streamer] = Clients(cap)
+                if len(ua) > ua_max:
+                    ua = ua[:ua_max]
+                key = (client, ua)
+                known = clients.bytes
+                if key in known:
+                    known[key] += sent
+                elif len(known) < cap:
+                    known[key] = sent
+                else:
+                    clients.add_new(key, sent)
+                    folded += 1
+                    key = OVERFLOW_CLIENT
+                if tracking:
+                    clients.changed.add(key)
+                accepted += 1
+                taken += 1
+                if time >= due:
+                    break
+        except Exception:
+            self.taken = taken
+            raise
+        finally:
+            stats = self.stats
+            stats.accepted += accepted
+            stats.folded += folded
+        return taken
 
     def _track(self) -> None:
         """From now on, record what changes (for ``take_changes``)."""
-        if not self._tracking:
-            self._tracking = True
-            self.add = self._add_tracked  # type: ignore[method-assign]
+        self._tracking = True
 
     def _streams_for(self, k: int) -> Optional[Dict[StreamerKey, Clients]]:
         """The open table a record of interval k goes into (a late one: the oldest open one);

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 
@@ -52,93 +52,193 @@ class Pipeline:
         """How many lines the last ``feed_lines`` folded into the model and counted: all of
         them, or, if it raised, those before the line that raised (the caller reads again from
         that line; ``last_seq`` is the sequence number before it)."""
+        self._folded = 0
+        self._adding = False
+        """Records of the current feed in the model so far, and whether ``add_records`` is
+        running (if it raises, ``model.taken`` says how many more it took)."""
 
     def feed(self, data: bytes) -> None:
         """Take a chunk of the stream, cut anywhere."""
-        self.feed_lines(self.splitter.feed(data))
-        self._count_too_long()
+        blocks = self.splitter.feed_blocks(data)
+        if blocks is None:
+            self.feed_lines(self.splitter.feed(data))
+            self._count_too_long()
+            return
+        self._feed_parsed(blocks, True)
 
     def feed_split(self, splitter: LineSplitter, data: bytes, skip: int = 0) -> list:
         """``feed`` through the caller's own splitter (the file follower reads several files at
         once, each with its own partial line); returns the complete lines. The first ``skip``
         lines are not fed (they were, before a feed that raised)."""
         self.handled = 0
-        lines = splitter.feed(data)
-        self.feed_lines(lines[skip:] if skip else lines)
-        self._count_too_long(splitter)
-        return lines
+        blocks = None if skip else splitter.feed_blocks(data)
+        if blocks is None:
+            lines = splitter.feed(data)
+            self.feed_lines(lines[skip:] if skip else lines)
+            self._count_too_long(splitter)
+            return lines
+        self._feed_parsed(blocks, True)
+        return _cut(blocks)
 
     def feed_lines(self, lines: list) -> None:
         """Take complete lines (no line ends)."""
+        self._feed_parsed(lines, False)
+
+    def _feed_parsed(self, lines: list, blocks: bool) -> None:
+        """Lines (or, with ``blocks``, blocks of lines) into the model, each line's fate counted;
+        ``last_seq`` moves on only as far as the model has folded (``_rewind``)."""
         stats = self.stats
-        parse = self.parser.parse
-        add = self.model.add
-        if self.addresses is not None:
-            add = self.addresses.wrap(add)
-        on_time = self.on_time
-        due = math.inf if on_time is None else -math.inf
-        gap = self._gap is not None
-        start_seq = self.parser.last_seq
-        last = None
-        stats.lines += len(lines)
-        rest = iter(lines)
+        parser = self.parser
+        parse = parser.parse_blocks if blocks else parser.parse_lines
+        start_seq = parser.last_seq
+        lines0, beats0, lost0 = stats.lines, stats.heartbeats, stats.lost
+        rejected: Dict[str, int] = {}
+        self._folded = 0
+        self._adding = False
+        done = events_done = 0
+        parsed = False
         try:
-            for line in rest:
-                result = parse(line)
-                if type(result) is Record:
-                    last = result
-                    if gap:
-                        self._gap_ends(result.time)
-                        gap = False
-                    if add(result) and result.time >= due:
-                        on_time(result.time)
-                        due = self.model.due_at
-                elif type(result) is str:
-                    stats.rejected[result] += 1
-                    if stats.lines >= self._sample_at.get(result, 0):
-                        self._sample(result, line)
-                elif type(result) is Heartbeat:
+            records, events = parse(lines, rejected)
+            stats.lines += len(records) + sum(rejected.values()) + len(events)
+            if rejected:
+                counts = stats.rejected
+                for reason, n in rejected.items():
+                    counts[reason] += n
+            parsed = True
+            if rejected:
+                sample_at = self._sample_at
+                due = [reason for reason in rejected if stats.lines >= sample_at.get(reason, 0)]
+                if due:
+                    self._sample(due, lines, blocks)
+            for at, event in events:
+                if at > done:
+                    self._add(records, done, at)
+                    done = at
+                if type(event) is Heartbeat:
                     stats.lines -= 1
                     stats.heartbeats += 1
-                    self.heartbeat = result
-                    if gap:
-                        self._gap_ends(result.time)
-                        gap = False
-                elif type(result) is Gap:
-                    stats.lost += result.lost
-                    if last is not None:
-                        self.last_time = last.time
-                    self._gap_begins(result)
-                    gap = True
+                    self.heartbeat = event
+                    if self._gap is not None:
+                        self._gap_ends(event.time)
+                else:
+                    assert type(event) is Gap
+                    stats.lost += event.lost
+                    self._gap_begins(event)
+                events_done += 1
+            if done < len(records):
+                self._add(records, done, len(records))
         except Exception:
-            self._rewind(lines, len(lines) - sum(1 for _ in rest) - 1, start_seq)
+            if not parsed:  # nothing handled
+                parser.last_seq = start_seq
+                stats.lines = lines0
+                self.handled = 0
+                raise
+            folded = self._folded + (self.model.taken if self._adding else 0)
+            self._rewind(_cut(lines) if blocks else lines,
+                         folded, events_done, start_seq, rejected, (lines0, beats0, lost0))
             raise
-        finally:
-            if last is not None:
-                self.last_time = last.time
-        self.handled = len(lines)
+        self.handled = len(records) + sum(rejected.values()) + len(events)
 
-    def _sample(self, reason: str, line: bytes) -> None:
-        """Keep the URL of a rejected line among the reason's samples (stats.sample_rejection:
-        the URL only, never the line's client or user agent)."""
-        self._sample_at[reason] = self.stats.lines + 1
-        url = rejected_url(self.parser, line)
-        if url is not None:
-            self.stats.sample_rejection(reason, url)
-
-    def _rewind(self, lines: list, done: int, start_seq: Optional[int]) -> None:
-        """Line ``done`` raised: un-count it and the lines after it, and set ``last_seq`` back
-        to the last line handled before it, so that reading on from there neither skips nor
-        counts anything twice."""
-        self.handled = done
-        self.stats.lines -= len(lines) - done
-        parser = self.parser
-        for line in reversed(lines[:done]):
-            parser.last_seq = None
-            parser.parse(line)
-            if parser.last_seq is not None:
+    def _add(self, records: List[Record], start: int, end: int) -> None:
+        """Records ``start`` to ``end`` into the model (their clients as --client-ip says);
+        replay's intervals are closed as the records' time makes them due."""
+        if self._gap is not None:
+            self._gap_ends(records[start][0])
+        self.last_time = records[end - 1][0]
+        if start or end < len(records):
+            records = records[start:end]
+        if self.addresses is not None:
+            records = self._private(records)
+        model = self.model
+        on_time = self.on_time
+        self._folded = start
+        self._adding = True
+        model.taken = 0
+        if on_time is None:
+            model.add_records(records)
+            self._adding = False
+            return
+        while records:
+            # before the first record the model has no due time: stop after that record
+            due = model.due_at if model.reported is not None else -math.inf
+            taken = model.add_records(records, due)
+            self._adding = False
+            self._folded += taken
+            time = records[taken - 1][0]
+            if time >= due:
+                on_time(time)
+            if taken == len(records):
                 return
+            records = records[taken:]
+            self._adding = True
+            model.taken = 0
+
+    def _private(self, records: List[Record]) -> List[Record]:
+        """The records with their clients as --client-ip says (the model gets plain tuples in
+        Record layout)."""
+        out: List[Record] = []
+        put = self.addresses.wrap(out.append)  # type: ignore[union-attr,arg-type]
+        for record in records:
+            put(record)
+        return out
+
+    def _sample(self, reasons: List[str], lines: List[bytes], blocks: bool) -> None:
+        """Keep the URL of the first line rejected for each of ``reasons`` among the reason's
+        samples (stats.sample_rejection: the URL only, never the line's client or user agent).
+        """
+        firsts = self.parser.first_rejected
+        for reason in reasons:
+            self._sample_at[reason] = self.stats.lines + 1
+            i = firsts[reason]
+            url = rejected_url(self.parser, _line_at(lines, i) if blocks else lines[i])
+            if url is not None:
+                self.stats.sample_rejection(reason, url)
+
+    def _rewind(self, lines: List[bytes], folded: int, events_done: int,
+                start_seq: Optional[int], rejected: Dict[str, int],
+                before: Tuple[int, int, int]) -> None:
+        """Handling raised at record ``folded`` or event ``events_done`` (whichever line comes
+        first): un-count that line and the lines after it, and set ``last_seq`` back to the
+        last line handled before it, so that reading on from there neither skips nor counts
+        anything twice. (The lines are parsed again one by one to find it.)"""
+        stats = self.stats
+        parser = self.parser
         parser.last_seq = start_seq
+        seq = start_seq
+        n_records = n_events = beats = lost = 0
+        kept: Dict[str, int] = {}
+        done = 0
+        for line in lines:
+            result = parser.parse(line)
+            if type(result) is str:
+                kept[result] = kept.get(result, 0) + 1
+            elif type(result) is Heartbeat or type(result) is Gap:
+                if n_events == events_done:
+                    break
+                n_events += 1
+                if type(result) is Heartbeat:
+                    beats += 1
+                else:
+                    lost += result.lost
+            else:
+                if n_records == folded:
+                    break
+                n_records += 1
+            seq = parser.last_seq
+            done += 1
+        else:
+            seq = parser.last_seq
+        parser.last_seq = seq
+        self.handled = done
+        lines0, beats0, lost0 = before
+        stats.lines = lines0 + done - beats
+        stats.heartbeats = beats0 + beats
+        stats.lost = lost0 + lost
+        counts = stats.rejected
+        for reason, n in rejected.items():
+            counts[reason] -= n - kept.get(reason, 0)
+            if not counts[reason]:
+                del counts[reason]  # as if never counted
 
     def _gap_begins(self, gap: Gap) -> None:
         if self._gap is not None:
@@ -192,3 +292,23 @@ class Pipeline:
     def time_of(self, line: bytes) -> Optional[int]:
         """The UTC second of a line's time field (RecordParser.time_of)."""
         return self.parser.time_of(line)
+
+
+def _cut(blocks: List[bytes]) -> List[bytes]:
+    """The lines of blocks (``LineSplitter.feed_blocks``), without the empty ones."""
+    return [line for block in blocks for line in block.split(b"\n") if line]
+
+
+def _line_at(blocks: List[bytes], i: int) -> bytes:
+    """Line ``i`` of blocks (as ``_cut`` numbers them), cutting only the block it is in."""
+    for block in blocks:
+        if b"\n\n" in block or block[:1] == b"\n" or block[-1:] == b"\n":
+            lines = [line for line in block.split(b"\n") if line]
+            n = len(lines)
+        else:
+            lines = None
+            n = block.count(b"\n") + 1 if block else 0
+        if i < n:
+            return (lines if lines is not None else block.split(b"\n"))[i]
+        i -= n
+    raise IndexError(i)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import calendar
 import codecs
+import json
 import re
 import time
-from typing import Dict, NamedTuple, Optional, Union
-
-import simplejson
-from simplejson.scanner import make_scanner
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .settings import Settings, StreamerKey, compile_nameformat
 
@@ -37,8 +35,25 @@ def _per_byte(error: UnicodeDecodeError) -> tuple:
 
 codecs.register_error("sfive-per-byte", _per_byte)
 
-_decoder = simplejson.JSONDecoder()
-_scan = make_scanner(_decoder)
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_no_constant)
+"""The standard library's C decoder, strict (no control characters in strings, no NaN): the
+same decoder for one line and for a piece of many lines joined into one array."""
+_scan = _decoder.scan_once
+_decode_error = json.JSONDecodeError
+
+try:  # an optional extra: about half the decoding cost where installed
+    import orjson
+except ImportError:  # pragma: no cover - depends on the installation
+    orjson = None
+
+PIECE = 32
+"""Lines decoded together: one decoder call for each piece. Small, because a piece holding an
+invalid line is decoded again without it."""
 
 
 class Record(NamedTuple):
@@ -94,6 +109,31 @@ REASONS = (
 """Every rejection reason, so that counters and metrics can list them all from the start."""
 
 
+def _plain(data: bytes, n: int) -> bool:
+    """Whether the n lines joined into ``data`` (``[line,\\nline,...]``) each begin with their
+    only "{" and end with their only "}"."""
+    return (data.count(b"{") == n and data.count(b"}") == n and data.count(b"},\n{") == n - 1
+            and data[1] == 123 and data[-2] == 125)
+
+
+class _Lines:
+    """The lines of blocks, cut only if one is asked for (rarely: see ``_classify``)."""
+
+    def __init__(self, blocks: Sequence[bytes]) -> None:
+        self._blocks = blocks
+        self._lines: Optional[List[bytes]] = None
+
+    def __getitem__(self, i: int) -> bytes:
+        if self._lines is None:
+            self._lines = [line for block in self._blocks for line in block.split(b"\n")
+                           if line]
+        return self._lines[i]
+
+
+_INVALID_UTF8 = ("invalid-utf8",)
+_INVALID_JSON = ("invalid-json",)
+
+
 class RecordParser:
     """Turns lines into records under one Settings; remembers the last exporter sequence number."""
 
@@ -105,6 +145,12 @@ class RecordParser:
         self._seconds: Dict[str, int] = {}
         self._tails: Dict[str, int] = {}
         self.last_seq: Optional[int] = None
+        self.first_rejected: Dict[str, int] = {}
+        """Per rejection reason, the number of its first line in the last ``parse_lines`` or
+        ``parse_blocks`` (of the lines, blocks cut into lines without the empty ones)."""
+        self.fast_decoder = orjson is not None
+        """Decode pieces with orjson first where it is installed (the standard library's
+        decoder decides whatever orjson refuses or may read otherwise)."""
         self.repair_utf8 = repair_utf8
         """nginx's access log (``escape=json``) passes invalid UTF-8 through, where the exporter
         writes U+FFFD for each invalid byte: with this set, the parser does the same instead of
@@ -112,72 +158,294 @@ class RecordParser:
 
     def parse(self, line: bytes) -> Parsed:
         """Classify one line (without its newline)."""
+        rejected: Dict[str, int] = {}
+        records, events = self._classify([self._decode_line(line)], rejected)
+        if records:
+            return _new_record(Record, records[0])
+        if events:
+            return events[0][1]
+        return next(iter(rejected))
+
+    def parse_lines(self, lines: Sequence[bytes], rejected: Dict[str, int]
+                    ) -> Tuple[List[Record], List[Tuple[int, Parsed]]]:
+        """Classify many lines: the records in order (plain tuples laid out as Record), each
+        gap or heartbeat with the number of records before it, and the rejections counted
+        into ``rejected`` by reason. The lines
+        are decoded a piece at a time (one decoder call for PIECE lines); the outcome is
+        exactly that of ``parse`` for each line."""
+        self.first_rejected = {}
+        return self._classify(self._decode_lines(lines), rejected, lines)
+
+    def parse_blocks(self, blocks: Sequence[bytes], rejected: Dict[str, int]
+                     ) -> Tuple[List[Record], List[Tuple[int, Parsed]]]:
+        """``parse_lines`` of blocks of lines joined by "\\n" (``LineSplitter.feed_blocks``),
+        without cutting them into lines where they have the plain shape: each block is
+        checked and decoded whole (a block that is not plain, or fails, is cut into lines)."""
+        objs: list = []
+        fast = self.fast_decoder
+        for block in blocks:
+            got = self._decode_block(block, fast)
+            if got is None:
+                got = self._decode_lines([line for line in block.split(b"\n") if line])
+            objs += got
+        self.first_rejected = {}
+        return self._classify(objs, rejected, _Lines(blocks) if fast else None)
+
+    def _decode_block(self, block: bytes, fast: bool) -> Optional[list]:
+        """The values of a block's lines in one decoder call, if each line begins with its only
+        "{" and ends with its only "}" (see ``_decode_piece``); None if not, or if it fails."""
+        if block[:1] != b"{" or block[-1] != 125:
+            return None
+        rest = block[1:-1].replace(b"}\n{", b"")
+        if b"\n" in rest or b"{" in rest or b"}" in rest:
+            return None
+        data = b"[" + block.replace(b"\n", b",\n") + b"]"
+        if fast:
+            try:
+                return orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return None
+        try:
+            return _scan(data.decode("utf-8"), 0)[0]
+        except (UnicodeDecodeError, ValueError, RecursionError, StopIteration):
+            return None
+
+    def _decode_lines(self, lines: Sequence[bytes]) -> list:
+        decode = self._decode_fast if self.fast_decoder else self._decode_piece
+        if len(lines) <= PIECE:
+            return decode(lines)
+        objs: list = []
+        for i in range(0, len(lines), PIECE):
+            objs += decode(lines[i:i + PIECE])
+        return objs
+
+    def _decode_fast(self, lines: Sequence[bytes]) -> list:
+        """``_decode_piece`` by orjson, under the same checks of the lines' shape. orjson is
+        strict JSON: what it refuses (lone surrogates, numbers beyond a double, invalid UTF-8)
+        goes to the standard library's decoder; the one value it reads otherwise, an integer
+        beyond 64 bits (a float), is re-decoded in ``_classify`` where it matters."""
+        data = b"[" + b",\n".join(lines) + b"]"
+        if not _plain(data, len(lines)):
+            return self._decode_mixed(lines)
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return self._decode_piece(lines)
+
+    def _decode_line(self, line: bytes) -> object:
+        """One line's JSON value, or a 1-tuple holding the reason it is none."""
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             if not self.repair_utf8:
-                return "invalid-utf8"
+                return _INVALID_UTF8
             text = line.decode("utf-8", "sfive-per-byte")
         try:
             obj, end = _scan(text, 0)
             if end != len(text) and not text[end:].isspace():
-                return "invalid-json"
+                return _INVALID_JSON
         except StopIteration:
             try:
                 obj = _decoder.decode(text)
             except (ValueError, RecursionError):
-                return "invalid-json"
+                return _INVALID_JSON
         except (ValueError, RecursionError):
-            return "invalid-json"
-        if type(obj) is not dict:
-            return "not-an-object"
-        seq = obj.get("seq")
-        if type(seq) is int:
-            if "url" not in obj:
-                lost = obj.get("lost")
-                if type(lost) is int and lost > 0:
-                    self.last_seq = seq - 1
-                    return Gap(lost, seq)
-                if "hb" in obj:
-                    return self._heartbeat(seq, obj)
-            self.last_seq = seq
+            return _INVALID_JSON
+        return obj
+
+    def _decode_piece(self, lines: Sequence[bytes]) -> list:
+        """``_decode_line`` of each line, by one decoder call over ``[line,\\nline,...]``.
+
+        That array holds exactly one element per line, the line's own value, when every line
+        begins with its only "{" and ends with its only "}" (checked by counting over the
+        joined bytes) and the decoder refuses control characters in strings: a "}" then
+        either closes its line's object or fails, and the newline after each "," cannot be
+        inside a string. A failure is then in the line the error position is in: the lines
+        before it are decoded again, that line alone, the rest as a piece."""
+        data = b"[" + b",\n".join(lines) + b"]"
+        if not _plain(data, len(lines)):
+            return self._decode_mixed(lines)
         try:
-            url = obj["url"]
-            client = obj["client"]
-            ua = obj["ua"]
-            when = obj["time"]
-            status = obj["status"]
-            sent = obj["bytes-sent"]
-        except KeyError:
-            return "missing-field"
-        if (
-            type(url) is not str
-            or type(client) is not str
-            or type(ua) is not str
-            or type(when) is not str
-            or type(status) is not int
-            or type(sent) is not int
-            or not 0 <= sent < MAX_BYTES
-        ):
-            return "wrong-type"
-        if status not in self._statuses:
-            return "status"
-        if "url-truncated" in obj:
-            return "url-truncated"  # the exporter cut the URL (max_url_bytes): not its stream
-        streamer = self._urls.get(url)
-        if streamer is None:
-            streamer = self._streamer(url)
-        if type(streamer) is str:
-            return streamer
-        head = self._seconds.get(when[:19])
-        offset = self._tails.get(when[19:])
-        if head is None or offset is None:
-            seconds = self.seconds(when)
-            if seconds is None:
-                return "bad-time"
-        else:
-            seconds = head - offset
-        return _new_record(Record, (seconds, streamer, client, ua, sent))
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return self._decode_around(lines, data.count(b"\n", 0, e.start))
+        try:
+            return _scan(text, 0)[0]
+        except _decode_error as e:
+            return self._decode_around(lines, text.count("\n", 0, e.pos))
+        except StopIteration as e:  # no value where one must begin
+            return self._decode_around(lines, text.count("\n", 0, e.value))
+        except (ValueError, RecursionError):  # too many digits, NaN, deep nesting
+            return [self._decode_line(line) for line in lines]
+
+    def _decode_around(self, lines: Sequence[bytes], bad: int) -> list:
+        out = self._decode_piece(lines[:bad]) if bad else []
+        out.append(self._decode_line(lines[bad]))
+        if bad + 1 < len(lines):
+            out += self._decode_piece(lines[bad + 1:])
+        return out
+
+    def _decode_mixed(self, lines: Sequence[bytes]) -> list:
+        """Runs of lines of the plain shape as pieces, the others one by one."""
+        out: list = []
+        run: List[bytes] = []
+        for line in lines:
+            if line[:1] == b"{" and line[-1:] == b"}" and line.count(b"{") == 1 \
+                    and line.count(b"}") == 1:
+                run.append(line)
+                continue
+            if run:
+                out += self._decode_piece(run)
+                run = []
+            out.append(self._decode_line(line))
+        if run:
+            out += self._decode_piece(run)
+        return out
+
+    def _classify(self, objs: list, rejected: Dict[str, int],
+                  lines: Optional[Sequence[bytes]] = None, base: int = 0
+                  ) -> Tuple[List[Record], List[Tuple[int, Parsed]]]:
+        """Decoded lines to records, events (gaps, heartbeats) and counted rejections (the
+        number of each reason's first line, from ``base``, in ``first_rejected``).
+        ``lines``: where an integer field holds a float (orjson reads integers beyond 64 bits
+        as floats), the line is decoded again by the standard library."""
+        records: List[Record] = []
+        events: List[Tuple[int, Parsed]] = []
+        append = records.append
+        statuses = self._statuses
+        urls = self._urls
+        seconds = self._seconds
+        tails = self._tails
+        last_seq = self.last_seq
+        firsts = self.first_rejected
+        for i, obj in enumerate(objs):
+            if type(obj) is not dict:
+                reason = obj[0] if type(obj) is tuple else "not-an-object"
+                if reason in rejected:
+                    rejected[reason] += 1
+                else:
+                    rejected[reason] = 1
+                    firsts[reason] = base + i
+                continue
+            seq = obj.get("seq")
+            if type(seq) is int:
+                if "url" not in obj:
+                    if lines is not None and type(obj.get("lost")) is float:
+                        self.last_seq = last_seq
+                        last_seq = self._again(lines[i], records, events,
+                                               rejected, base + i)
+                        continue
+                    control = self._control(obj, seq)
+                    if control is not None:
+                        if type(control) is str:
+                            if control in rejected:
+                                rejected[control] += 1
+                            else:
+                                rejected[control] = 1
+                                firsts[control] = base + i
+                        else:
+                            last_seq = self.last_seq
+                            events.append((len(records), control))
+                        continue
+                last_seq = seq
+            elif type(seq) is float and lines is not None:
+                self.last_seq = last_seq
+                last_seq = self._again(lines[i], records, events,
+                                       rejected, base + i)
+                continue
+            try:
+                url = obj["url"]
+                client = obj["client"]
+                ua = obj["ua"]
+                when = obj["time"]
+                status = obj["status"]
+                sent = obj["bytes-sent"]
+            except KeyError:
+                if "missing-field" in rejected:
+                    rejected["missing-field"] += 1
+                else:
+                    rejected["missing-field"] = 1
+                    firsts["missing-field"] = base + i
+                continue
+            if (
+                type(url) is not str
+                or type(client) is not str
+                or type(ua) is not str
+                or type(when) is not str
+                or type(status) is not int
+                or type(sent) is not int
+                or not 0 <= sent < MAX_BYTES
+            ):
+                if lines is not None and float in (type(status), type(sent)):
+                    self.last_seq = last_seq
+                    last_seq = self._again(lines[i], records, events,
+                                           rejected, base + i)
+                    continue
+                if "wrong-type" in rejected:
+                    rejected["wrong-type"] += 1
+                else:
+                    rejected["wrong-type"] = 1
+                    firsts["wrong-type"] = base + i
+                continue
+            if status not in statuses:
+                if "status" in rejected:
+                    rejected["status"] += 1
+                else:
+                    rejected["status"] = 1
+                    firsts["status"] = base + i
+                continue
+            if "url-truncated" in obj:  # the exporter cut the URL (max_url_bytes): not its stream
+                if "url-truncated" in rejected:
+                    rejected["url-truncated"] += 1
+                else:
+                    rejected["url-truncated"] = 1
+                    firsts["url-truncated"] = base + i
+                continue
+            streamer = urls.get(url)
+            if streamer is None:
+                streamer = self._streamer(url)
+            if type(streamer) is str:
+                if streamer in rejected:
+                    rejected[streamer] += 1
+                else:
+                    rejected[streamer] = 1
+                    firsts[streamer] = base + i
+                continue
+            head = seconds.get(when[:19])
+            offset = tails.get(when[19:])
+            if head is None or offset is None:
+                t = self.seconds(when)
+                if t is None:
+                    if "bad-time" in rejected:
+                        rejected["bad-time"] += 1
+                    else:
+                        rejected["bad-time"] = 1
+                        firsts["bad-time"] = base + i
+                    continue
+            else:
+                t = head - offset
+            append((t, streamer, client, ua, sent))
+        self.last_seq = last_seq
+        return records, events
+
+    def _again(self, line: bytes, records: List[Record], events: List[Tuple[int, Parsed]],
+               rejected: Dict[str, int], at: int) -> Optional[int]:
+        """Classify one line decoded by the standard library into the lists; the last
+        sequence number after it."""
+        more, also = self._classify([self._decode_line(line)], rejected, None, at)
+        events.extend((len(records) + at, event) for at, event in also)
+        records.extend(more)
+        return self.last_seq
+
+    def _control(self, obj: dict, seq: int) -> Union[Gap, Heartbeat, str, None]:
+        """A gap or heartbeat line (a reason if it is a bad one); None for any other line."""
+        lost = obj.get("lost")
+        if type(lost) is int and lost > 0:
+            self.last_seq = seq - 1
+            return Gap(lost, seq)
+        if "hb" in obj:
+            return self._heartbeat(seq, obj)
+        return None
 
     def _heartbeat(self, seq: int, obj: dict) -> Union[Heartbeat, str]:
         when = obj["hb"]

@@ -15,11 +15,12 @@ from __future__ import annotations
 import gzip
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import time
 from collections import deque
-from typing import IO, Any, Deque, Iterator, List, Optional, Tuple
+from typing import IO, Any, Deque, Iterator, List, Optional, Sequence, Tuple
 
 
 def _lazy(name: str) -> None:
@@ -145,20 +146,47 @@ class WindowModel(IntervalModel):
             self.first = lo // self.duration
             self.reported = self.first - 1
 
-    def add(self, record: Record) -> bool:
-        t = record[0]
-        if self.earliest is None:
-            self.earliest = self.latest = t
-            self._check_start(t)
-        elif t > self.latest:
-            self.latest = t
-        if self.lo is not None and t < self.lo:
-            self.before += 1
-            return False
-        if self.hi is not None and t >= self.hi:
-            self.after += 1
-            return self.reported is not None and self.reported < self.last_k
-        return super().add(record)
+    def add_records(self, records: Sequence[Record], due: float = math.inf) -> int:
+        """The records inside the window go on to the model, in runs; the others are counted
+        (and a record after the window still makes the intervals up to its end due)."""
+        lo, hi = self.lo, self.hi
+        n = len(records)
+        i = 0
+        while i < n:
+            t = records[i][0]
+            if self.earliest is None:
+                self.earliest = self.latest = t
+                self._check_start(t)
+            if (lo is not None and t < lo) or (hi is not None and t >= hi):
+                if t > self.latest:
+                    self.latest = t
+                i += 1
+                if lo is not None and t < lo:
+                    self.before += 1
+                else:
+                    self.after += 1
+                    if t >= due:
+                        return i
+                continue
+            j = i + 1
+            while j < n and (lo is None or records[j][0] >= lo) and (
+                    hi is None or records[j][0] < hi):
+                j += 1
+            latest = max(r[0] for r in records[i:j])
+            if latest > self.latest:
+                self.latest = latest
+            taken = super().add_records(records[i:j] if i or j < n else records, due)
+            if taken < j - i:
+                return i + taken
+            i = j
+        return n
+
+    @property
+    def due_at(self) -> float:
+        """Nothing more becomes due once the window's last interval is reported."""
+        if self.last_k is not None and self.reported is not None and self.reported >= self.last_k:
+            return math.inf
+        return super().due_at
 
     def _check_start(self, t: int) -> None:
         """The input begins at ``t``: the window's intervals before ``t + grace`` are not

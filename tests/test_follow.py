@@ -41,13 +41,14 @@ class Follower:
         self.model = IntervalModel(self.settings, self.stats)
         self.pipeline = Pipeline(self.settings, self.stats, self.model)
         self.lines: list[bytes] = []
-        feed = self.pipeline.feed_lines
+        feed = self.pipeline.feed_split
 
-        def record(lines):
-            self.lines.extend(lines)
-            feed(lines)
+        def record(splitter, data, skip=0):
+            lines = feed(splitter, data, skip)
+            self.lines.extend(lines[skip:])
+            return lines
 
-        self.pipeline.feed_lines = record
+        self.pipeline.feed_split = record
         self.service = FileFollowService(self.settings, None, self.pipeline, self.stats,
                                          clock=self.clock, inotify=False,
                                          on_watermark=on_watermark)
@@ -501,15 +502,18 @@ def test_an_unexpected_error_is_logged_once_counted_and_retried_without_loss(
         f = Follower(log)
         assert f.stats.states["follow"] == "following"
         folded: list = []
-        add = f.model.add
+        add_records = f.model.add_records
 
-        def counted_add(record):
-            if point == "model-add" and record.client == ips([2])[0] and not injected:
-                once("the model's add")
-            folded.append(record.client)
-            return add(record)
+        def counted_add(records, due=math.inf):  # the model's one add path
+            def each():
+                for record in records:
+                    if point == "model-add" and record[2] == ips([2])[0] and not injected:
+                        once("the model's add")
+                    folded.append(record[2])
+                    yield record
+            return add_records(each(), due)
 
-        monkeypatch.setattr(f.model, "add", counted_add)
+        monkeypatch.setattr(f.model, "add_records", counted_add)
         injected: list = []
 
         def once(what):

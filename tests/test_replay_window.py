@@ -156,3 +156,23 @@ def test_the_window_to_the_hub(tmp_path):
         hub.close()
     assert got(b"\n".join(json.dumps(d).encode() for d in received)) == truth(lines, T0, T0 + 20)
     assert "outside --from/--until" in result.stderr.decode()
+
+
+def test_the_window_holds_with_change_tracking_on():
+    """Tracking changes (``take_changes``) once swapped ``add`` on the instance and so skipped
+    the window's own ``add``: a record outside the window was counted."""
+    from sfive_ngxlua.records import Record
+    from sfive_ngxlua.replay import WindowModel
+    from sfive_ngxlua.stats import Stats
+
+    options = ReplayOptions()
+    options.parseOptions([*ARGS, "--from", iso(T0), "--until", iso(T0 + 20)])
+    stats = Stats()
+    model = WindowModel(options.settings(), stats, T0, T0 + 20)
+    streamer = ("C1", "hls", "high")
+    model.take_changes()
+    assert not model.add(Record(T0 - 5, streamer, "c", "ua", 9)), "before the window"
+    assert model.add(Record(T0 + 1, streamer, "a", "ua", 5))
+    assert not model.add(Record(T0 + 25, streamer, "b", "ua", 7)), "after the window"
+    assert (stats.accepted, model.before, model.after) == (1, 1, 1)
+    assert [row[2:] for row in model.take_changes().clients] == [("a", "ua", 5)]

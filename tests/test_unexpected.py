@@ -7,6 +7,8 @@ counted twice. Real HTTP against the tests' exporter on 127.0.0.1; timers on a t
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import pytest_twisted
 from helpers.faults import T0, Exporter, heartbeat, line, settings
@@ -68,14 +70,17 @@ async def test_an_unexpected_error_is_logged_once_counted_and_retried_without_lo
 
             monkeypatch.setattr(run.fetch.pipeline, "feed", failing_feed)
         elif point == "model-add":
-            add = run.top.model.add
+            add_records = run.top.model.add_records
 
-            def failing_add(record):
-                if record.bytes_sent == 3:
-                    once("the model's add")
-                return add(record)
+            def failing_add(records, due=math.inf):  # the model's one add path
+                def each():
+                    for record in records:
+                        if record[4] == 3:
+                            once("the model's add")
+                        yield record
+                return add_records(each(), due)
 
-            monkeypatch.setattr(run.top.model, "add", failing_add)
+            monkeypatch.setattr(run.top.model, "add_records", failing_add)
         if point != "headers":
             await wait_for(lambda: stats.exporter_connected)
             exporter.send(chunk(1, 5))
@@ -137,10 +142,12 @@ async def test_the_same_error_again_is_one_line_without_traceback_and_still_retr
         await exporter.stop()
 
 
-def test_a_line_that_raises_is_uncounted_and_last_seq_is_the_line_before():
+@pytest.mark.parametrize("path", ["lines", "blocks"])
+def test_a_line_that_raises_is_uncounted_and_last_seq_is_the_line_before(path):
     """The pipeline's part (no I/O): the line whose handling raised and those after it are not
     counted, ``handled`` says how many were, and ``last_seq`` is that of the last one handled
-    (a heartbeat's here), so that reading on after it neither skips nor repeats a line."""
+    (a heartbeat's here), so that reading on after it neither skips nor repeats a line. On
+    both ways in: lines (feed_lines) and chunks decoded as blocks (feed)."""
     from sfive_ngxlua.model import IntervalModel
     from sfive_ngxlua.pipeline import Pipeline
     from sfive_ngxlua.stats import Stats
@@ -152,20 +159,32 @@ def test_a_line_that_raises_is_uncounted_and_last_seq_is_the_line_before():
     pipeline.resume_after(0)
     lines = [line(T0 + 1, seq=1, sent=1), heartbeat(2, T0 + 1), line(T0 + 1, seq=3, sent=3),
              line(T0 + 1, seq=4, sent=4)]
-    lines = [ln.rstrip(b"\n") for ln in lines]
-    add = model.add
+    lines = [ln.rstrip(b"\n") for ln in lines] + [b"not json"]
 
-    def failing_add(record):
-        if record.bytes_sent == 3:
-            raise RuntimeError("injected into the model's add")
-        return add(record)
+    def feed(lines):
+        if path == "lines":
+            pipeline.feed_lines(lines)
+        else:
+            pipeline.cut()  # a new connection after the error
+            pipeline.feed(b"\n".join(lines) + b"\n")
+    add_records = model.add_records
 
-    model.add = failing_add
+    def failing_add(records, due=math.inf):  # the model's one add path
+        def each():
+            for record in records:
+                if record[4] == 3:
+                    raise RuntimeError("injected into the model's add")
+                yield record
+        return add_records(each(), due)
+
+    model.add_records = failing_add
     with pytest.raises(RuntimeError):
-        pipeline.feed_lines(lines)
+        feed(lines)
     assert pipeline.handled == 2 and pipeline.last_seq == 2
-    assert stats.lines == 1 and stats.heartbeats == 1
-    model.add = add
-    pipeline.feed_lines(lines[pipeline.handled:])
-    assert pipeline.handled == 2 and pipeline.last_seq == 4
-    assert stats.lines == 3 and stats.heartbeats == 1 and not stats.rejected
+    assert stats.lines == 1 and stats.heartbeats == 1 and not stats.rejected
+    assert stats.accepted == 1
+    model.add_records = add_records
+    feed(lines[pipeline.handled:])
+    assert pipeline.handled == 3 and pipeline.last_seq == 4
+    assert stats.lines == 4 and stats.heartbeats == 1 and stats.accepted == 3
+    assert stats.rejected == {"invalid-json": 1}
