@@ -34,7 +34,7 @@ from .conditions import FORMAT_REASONS, TEXT_LOG, format_verdict, parsed_as
 from .lines import LineSplitter
 from .records import Gap, Heartbeat, Record, RecordParser
 from .retire import DEFAULT_STATE_DIR
-from .settings import Options, Settings, StreamerKey, _positive_int, _seconds
+from .settings import Options, Settings, StreamerKey, _positive_int, _seconds, endpoint_fields
 
 EX_CONFIG = 78
 SERVICE_USER = "sfive-ngxlua"
@@ -505,26 +505,10 @@ async def probe_hub(settings: Settings, reactor: Any) -> Probe:
 def unix_path(description: str) -> Optional[str]:
     """The socket path of a ``unix:`` client endpoint string (``unix:path=P`` or ``unix:P``,
     with Twisted's backslash escapes), or None for another kind of endpoint."""
-    fields, field, escaped = [], [], False
-    for char in description:
-        if escaped:
-            field.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            fields.append("".join(field))
-            field = []
-        else:
-            field.append(char)
-    fields.append("".join(field))
-    if fields[0] != "unix":
+    kind, args, kwargs = endpoint_fields(description)
+    if kind != "unix":
         return None
-    for arg in fields[1:]:
-        key, sep, value = arg.partition("=")
-        if not sep or key == "path":
-            return value if sep else arg
-    return None
+    return kwargs.get("path", args[0] if args else None)
 
 
 def probe_state(directory: Optional[str]) -> Probe:

@@ -142,7 +142,7 @@ def _check_endpoint(option: str, description: str, client: bool, example: str) -
             f"{option} {description!r}: not a {kind} endpoint ({problem}); e.g. {example}")
 
 
-def _endpoint_fields(description: str) -> Tuple[str, List[str], dict]:
+def endpoint_fields(description: str) -> Tuple[str, List[str], dict]:
     """An endpoint string's type, positional and keyword parameters (``\\:`` escapes)."""
     parts, current, escaped = [], [], False
     for char in description:
@@ -165,7 +165,7 @@ def _endpoint_fields(description: str) -> Tuple[str, List[str], dict]:
 def _endpoint_problem(description: str, client: bool) -> Optional[str]:
     """What Twisted would accept here and fail on later: a unix socket without a path, a TCP
     port out of range."""
-    kind, args, kwargs = _endpoint_fields(description)
+    kind, args, kwargs = endpoint_fields(description)
     if kind == "unix" and not (kwargs.get("path") or (args and args[0])):
         return "unix needs path=PATH"
     if kind in ("tcp", "tcp6"):
@@ -178,7 +178,7 @@ def _endpoint_problem(description: str, client: bool) -> Optional[str]:
 def _endpoint_error(error: Exception, description: str) -> str:
     """Twisted's parse error (a TypeError of a constructor, an int() error) in the terms of
     the endpoint string the operator wrote."""
-    kind = _endpoint_fields(description)[0]
+    kind = endpoint_fields(description)[0]
     text = str(error)
     missing = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.*)", text)
     if missing:
