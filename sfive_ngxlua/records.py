@@ -134,6 +134,15 @@ _INVALID_UTF8 = ("invalid-utf8",)
 _INVALID_JSON = ("invalid-json",)
 
 
+def _reject(rejected: Dict[str, int], firsts: Dict[str, int], reason: str, at: int) -> None:
+    """Count one rejected line (its reason's first line is ``at``); off the accepted path."""
+    if reason in rejected:
+        rejected[reason] += 1
+    else:
+        rejected[reason] = 1
+        firsts[reason] = at
+
+
 class RecordParser:
     """Turns lines into records under one Settings; remembers the last exporter sequence number."""
 
@@ -321,11 +330,7 @@ class RecordParser:
         for i, obj in enumerate(objs):
             if type(obj) is not dict:
                 reason = obj[0] if type(obj) is tuple else "not-an-object"
-                if reason in rejected:
-                    rejected[reason] += 1
-                else:
-                    rejected[reason] = 1
-                    firsts[reason] = base + i
+                _reject(rejected, firsts, reason, base + i)
                 continue
             seq = obj.get("seq")
             if type(seq) is int:
@@ -338,11 +343,7 @@ class RecordParser:
                     control = self._control(obj, seq)
                     if control is not None:
                         if type(control) is str:
-                            if control in rejected:
-                                rejected[control] += 1
-                            else:
-                                rejected[control] = 1
-                                firsts[control] = base + i
+                            _reject(rejected, firsts, control, base + i)
                         else:
                             last_seq = self.last_seq
                             events.append((len(records), control))
@@ -361,11 +362,7 @@ class RecordParser:
                 status = obj["status"]
                 sent = obj["bytes-sent"]
             except KeyError:
-                if "missing-field" in rejected:
-                    rejected["missing-field"] += 1
-                else:
-                    rejected["missing-field"] = 1
-                    firsts["missing-field"] = base + i
+                _reject(rejected, firsts, "missing-field", base + i)
                 continue
             if (
                 type(url) is not str
@@ -381,46 +378,26 @@ class RecordParser:
                     last_seq = self._again(lines[i], records, events,
                                            rejected, base + i)
                     continue
-                if "wrong-type" in rejected:
-                    rejected["wrong-type"] += 1
-                else:
-                    rejected["wrong-type"] = 1
-                    firsts["wrong-type"] = base + i
+                _reject(rejected, firsts, "wrong-type", base + i)
                 continue
             if status not in statuses:
-                if "status" in rejected:
-                    rejected["status"] += 1
-                else:
-                    rejected["status"] = 1
-                    firsts["status"] = base + i
+                _reject(rejected, firsts, "status", base + i)
                 continue
             if "url-truncated" in obj:  # the exporter cut the URL (max_url_bytes): not its stream
-                if "url-truncated" in rejected:
-                    rejected["url-truncated"] += 1
-                else:
-                    rejected["url-truncated"] = 1
-                    firsts["url-truncated"] = base + i
+                _reject(rejected, firsts, "url-truncated", base + i)
                 continue
             streamer = urls.get(url)
             if streamer is None:
                 streamer = self._streamer(url)
             if type(streamer) is str:
-                if streamer in rejected:
-                    rejected[streamer] += 1
-                else:
-                    rejected[streamer] = 1
-                    firsts[streamer] = base + i
+                _reject(rejected, firsts, streamer, base + i)
                 continue
             head = seconds.get(when[:19])
             offset = tails.get(when[19:])
             if head is None or offset is None:
                 t = self.seconds(when)
                 if t is None:
-                    if "bad-time" in rejected:
-                        rejected["bad-time"] += 1
-                    else:
-                        rejected["bad-time"] = 1
-                        firsts["bad-time"] = base + i
+                    _reject(rejected, firsts, "bad-time", base + i)
                     continue
             else:
                 t = head - offset
