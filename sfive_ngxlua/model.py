@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from .records import Record
 from .settings import Settings, StreamerKey
@@ -52,6 +53,14 @@ def fold_hash(key: ClientKey) -> int:
     ip, ua = key
     data = ip.encode("utf-8", "surrogatepass") + b"\0" + ua.encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big", signed=True)
+
+
+def _counted(records: Iterable[Record], done: List[int]) -> Iterator[Record]:
+    """``records``, counting in ``done[0]`` each one the consumer is done with (it asked for
+    the next)."""
+    for record in records:
+        yield record
+        done[0] += 1
 
 
 class StateMismatch(Exception):
@@ -221,34 +230,54 @@ class IntervalModel:
         """Count records in order (the one way records come in: ``add`` is this for one).
         Stops after the first record whose time is at or past ``due`` (replay closes the
         intervals due then, before the next record) and returns how many it took. If it raises,
-        ``taken`` is how many it took before the record that raised."""
+        ``taken`` is how many it took before the record that raised.
+
+        Per record: two bound tests for the interval (the division only when it changes), one
+        look-up of the streamer's table, and of a known client a get and a set; the counts
+        are the iterator's position, not a sum per record."""
         duration = self.duration
         cap = self._cap
         ua_max = self._ua_max
         tracking = self._tracking
-        cur_k = self._cur_k
+        # a finite ``due`` as an integer (record times are whole seconds): an int compared
+        # with a float of its size costs as much as the rest of the bound tests
+        limit = math.ceil(due) if math.isfinite(due) else due
         streams = self._cur_streams
-        accepted = folded = taken = 0
+        lo = hi = 0  # the current table's interval [lo, hi) (none yet: empty)
+        if self._cur_k is not None:
+            lo = self._cur_k * duration
+            hi = lo + duration
+        refused = folded = raised = 0
+        broke = False
+        if type(records) is list or type(records) is tuple:
+            n, done = len(records), None
+            it = iter(records)
+        else:  # any other iterable: counted as it goes
+            n, done = 0, [0]
+            it = _counted(records, done)
         try:
-            for time, streamer, client, ua, sent in records:
-                k = time // duration
-                if k != cur_k:
-                    found = self._streams_for(k)
-                    cur_k, streams = self._cur_k, self._cur_streams
-                    if found is None:
-                        taken += 1
-                        if time >= due:
+            for time, streamer, client, ua, sent in it:
+                if not lo <= time < hi:
+                    if self._streams_for(time // duration) is None:
+                        refused += 1
+                        if time >= limit:
+                            broke = True
                             break
                         continue
-                clients = streams.get(streamer)
-                if clients is None:
+                    streams = self._cur_streams  # a late record's: the oldest open one
+                    lo = self._cur_k * duration
+                    hi = lo + duration
+                try:
+                    clients = streams[streamer]
+                except KeyError:
                     clients = streams[streamer] = Clients(cap)
                 if len(ua) > ua_max:
                     ua = ua[:ua_max]
-                key = (client, ua)
                 known = clients.bytes
-                if key in known:
-                    known[key] += sent
+                key = (client, ua)
+                old = known.get(key)
+                if old is not None:
+                    known[key] = old + sent
                 elif len(known) < cap:
                     known[key] = sent
                 else:
@@ -257,16 +286,20 @@ class IntervalModel:
                     key = OVERFLOW_CLIENT
                 if tracking:
                     clients.changed.add(key)
-                accepted += 1
-                taken += 1
-                if time >= due:
+                if time >= limit:
+                    broke = True
                     break
         except Exception:
-            self.taken = taken
+            raised = 1
             raise
         finally:
+            # a list's iterator knows how many it handed out (the one that raised too)
+            taken = (n - operator.length_hint(it) - raised if done is None
+                     else done[0] + broke)
+            if raised:
+                self.taken = taken
             stats = self.stats
-            stats.accepted += accepted
+            stats.accepted += taken - refused
             stats.folded += folded
         return taken
 
