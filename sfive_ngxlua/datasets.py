@@ -113,7 +113,7 @@ class Prepared:
         n = len(sents)
         parts: List[str] = []
         used = -1  # the parts' length, joined by commas (none yet: no comma either)
-        a, size = 0, 256
+        a, size = 0, FIT_BATCH
         while a < n:
             b = min(n, a + size)
             piece = _entries(ips, uas, sents, a, b)
@@ -134,6 +134,8 @@ class Prepared:
         return (head + ",".join(parts) + tail).encode("utf-8"), a
 
 
+FIT_BATCH = 256
+"""Clients in ``Prepared.fit``'s first batch (each next one twice as many)."""
 _ENTRY = '{"ip":"%s","user-agent":"%s","bytes-sent":%d}'
 """A client's entry as the encoder writes its dict, for strings that need no escaping (or
 escaped already)."""
