@@ -97,10 +97,15 @@ class Prepared:
         }
 
     def encode(self) -> bytes:
-        """The wire form, byte for byte ``encode(self.as_dict())``."""
+        """The wire form, byte for byte ``encode(self.as_dict())``: the envelope and every
+        entry in one formatting."""
         head, tail = _shell(self.as_dict([]))
-        ips, uas = _escaped_columns(self.keys)
-        return (head + _entries(ips, uas, self.sents, 0, len(ips)) + tail).encode("utf-8")
+        n = len(self.sents)
+        if not n:
+            return (head + tail).encode("utf-8")
+        template = "".join((head.replace("%", "%%"), ",".join([_ENTRY] * n),
+                            tail.replace("%", "%%")))
+        return (template % _flat(*_columns(self.keys), self.sents)).encode("utf-8")
 
     def fit(self, limit: int) -> Tuple[bytes, int]:
         """``fit`` (below) of this dataset: the client list encoded in batches of doubling
@@ -108,7 +113,7 @@ class Prepared:
         so a client is encoded at most twice, and only a few datagrams' worth of them."""
         head, tail = _shell(self.as_dict([]))
         room = limit - len(head) - len(tail)
-        ips, uas = _escaped_columns(self.keys)
+        ips, uas = _columns(self.keys)
         sents = self.sents
         n = len(sents)
         parts: List[str] = []
@@ -136,9 +141,11 @@ class Prepared:
 
 FIT_BATCH = 256
 """Clients in ``Prepared.fit``'s first batch (each next one twice as many)."""
-_ENTRY = '{"ip":"%s","user-agent":"%s","bytes-sent":%d}'
-"""A client's entry as the encoder writes its dict, for strings that need no escaping (or
-escaped already)."""
+_ENTRY = '{"ip":"%s%s%d}'
+"""A client's entry as the encoder writes its dict: the ip (escaped), its user agent's part
+(``_UA``), the bytes."""
+_UA = '","user-agent":"%s","bytes-sent":'
+"""An entry's part from the ip's closing quote to the bytes, of a user agent (escaped)."""
 _PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 """The characters JSON writes as they are (ensure_ascii): printable ASCII but quote and
 backslash."""
@@ -149,35 +156,42 @@ def _plain(text: str) -> bool:
     return text.isascii() and not text.encode("ascii").translate(None, _PLAIN)
 
 
-def _escaped(strings: List[str], distinct: Any) -> List[str]:
-    """``strings`` as the encoder writes them between their quotes; ``distinct``: the
-    strings without repeats (or ``strings``), each checked, and escaped, only once."""
-    if _plain("".join(distinct)):
-        return strings
-    table = {s: encode_basestring_ascii(s)[1:-1] for s in distinct if not _plain(s)}
-    return list(map(table.get, strings, strings))
+def _escape(text: str) -> str:
+    """``text`` as the encoder writes it between its quotes."""
+    return text if _plain(text) else encode_basestring_ascii(text)[1:-1]
 
 
-def _escaped_columns(keys: List[ClientKey]) -> Tuple[List[str], List[str]]:
-    """The ips and user agents of ``keys`` as the encoder writes them between their quotes:
-    the ips (mostly distinct) checked all at once, the user agents (mostly repeated) once
-    each."""
+def _columns(keys: List[ClientKey]) -> Tuple[List[str], List[str]]:
+    """For the entries of ``keys``: the ips as the encoder writes them between their quotes
+    (all checked at once: they are mostly distinct), and the user agents' parts (``_UA``;
+    each user agent checked and escaped once: they mostly repeat)."""
     ips = list(map(_first, keys))
+    if not _plain("".join(ips)):
+        ips = list(map(_escape, ips))
     uas = list(map(_second, keys))
-    return _escaped(ips, ips), _escaped(uas, set(uas))
+    distinct = set(uas)
+    if _plain("".join(distinct)):
+        parts = {ua: _UA % ua for ua in distinct}
+    else:
+        parts = {ua: _UA % _escape(ua) for ua in distinct}
+    return ips, list(map(parts.__getitem__, uas))
+
+
+def _flat(ips: List[str], uas: List[str], sents: List[int]) -> Tuple[Any, ...]:
+    """The columns as the entries' formatting arguments, client by client."""
+    flat: List[Any] = [None] * (3 * len(ips))
+    flat[0::3] = ips
+    flat[1::3] = uas
+    flat[2::3] = sents
+    return tuple(flat)
 
 
 def _entries(ips: List[str], uas: List[str], sents: List[int], a: int, b: int) -> str:
-    """Clients ``a`` to ``b`` (escaped columns) as the client list's text, comma-separated:
+    """Clients ``a`` to ``b`` (``_columns``) as the client list's text, comma-separated:
     one template, one formatting over all of them."""
-    n = b - a
-    if n <= 0:
+    if b <= a:
         return ""
-    flat: List[Any] = [None] * (3 * n)
-    flat[0::3] = ips[a:b]
-    flat[1::3] = uas[a:b]
-    flat[2::3] = sents[a:b]
-    return ",".join([_ENTRY] * n) % tuple(flat)
+    return ",".join([_ENTRY] * (b - a)) % _flat(ips[a:b], uas[a:b], sents[a:b])
 
 
 def _shell(envelope: Dataset) -> Tuple[str, str]:
