@@ -232,7 +232,8 @@ class IntervalModel:
         intervals due then, before the next record) and returns how many it took. If it raises,
         ``taken`` is how many it took before the record that raised.
 
-        Per record: two bound tests for the interval (the division only when it changes), one
+        Per record: two bound tests for the interval and ``due`` (the division only when the
+        interval changes, the record that makes the next interval due counted alone), one
         look-up of the streamer's table, and of a known client a get and a set; the counts
         are the iterator's position, not a sum per record."""
         duration = self.duration
@@ -247,7 +248,8 @@ class IntervalModel:
         if self._cur_k is not None:
             lo = self._cur_k * duration
             hi = lo + duration
-        refused = folded = raised = 0
+        top = min(hi, limit)  # below it a record is in the current table and not yet due
+        refused = folded = raised = alone = 0
         broke = False
         if type(records) is list or type(records) is tuple:
             n, done = len(records), None
@@ -257,16 +259,19 @@ class IntervalModel:
             it = _counted(records, done)
         try:
             for time, streamer, client, ua, sent in it:
-                if not lo <= time < hi:
+                if not lo <= time < top:
+                    if time >= limit:  # the record that makes the next interval due: alone
+                        self.add_records(((time, streamer, client, ua, sent),))
+                        alone = 1
+                        broke = True
+                        break
                     if self._streams_for(time // duration) is None:
                         refused += 1
-                        if time >= limit:
-                            broke = True
-                            break
                         continue
                     streams = self._cur_streams  # a late record's: the oldest open one
                     lo = self._cur_k * duration
                     hi = lo + duration
+                    top = min(hi, limit)
                 try:
                     clients = streams[streamer]
                 except KeyError:
@@ -286,9 +291,6 @@ class IntervalModel:
                     key = OVERFLOW_CLIENT
                 if tracking:
                     clients.changed.add(key)
-                if time >= limit:
-                    broke = True
-                    break
         except Exception:
             raised = 1
             raise
@@ -299,7 +301,7 @@ class IntervalModel:
             if raised:
                 self.taken = taken
             stats = self.stats
-            stats.accepted += taken - refused
+            stats.accepted += taken - refused - alone  # the one alone counted itself
             stats.folded += folded
         return taken
 
