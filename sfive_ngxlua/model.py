@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import operator
 from dataclasses import dataclass, field
+from operator import length_hint
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from .records import Record
@@ -196,6 +196,8 @@ class IntervalModel:
         """How many records the last ``add_records`` that raised took before it raised."""
         self._cur_k: Optional[int] = None
         self._cur_streams: Dict[StreamerKey, Clients] = {}
+        self._cur_bounds: Tuple[int, int] = (0, 0)
+        """The seconds [lo, hi) of the table ``_cur_k`` (none: empty)."""
         self.first: Optional[int] = None
         self.reported: Optional[int] = None
         self._live = False
@@ -242,17 +244,15 @@ class IntervalModel:
         tracking = self._tracking
         # a finite ``due`` as an integer (record times are whole seconds): an int compared
         # with a float of its size costs as much as the rest of the bound tests
-        limit = math.ceil(due) if math.isfinite(due) else due
+        limit = due if due == math.inf or due == -math.inf else math.ceil(due)
         streams = self._cur_streams
-        lo = hi = 0  # the current table's interval [lo, hi) (none yet: empty)
-        if self._cur_k is not None:
-            lo = self._cur_k * duration
-            hi = lo + duration
-        top = min(hi, limit)  # below it a record is in the current table and not yet due
+        lo, hi = self._cur_bounds  # the current table's interval [lo, hi)
+        top = hi if hi < limit else limit  # below: in the current table and not yet due
         refused = folded = raised = alone = 0
         broke = False
+        done = None
         if type(records) is list or type(records) is tuple:
-            n, done = len(records), None
+            n = len(records)
             it = iter(records)
         else:  # any other iterable: counted as it goes
             n, done = 0, [0]
@@ -269,9 +269,8 @@ class IntervalModel:
                         refused += 1
                         continue
                     streams = self._cur_streams  # a late record's: the oldest open one
-                    lo = self._cur_k * duration
-                    hi = lo + duration
-                    top = min(hi, limit)
+                    lo, hi = self._cur_bounds
+                    top = hi if hi < limit else limit
                 try:
                     clients = streams[streamer]
                 except KeyError:
@@ -296,8 +295,7 @@ class IntervalModel:
             raise
         finally:
             # a list's iterator knows how many it handed out (the one that raised too)
-            taken = (n - operator.length_hint(it) - raised if done is None
-                     else done[0] + broke)
+            taken = (n - length_hint(it) - raised if done is None else done[0] + broke)
             if raised:
                 self.taken = taken
             stats = self.stats
@@ -332,6 +330,7 @@ class IntervalModel:
         if streams is None:
             streams = self._open[k] = {}
         self._cur_k, self._cur_streams = k, streams
+        self._cur_bounds = (k * self.duration, (k + 1) * self.duration)
         return streams
 
     @property
@@ -380,6 +379,7 @@ class IntervalModel:
 
     def _close(self, k: int, duration_ms: int) -> Interval:
         self._cur_k = None
+        self._cur_bounds = (0, 0)
         found = self._open.pop(k, None)
         if found is None:
             found = {}
