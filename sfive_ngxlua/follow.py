@@ -176,20 +176,38 @@ class FileFollowService(Service):
     # --- the source's contract: watermark, position, resume ----------------------------------
 
     def watermark(self, now: float) -> float:
-        """Event time up to which every line is in the model: while caught up with every open
-        file, the clock minus the flush period (nginx writes a line at most that long after its
-        request); while reading a backlog, the last line's time minus the flush period (workers
-        interleave out of order by up to that much); -inf before the first look at the file.
-        It stands still while no file is open, or one is not in the sfive format (coverage:
-        nothing is vouched for then)."""
+        """Event time up to which every line is in the model, minus the flush period (nginx
+        writes a line at most that long after its request; workers interleave out of order by
+        up to that much). Caught up: ``now`` if every open file is read to its end when asked
+        (``_all_read``), else the time the last read to the end *began*: what was written
+        before then is in, what came after waits for its read (an inotify event or a poll not
+        handled yet, as after a stall of the reactor, whose timers run before its I/O). Reading
+        a backlog: the last line's time. -inf before the first look at the file. It stands
+        still while no file is open, or one is not in the sfive format (coverage: nothing is
+        vouched for then)."""
         if not self._vouches():
             return self._watermark
         if self._caught_up:
-            base = now if self._notify is not None else self._caught_up_at
+            base = now if self._all_read() else self._caught_up_at
         else:
             base = self._last_time
         self._watermark = max(self._watermark, base - self.flush_period)
         return self._watermark
+
+    def _all_read(self) -> bool:
+        """Whether, now, every open file ends where it was read to and the path names the file
+        read last: nothing written so far waits for a read (an fstat per open file, a stat)."""
+        cur = self.current
+        if cur is None:
+            return False
+        try:
+            for f in self._files():
+                if os.fstat(f.fd).st_size != f.offset:
+                    return False
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (cur.dev, cur.ino)
 
     def _vouches(self) -> bool:
         """A readable file in the sfive format is open (a quiet one too)."""

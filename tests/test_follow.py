@@ -1,5 +1,6 @@
-"""The access-log follower on a temporary directory with a fake clock (polling, no inotify):
-appends cut anywhere, rotations while behind, copytruncate, deletion, absence, resume."""
+"""The access-log follower on a temporary directory with a fake clock (polling, no inotify, but
+for the tests that say so): appends cut anywhere, rotations while behind, copytruncate,
+deletion, absence, resume, the watermark."""
 
 from __future__ import annotations
 
@@ -345,6 +346,70 @@ def test_watermark_while_caught_up_and_while_reading_a_backlog(log, monkeypatch)
         g.clock.advance(0)
     assert len(g.lines) == 400
     assert g.service.watermark(g.clock.seconds()) == g.clock.seconds() - 1.0
+
+
+def test_bytes_not_read_yet_hold_the_watermark_at_the_start_of_the_last_read(log):
+    """Asked between two looks (a stalled reactor: the next poll or inotify event not handled
+    yet), the watermark goes only as far as what was read: ``now`` if nothing waits, else the
+    time the last read to the end began; the same for a rotation or a truncation not seen."""
+    log.write_bytes(b"")
+    f = Follower(log, flush=1.0)
+    read_at = f.clock.seconds()
+    append(log, entry(0))
+    assert f.service.watermark(read_at + 5) == read_at - 1.0, "a line waits for its read"
+    f.tick()
+    now = f.clock.seconds()
+    assert f.clients() == ips([0]) and f.service.watermark(now) == now - 1.0
+    os.rename(log, f"{log}.1")
+    log.write_bytes(b"")  # renamed and created, between two looks
+    assert f.service.watermark(now + 5) == now - 1.0, "the path names a file not read yet"
+    f.tick()
+    now = f.clock.seconds()
+    assert f.service.watermark(now) == now - 1.0
+    append(f"{log}.1", entry(1))  # a worker's last buffer reaches the renamed file
+    assert f.service.watermark(now + 5) == now - 1.0
+    f.tick()
+    now = f.clock.seconds()
+    assert f.clients() == ips([0, 1]) and f.service.watermark(now + 5) == now + 4.0, \
+        "a quiet log holds nothing back"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stall_longer_than_the_grace_holds_the_interval_until_the_file_is_read(
+        tmp_path, monkeypatch):
+    """The reactor runs its timers before its I/O: after a stall, the reporter's tick comes
+    before the inotify event of a line written meanwhile. The interval waits for that read and
+    counts the line in its own interval (inotify on the real reactor, the timers on a
+    task.Clock; the poll is an hour here, so only inotify reads)."""
+    from helpers.faults import T0, Running, settings
+
+    from sfive_ngxlua.datasets import start_time
+
+    monkeypatch.setattr(follow, "POLL_WITH_INOTIFY", 3600.0)
+    log = tmp_path / "sfive.log"
+    log.write_bytes(b"")
+    run = Running(settings(file=str(log), flush_period=1.0)).start()
+    try:
+        assert run.fetch._notify is not None, "inotify is what this test is about"
+        run.clock.advance(0)  # the first look
+        run.clock.advance(9)
+        append(log, line(iso(T0 + 9), url=URL, sent=700))
+        run.clock.advance(3.5)  # the stall: past the interval's end plus grace plus flush
+        assert run.datasets == [], "reported before the line in the file was read"
+        assert run.stats.held == 1
+
+        def read() -> bool:
+            run.clock.advance(0)  # the follower's look, asked for by the inotify event
+            return run.stats.lines == 1
+
+        await wait_for(read, timeout=10, what="the inotify event and its read")
+        first = [d for d in run.datasets if d["streamer-id"] == {
+            "content-id": "foo", "format": "hls", "quality": "high"}]
+        assert [d["start-time"] for d in first] == [start_time(T0)]
+        assert first[0]["data"]["bytes-sent"] == 700
+        assert run.stats.late == 0 and run.stats.intervals_covered == 1
+    finally:
+        await run.stop()
 
 
 def test_a_future_time_does_not_move_the_watermark(log, monkeypatch):
