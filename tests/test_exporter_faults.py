@@ -23,6 +23,7 @@ from support import wait_for
 from twisted.internet import reactor, ssl
 from twisted.internet._resolver import HostResolution
 from twisted.internet.interfaces import IHostnameResolver
+from twisted.logger import formatEvent
 from zope.interface import implementer
 
 from sfive_ngxlua import fetch
@@ -511,7 +512,7 @@ def test_a_url_the_exporter_cut_is_rejected_as_url_truncated():
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_ring_history_comes_from_the_heartbeats(service):
+async def test_the_ring_history_comes_from_the_heartbeats(service, logs):
     exporter = Exporter(ring=RING).listen()
     try:
         run = service(settings(url=exporter.url()))
@@ -523,6 +524,10 @@ async def test_the_ring_history_comes_from_the_heartbeats(service):
         await wait_for(lambda: run.stats.heartbeats == 2)
         assert run.stats.ring_size == 400
         assert run.stats.ring_history == pytest.approx(120.0)
-        assert run.stats.summary()["history"] == "120s"
+        run.clock.advance(11.0)  # the first interval's due time, by the clock and the watermark:
+        exporter.send(heartbeat(500, T0 + 11.0, 101, T0 - 109.0))  # the line says its history
+        reported = await wait_for(lambda: [e for e in logs.events if "figures" in e])
+        assert reported[0]["figures"]["ring_history"] == "120s"
+        assert "ring_history=120s" in formatEvent(reported[0])
     finally:
         await exporter.stop()
