@@ -906,20 +906,24 @@ class FileFollowService(Service):
             if not data:
                 break
             got += len(data)
-            lines = self._feed(f, data)
-            start = f.offset
-            f.offset += len(data)
-            nl = data.rfind(b"\n")
-            if nl >= 0:
-                f.line_end = start + nl + 1
-            f.last_growth = now
-            if f.head is None:
-                f.learn_head()
-            if lines:
-                self._note_time(lines, now)
+            self._take(f, data, now)
             if len(data) < CHUNK:
                 break
         return got
+
+    def _take(self, f: _File, data: bytes, now: float) -> None:
+        """``data``, read at ``f.offset``, into the pipeline; the file's offsets past it."""
+        lines = self._feed(f, data)
+        start = f.offset
+        f.offset += len(data)
+        nl = data.rfind(b"\n")
+        if nl >= 0:
+            f.line_end = start + nl + 1
+        f.last_growth = now
+        if f.head is None:
+            f.learn_head()
+        if lines:
+            self._note_time(lines, now)
 
     def _read_packed(self, f: _Packed, now: float, budget: int) -> int:
         """A compressed rotation: decompressed (and passed over) up to its saved offset a
@@ -937,7 +941,6 @@ class FileFollowService(Service):
                 return max(got, budget)  # on, on the next turn of the reactor
             self._unreadable(f, now, f"it ends before the saved offset {f.offset}")
             return got
-        f.last_growth = now
         while got < budget and not f.eof:
             try:
                 data = f.read_on(CHUNK)
@@ -945,14 +948,7 @@ class FileFollowService(Service):
                 self._unreadable(f, now, str(e) or type(e).__name__)
                 break
             got += len(data)
-            lines = self._feed(f, data)
-            start = f.offset
-            f.offset += len(data)
-            nl = data.rfind(b"\n")
-            if nl >= 0:
-                f.line_end = start + nl + 1
-            if lines:
-                self._note_time(lines, now)
+            self._take(f, data, now)
         return got
 
     def _unreadable(self, f: _File, now: float, why: str) -> None:
