@@ -29,7 +29,8 @@
 -- everything up to S, and every record whose time is before T (epoch seconds) has been delivered
 -- at or before S; O is the oldest record the ring still holds and OT about its time (both only
 -- once the ring holds a record). When the worker exits (reload, quit), a stream first drains
--- what the other workers still log.
+-- what the other workers still log (drain_max at most); a subscriber that has not taken the
+-- stream's end drain_max + DRAIN_GRACE into the exit is cut, so that the worker can go.
 --
 -- Works with lua-nginx-module >= 0.10.6 (Debian bookworm's libnginx-mod-http-lua 0.10.23) and
 -- OpenResty. Needs no Lua library besides the module itself.
