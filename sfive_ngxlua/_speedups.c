@@ -326,9 +326,14 @@ scan_number(const unsigned char *p, const unsigned char *e, int *kind, long long
     return p;
 }
 
+/* JSON's blanks (the exporter writes none: one test for the next byte). */
 #define SKIP_WS(p, e) \
-    if ((p) < (e) && *(p) <= ' ') \
-        while ((p) < (e) && (*(p) == ' ' || *(p) == '\t' || *(p) == '\n' || *(p) == '\r')) (p)++
+    do { \
+        if ((p) < (e) && *(p) <= ' ') \
+            while ((p) < (e) && (*(p) == ' ' || *(p) == '\t' || *(p) == '\n' \
+                                 || *(p) == '\r')) \
+                (p)++; \
+    } while (0)
 
 /* Which field a key (plain ASCII) names; -1 for none. */
 static inline int
@@ -773,12 +778,16 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     long long seq = 0;
     Py_ssize_t end = 0;
     Field fields[F_COUNT];
+    PyObject *held = NULL; /* the item being read: _streamer runs Python code meanwhile */
     for (; i < PyList_GET_SIZE(items); i++, pos = 0) {
         PyObject *item = PyList_GET_ITEM(items, i);
         if (!PyBytes_Check(item)) {
             PyErr_SetString(PyExc_TypeError, "scan(): the items must be bytes");
             goto done;
         }
+        Py_INCREF(item);
+        Py_XDECREF(held);
+        held = item;
         if (pos == 0 && starts != Py_None) {
             PyObject *at = PyLong_FromSsize_t(base);
             if (at == NULL)
@@ -833,6 +842,7 @@ stop:
     if (last_seq != NULL)
         result = Py_BuildValue("(nnnnN)", i, pos, end, base, last_seq);
 done:
+    Py_XDECREF(held);
     Py_XDECREF(cx.t);
     return result;
 }
