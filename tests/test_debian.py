@@ -5,9 +5,10 @@ it; installs it with apt-get; runs the service through its init script (no
 systemd here) with this test as the hub (a real unix datagram socket) and a
 small HTTP server as the exporter; runs the systemd unit's command as its
 user against a private nginx that includes the installed exporter files;
-then purges the package. It changes the host (the package, /etc/default,
-/dev/log while it runs): run it as root on a throwaway Debian machine or
-container, as CI does.
+then purges the package. The package is per architecture: it ships the C
+accelerator, which the running service (confined too) must have loaded. It
+changes the host (the package, /etc/default, /dev/log while it runs): run it
+as root on a throwaway Debian machine or container, as CI does.
 
 Select it with ``pytest -m debian``; the build's output goes to a log file
 whose path is printed, with a line per build step.
@@ -210,6 +211,7 @@ def test_deb_contents(built: Path) -> None:
     fields = run(["dpkg-deb", "-f", str(deb_file(built)), "Architecture", "Depends"]).stdout
     assert f"Architecture: {host_arch()}\n" in fields, fields
     assert re.search(r"python3 \(<< 3\.\d+\), python3 \(>= 3\.\d+~\)", fields), fields
+    assert re.search(r"\blibc6 \(>= [\d.]+\)", fields), fields  # ${shlibs:Depends}
     # compressed by dh_compress once it is over 4 kB (policy 12.3)
     assert re.search(r" \./usr/share/doc/sfive-ngxlua/README\.Debian(\.gz)?\n", listing)
     assert "dropin.cache" not in listing
@@ -437,11 +439,12 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
     assert Path(f"/etc/systemd/system/multi-user.target.wants/{PKG}.service").is_symlink()
 
     check_replay()
-    # Debian's python3 imports the accelerator from the installed files (cwd /: not a tree's).
-    imported = run(["/usr/bin/python3", "-c",
-                    "import sfive_ngxlua._speedups as m; print(m.__file__)"], cwd="/")
+    # Debian's python3 imports the accelerator from the installed files (cwd /: not a tree's)
+    # and the parsers decode with it.
+    imported = run(["/usr/bin/python3", "-c", "from sfive_ngxlua import _speedups, records; "
+                    "print(_speedups.__file__, records.default_decoder())"], cwd="/")
     assert imported.returncode == 0, imported.stdout + imported.stderr
-    assert imported.stdout.strip() == accelerator()
+    assert imported.stdout.split() == [accelerator(), "c"]
 
     if shutil.which("systemd-analyze"):
         # It checks Documentation=man:... with man(1), when that is installed.
