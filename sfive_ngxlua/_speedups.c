@@ -98,18 +98,28 @@ hex4(const unsigned char *p)
     return v;
 }
 
-/* Whether an 8-byte word may hold a byte that ends a plain run: '"', '\\', a control
- * character or one >= 0x80 (the has-zero-byte and has-less-than tests). Never false when one
- * does; where it is true for a word without one, the byte loop after it goes on. */
+/* Bytes that end a run of plain string contents: '"', '\\', control characters, >= 0x80. */
+static unsigned char stops[256];
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define WORDS 1
 #define ONES 0x0101010101010101ULL
 #define HIGHS 0x8080808080808080ULL
-static inline int
-word_stops(uint64_t w)
+/* The bytes of an 8-byte word (little-endian) that may end a plain run, as high bits (the
+ * has-zero-byte and has-less-than tests): the lowest one set is always such a byte (a false
+ * one can only come after a true one, by a borrow), so ctz finds the first of them. */
+static inline uint64_t
+stop_bits(uint64_t w)
 {
     uint64_t q = w ^ (ONES * '"');
     uint64_t b = w ^ (ONES * '\\');
-    return ((((q - ONES) & ~q) | ((b - ONES) & ~b) | (w - ONES * 0x20) | w) & HIGHS) != 0;
+    return (((q - ONES) & ~q) | ((b - ONES) & ~b) | (w - ONES * 0x20) | w) & HIGHS;
 }
+#endif
 
 /* Scan a JSON string's contents from p (after its opening quote): the address of its closing
  * quote, what it held in *flags; NULL if the line is not decided here (no closing quote, a
@@ -119,21 +129,42 @@ scan_string(const unsigned char *p, const unsigned char *e, int repair, int *fla
 {
     int f = 0;
     for (;;) {
+#if defined(__SSE2__) && defined(WORDS)
+        /* 16 bytes at a time: '"', '\\', and (as signed bytes) < 0x20, which takes in >= 0x80 */
+        const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\');
+        const __m128i space = _mm_set1_epi8(0x20);
+        while (e - p >= 16) {
+            __m128i v = _mm_loadu_si128((const __m128i *)p);
+            __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote),
+                                                    _mm_cmpeq_epi8(v, backslash)),
+                                       _mm_cmplt_epi8(v, space));
+            int m = _mm_movemask_epi8(hit);
+            if (m) {
+                p += __builtin_ctz(m);
+                goto stop;
+            }
+            p += 16;
+        }
+#endif
+#ifdef WORDS
         while (e - p >= 8) {
             uint64_t w;
             memcpy(&w, p, 8);
-            if (word_stops(w))
-                break;
+            uint64_t m = stop_bits(w);
+            if (m) {
+                p += __builtin_ctzll(m) >> 3;
+                goto stop;
+            }
             p += 8;
         }
-        while (p < e) {
-            unsigned char c = *p;
-            if (c == '"' || c == '\\' || c < 0x20 || c >= 0x80)
-                break;
+#endif
+        while (p < e && !stops[*p])
             p++;
-        }
         if (p >= e)
             return NULL;
+#ifdef WORDS
+    stop:;
+#endif
         unsigned char c = *p;
         if (c == '"') {
             *flags = f;
@@ -296,7 +327,8 @@ scan_number(const unsigned char *p, const unsigned char *e, int *kind, long long
 }
 
 #define SKIP_WS(p, e) \
-    while ((p) < (e) && (*(p) == ' ' || *(p) == '\t' || *(p) == '\n' || *(p) == '\r')) (p)++
+    if ((p) < (e) && *(p) <= ' ') \
+        while ((p) < (e) && (*(p) == ' ' || *(p) == '\t' || *(p) == '\n' || *(p) == '\r')) (p)++
 
 /* Which field a key (plain ASCII) names; -1 for none. */
 static inline int
@@ -323,6 +355,31 @@ field_of(const unsigned char *k, Py_ssize_t n)
     return -1;
 }
 
+static const Py_ssize_t key_length[F_COUNT] = {3, 3, 6, 2, 4, 6, 10, 13};
+
+/* The field a key names if it is spelled plainly (its name, then its closing quote), -1 if
+ * not: the quick look at the exporter's own keys before any scan. (The line ends in "}", so a
+ * key that matches is followed by at least one more byte.) */
+#define IS(name) (e - k > (Py_ssize_t)sizeof(name) && memcmp(k, name "\"", sizeof(name)) == 0)
+static inline int
+known_key(const unsigned char *k, const unsigned char *e)
+{
+    switch (*k) {
+    case 's':
+        return IS("seq") ? F_SEQ : IS("status") ? F_STATUS : -1;
+    case 'u':
+        return IS("ua") ? F_UA : IS("url") ? F_URL : IS("url-truncated") ? F_TRUNCATED : -1;
+    case 'c':
+        return IS("client") ? F_CLIENT : -1;
+    case 't':
+        return IS("time") ? F_TIME : -1;
+    case 'b':
+        return IS("bytes-sent") ? F_SENT : -1;
+    }
+    return -1;
+}
+#undef IS
+
 /* Scan one line as a flat JSON object exactly as json's strict decoder reads it (the line is
  * the object, nothing before or after it), its fields' last values into fields; 0 if the line
  * is not decided here. */
@@ -341,13 +398,19 @@ scan_line(const unsigned char *p, const unsigned char *e, int repair, Field *fie
         long long value = 0;
         if (p >= e || *p != '"')
             return 0;
-        const unsigned char *key = p + 1;
-        const unsigned char *end = scan_string(key, e, repair, &flags);
-        if (end == NULL || flags & S_ESC)
-            return 0; /* an escape in a key could spell any field's name */
-        if (!flags)
-            index = field_of(key, end - key);
-        p = end + 1;
+        const unsigned char *key = p + 1, *end;
+        index = known_key(key, e);
+        if (index >= 0) {
+            p = key + key_length[index] + 1;
+        }
+        else {
+            end = scan_string(key, e, repair, &flags);
+            if (end == NULL || flags & S_ESC)
+                return 0; /* an escape in a key could spell any field's name */
+            if (!flags)
+                index = field_of(key, end - key);
+            p = end + 1;
+        }
         SKIP_WS(p, e);
         if (p >= e || *p != ':')
             return 0;
@@ -431,14 +494,20 @@ days_from_civil(long long y, int m, int d)
     return era * 146097 + doe - 719468;
 }
 
-/* The UTC epoch second of YYYY-MM-DDTHH:MM:SS[(.|,)f{1,9}](Z|(+|-)HH[:]MM) in ASCII, years
- * 1-9999, as RecordParser.seconds gives it; 0 for anything else (which that decides). */
+/* The last time's YYYY-MM-DDTHH:MM:SS and its second (lines come many to the second). */
+typedef struct {
+    unsigned char head[19];
+    int valid;
+    long long seconds;
+} TimeMemo;
+
+/* The UTC epoch second of YYYY-MM-DDTHH:MM:SS read as UTC, years 1-9999; 0 if none. */
 static int
-parse_time(const unsigned char *s, Py_ssize_t n, long long *out)
+head_seconds(const unsigned char *s, long long *out)
 {
-    int y1, y2, month, day, hour, minute, second, oh, om;
+    int y1, y2, month, day, hour, minute, second;
     static const int mdays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    if (n < 20 || s[4] != '-' || s[7] != '-' || s[10] != 'T' || s[13] != ':' || s[16] != ':')
+    if (s[4] != '-' || s[7] != '-' || s[10] != 'T' || s[13] != ':' || s[16] != ':')
         return 0;
     if (!digits2(s, &y1) || !digits2(s + 2, &y2) || !digits2(s + 5, &month)
             || !digits2(s + 8, &day) || !digits2(s + 11, &hour) || !digits2(s + 14, &minute)
@@ -451,6 +520,28 @@ parse_time(const unsigned char *s, Py_ssize_t n, long long *out)
     int leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
     if (day > mdays[month - 1] + (month == 2 && leap))
         return 0;
+    *out = days_from_civil(year, month, day) * 86400 + hour * 3600LL + minute * 60LL + second;
+    return 1;
+}
+
+/* The UTC epoch second of YYYY-MM-DDTHH:MM:SS[(.|,)f{1,9}](Z|(+|-)HH[:]MM) in ASCII, years
+ * 1-9999, as RecordParser.seconds gives it; 0 for anything else (which that decides). */
+static int
+parse_time(const unsigned char *s, Py_ssize_t n, long long *out, TimeMemo *memo)
+{
+    long long head;
+    if (n < 20)
+        return 0;
+    if (memo->valid && memcmp(s, memo->head, 19) == 0) {
+        head = memo->seconds;
+    }
+    else {
+        if (!head_seconds(s, &head))
+            return 0;
+        memcpy(memo->head, s, 19);
+        memo->seconds = head;
+        memo->valid = 1;
+    }
     const unsigned char *p = s + 19, *e = s + n;
     if (*p == '.' || *p == ',') {
         const unsigned char *q = ++p;
@@ -467,7 +558,7 @@ parse_time(const unsigned char *s, Py_ssize_t n, long long *out)
             return 0;
     }
     else if (*p == '+' || *p == '-') {
-        int sign = *p == '-' ? -1 : 1;
+        int sign = *p == '-' ? -1 : 1, oh, om;
         p++;
         if (e - p < 4 || !digits2(p, &oh))
             return 0;
@@ -481,8 +572,7 @@ parse_time(const unsigned char *s, Py_ssize_t n, long long *out)
     else {
         return 0;
     }
-    *out = days_from_civil(year, month, day) * 86400 + hour * 3600LL + minute * 60LL + second
-        - offset;
+    *out = head - offset;
     return 1;
 }
 
@@ -513,7 +603,48 @@ reject(PyObject *rejected, PyObject *firsts, PyObject *reason, Py_ssize_t at)
 
 typedef struct {
     PyObject *records, *rejected, *firsts, *urls, *streamer, *statuses;
+    uint64_t status_bits[16]; /* statuses 0-1023, if all are ints (status_exact) */
+    int status_exact;
+    TimeMemo time;
+    PyObject *t;              /* the last record's time, for the next one in that second */
 } Context;
+
+/* The statuses as bits, if all are ints (else every status is looked up in the set). */
+static int
+status_bits(Context *cx)
+{
+    memset(cx->status_bits, 0, sizeof(cx->status_bits));
+    cx->status_exact = 1;
+    PyObject *it = PyObject_GetIter(cx->statuses), *x;
+    if (it == NULL)
+        return -1;
+    while ((x = PyIter_Next(it)) != NULL) {
+        long v = PyLong_CheckExact(x) ? PyLong_AsLong(x) : -1;
+        if (v == -1 && PyErr_Occurred())
+            PyErr_Clear(); /* beyond a long: not in 0-1023 */
+        if (!PyLong_CheckExact(x))
+            cx->status_exact = 0;
+        else if (v >= 0 && v < 1024)
+            cx->status_bits[v >> 6] |= 1ULL << (v & 63);
+        Py_DECREF(x);
+    }
+    Py_DECREF(it);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* Whether status is one of the statuses; -1 on an error. */
+static int
+known_status(Context *cx, long long status)
+{
+    if (cx->status_exact && status >= 0 && status < 1024)
+        return (cx->status_bits[status >> 6] >> (status & 63)) & 1;
+    PyObject *value = PyLong_FromLongLong(status);
+    if (value == NULL)
+        return -1;
+    int known = PySet_Contains(cx->statuses, value);
+    Py_DECREF(value);
+    return known;
+}
 
 /* Decide one scanned line: 1 if done (a record appended or a rejection counted; *seq_set and
  * *seq say whether and to what it moved the sequence number), 0 if the Python path decides
@@ -531,11 +662,7 @@ decide(Context *cx, Field *f, Py_ssize_t at, int *seq_set, long long *seq)
     /* From here the line is decided unless its time is odd (before anything is counted). */
     *seq_set = f[F_SEQ].kind == K_INT;
     *seq = f[F_SEQ].value;
-    PyObject *status = PyLong_FromLongLong(f[F_STATUS].value);
-    if (status == NULL)
-        return -1;
-    int known = PySet_Contains(cx->statuses, status);
-    Py_DECREF(status);
+    int known = known_status(cx, f[F_STATUS].value);
     if (known < 0)
         return -1;
     if (!known)
@@ -567,7 +694,7 @@ decide(Context *cx, Field *f, Py_ssize_t at, int *seq_set, long long *seq)
         return r < 0 ? -1 : 1;
     }
     long long t;
-    if (when->flags || !parse_time(when->s, when->n, &t)) {
+    if (when->flags || !parse_time(when->s, when->n, &t, &cx->time)) {
         Py_DECREF(streamer);
         return 0;
     }
@@ -578,9 +705,13 @@ decide(Context *cx, Field *f, Py_ssize_t at, int *seq_set, long long *seq)
     }
     PyTuple_SET_ITEM(record, 1, streamer);
     PyObject *item;
-    if ((item = PyLong_FromLongLong(t)) == NULL)
-        goto fail;
-    PyTuple_SET_ITEM(record, 0, item);
+    if (cx->t == NULL || PyLong_AsLongLong(cx->t) != t) {
+        if ((item = PyLong_FromLongLong(t)) == NULL)
+            goto fail;
+        Py_XSETREF(cx->t, item);
+    }
+    Py_INCREF(cx->t);
+    PyTuple_SET_ITEM(record, 0, cx->t);
     if ((item = make_str(client->s, client->n, client->flags)) == NULL)
         goto fail;
     PyTuple_SET_ITEM(record, 2, item);
@@ -600,20 +731,21 @@ fail:
 
 PyDoc_STRVAR(scan_doc,
 "scan(items, split, i, pos, base, last_seq, repair, records, rejected, firsts, urls,\n"
-"     streamer, statuses) -> (i, pos, end, base, last_seq)\n\n"
+"     streamer, statuses, starts) -> (i, pos, end, base, last_seq)\n\n"
 "Classify the lines of ``items`` (bytes: blocks of lines joined by \"\\n\" if ``split``, one\n"
 "line each if not) from item ``i``, byte ``pos`` on; ``base`` numbers the line (empty lines\n"
 "in blocks do not count). Records go to ``records``, rejections into ``rejected`` and\n"
 "``firsts`` (records._reject); ``urls``, ``streamer``, ``statuses``: the parser's URL cache,\n"
 "its _streamer and its statuses. Stops at the first line it leaves to the Python path:\n"
-"``items[i][pos:end]``, line number ``base``; ``i == len(items)`` when all are done. With\n"
+"``items[i][pos:end]``, line number ``base``; ``i == len(items)`` when all are done.\n"
+"``starts`` (a list, or None): the number of each item's first line is appended to it. With\n"
 "``records`` None, only scans (the benchmark's decode stage).");
 
 static PyObject *
 scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 13) {
-        PyErr_SetString(PyExc_TypeError, "scan() takes 13 arguments");
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "scan() takes 14 arguments");
         return NULL;
     }
     PyObject *items = args[0];
@@ -624,14 +756,18 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *last_seq = args[5];
     int repair = PyObject_IsTrue(args[6]);
     Context cx = {args[7], args[8], args[9], args[10], args[11], args[12]};
+    PyObject *starts = args[13], *result = NULL;
     if (split < 0 || repair < 0 || PyErr_Occurred())
         return NULL;
     if (!PyList_Check(items) || !PyDict_Check(cx.rejected) || !PyDict_Check(cx.firsts)
             || !PyDict_Check(cx.urls) || !PyAnySet_Check(cx.statuses)
-            || (cx.records != Py_None && !PyList_Check(cx.records))) {
+            || (cx.records != Py_None && !PyList_Check(cx.records))
+            || (starts != Py_None && !PyList_Check(starts))) {
         PyErr_SetString(PyExc_TypeError, "scan(): a list of items, dicts, a set of statuses");
         return NULL;
     }
+    if (status_bits(&cx) < 0)
+        return NULL;
     int only_scan = cx.records == Py_None;
     int seq_set = 0;
     long long seq = 0;
@@ -641,7 +777,16 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *item = PyList_GET_ITEM(items, i);
         if (!PyBytes_Check(item)) {
             PyErr_SetString(PyExc_TypeError, "scan(): the items must be bytes");
-            return NULL;
+            goto done;
+        }
+        if (pos == 0 && starts != Py_None) {
+            PyObject *at = PyLong_FromSsize_t(base);
+            if (at == NULL)
+                goto done;
+            int r = PyList_Append(starts, at);
+            Py_DECREF(at);
+            if (r < 0)
+                goto done;
         }
         const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(item);
         Py_ssize_t size = PyBytes_GET_SIZE(item);
@@ -659,17 +804,17 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     break;
                 end = size;
             }
-            int done = 0, line_seq_set = 0;
+            int decided = 0, line_seq_set = 0;
             long long line_seq = 0;
             if (scan_line(data + pos, data + end, repair, fields)) {
                 if (only_scan)
-                    done = 1;
+                    decided = 1;
                 else
-                    done = decide(&cx, fields, base, &line_seq_set, &line_seq);
+                    decided = decide(&cx, fields, base, &line_seq_set, &line_seq);
             }
-            if (done < 0)
-                return NULL;
-            if (!done)
+            if (decided < 0)
+                goto done;
+            if (!decided)
                 goto stop;
             if (line_seq_set) {
                 seq_set = 1;
@@ -685,9 +830,11 @@ stop:
         last_seq = PyLong_FromLongLong(seq);
     else
         Py_INCREF(last_seq);
-    if (last_seq == NULL)
-        return NULL;
-    return Py_BuildValue("(nnnnN)", i, pos, end, base, last_seq);
+    if (last_seq != NULL)
+        result = Py_BuildValue("(nnnnN)", i, pos, end, base, last_seq);
+done:
+    Py_XDECREF(cx.t);
+    return result;
 }
 
 PyDoc_STRVAR(seconds_doc,
@@ -703,7 +850,9 @@ seconds(PyObject *module, PyObject *arg)
         PyErr_SetString(PyExc_TypeError, "seconds() takes bytes");
         return NULL;
     }
-    if (!parse_time((const unsigned char *)PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg), &t))
+    TimeMemo memo = {{0}, 0, 0};
+    if (!parse_time((const unsigned char *)PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg), &t,
+                    &memo))
         Py_RETURN_NONE;
     return PyLong_FromLongLong(t);
 }
@@ -728,6 +877,8 @@ PyInit__speedups(void)
     one = PyLong_FromLong(1);
     if (str_status == NULL || str_url_truncated == NULL || one == NULL)
         return NULL;
+    for (int c = 0; c < 256; c++)
+        stops[c] = c == '"' || c == '\\' || c < 0x20 || c >= 0x80;
     PyObject *m = PyModule_Create(&speedups_module);
     if (m == NULL)
         return NULL;

@@ -177,6 +177,9 @@ class RecordParser:
         self.first_rejected: Dict[str, int] = {}
         """Per rejection reason, the number of its first line in the last ``parse_lines`` or
         ``parse_blocks`` (of the lines, blocks cut into lines without the empty ones)."""
+        self.block_starts: List[int] = []
+        """Of the last ``parse_blocks``, the number of each block's first line: where a line
+        is found without cutting the blocks before it (``pipeline._line_at``)."""
         if decoder is None:
             decoder = default_decoder()
         elif {"c": _speedups, "orjson": orjson, "json": json}.get(decoder) is None:
@@ -224,10 +227,12 @@ class RecordParser:
                                  rejected)
         objs: list = []
         fast = self.decoder == "orjson"
+        self.block_starts = starts = []
         for block in blocks:
             got = self._decode_block(block, fast)
             if got is None:
                 got = self._decode_lines([line for line in block.split(b"\n") if line])
+            starts.append(len(objs))
             objs += got
         self.first_rejected = {}
         return self._classify(objs, rejected, _Lines(blocks) if fast else None)
@@ -241,11 +246,12 @@ class RecordParser:
         records: List[Record] = []
         events: List[Tuple[int, Parsed]] = []
         self.first_rejected = firsts = {}
+        starts = self.block_starts = [] if split else None
         scan = _speedups.scan
         repair, urls, streamer, statuses = (self.repair_utf8, self._urls, self._streamer,
                                             self._statuses)
         i, pos, end, at, last_seq = scan(items, split, 0, 0, 0, self.last_seq, repair, records,
-                                         rejected, firsts, urls, streamer, statuses)
+                                         rejected, firsts, urls, streamer, statuses, starts)
         n = len(items)
         while i < n:
             self.last_seq = last_seq
@@ -253,7 +259,7 @@ class RecordParser:
                                    rejected, at)
             i, pos, end, at, last_seq = scan(items, split, i, end + 1, at + 1, last_seq,
                                              repair, records, rejected, firsts, urls,
-                                             streamer, statuses)
+                                             streamer, statuses, starts)
         self.last_seq = last_seq
         return records, events
 
