@@ -62,6 +62,10 @@ PURE_ENV = "SFIVE_NGXLUA_PURE"
 path, for tests and benchmarks."""
 
 
+DECODER_NAMES = {"c": "the C accelerator", "orjson": "orjson", "json": "the standard library"}
+"""What decides many lines at a time, by ``RecordParser.decoder``, for the logs and --version."""
+
+
 def default_decoder() -> str:
     """What a parser decodes lines with unless told: "c" (the accelerator, unless it is not
     built or $SFIVE_NGXLUA_PURE is set), else "orjson" where installed, else "json" (the
