@@ -52,6 +52,7 @@ CLEAN_ENV = {
     "DEBIAN_FRONTEND": "noninteractive",
 }
 
+DECODED_BY_C = "lines decoded by the C accelerator (c)"  # the service's line at its start
 HOSTNAME = "debtest-host"
 TAG = "debian-test"
 CLIENT = "192.0.2.7"
@@ -505,6 +506,7 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
     assert last["data"]["clients"] == [{"ip": CLIENT, "user-agent": UA, "bytes-sent": want}]
     if syslog.sock is not None:
         assert any("sfive-ngxlua" in line for line in syslog.lines), syslog.text()
+        assert any(DECODED_BY_C in line for line in syslog.lines), syslog.text()
 
     say(f"{INIT} restart")
     restarted = init("restart")
@@ -539,6 +541,9 @@ def check_start_up_errors(user: pwd.struct_passwd, say) -> None:
     version = run(["twistd3", PKG, "--version"], timeout=60)
     assert version.returncode == 0 and version.stdout.startswith(
         "sfive-ngxlua 1.0.0 (Twisted 22."), version.stdout + version.stderr
+    for command in (["twistd3", PKG], [f"{PKG}-replay"], [f"{PKG}-check"]):
+        version = run([*command, "--version"], timeout=60)
+        assert version.stdout.endswith(" lines decoded by c)\n"), version.stdout + version.stderr
     nginx_conf = run(["sfive-ngxlua-nginx-conf"], timeout=60)
     assert nginx_conf.returncode == 0, nginx_conf.stderr
     assert "files are in /usr/share/sfive-ngxlua/nginx/" in nginx_conf.stdout, nginx_conf.stdout
@@ -1053,6 +1058,7 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
         assert "Traceback" not in output, output
         if syslog.sock is not None and service.proc is not None:
             assert any("stop on SIGHUP" in line for line in syslog.lines), syslog.text()
+            assert any(DECODED_BY_C in line for line in syslog.lines), syslog.text()
         before_restart = drain(hub)
         say(f"after the stop: state directory 0700, files 0600: {check_state_modes(user)}")
         # Second run: it starts again under the same confinement and reports the interval the
