@@ -543,7 +543,7 @@ def check_start_up_errors(user: pwd.struct_passwd, say) -> None:
         "sfive-ngxlua 1.0.0 (Twisted 22."), version.stdout + version.stderr
     for command in (["twistd3", PKG], [f"{PKG}-replay"], [f"{PKG}-check"]):
         version = run([*command, "--version"], timeout=60)
-        assert version.stdout.endswith(" lines decoded by c)\n"), version.stdout + version.stderr
+        assert version.stdout.endswith("lines decoded by c)\n"), version.stdout + version.stderr
     nginx_conf = run(["sfive-ngxlua-nginx-conf"], timeout=60)
     assert nginx_conf.returncode == 0, nginx_conf.stderr
     assert "files are in /usr/share/sfive-ngxlua/nginx/" in nginx_conf.stdout, nginx_conf.stdout
