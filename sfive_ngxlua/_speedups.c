@@ -756,7 +756,7 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *last_seq = args[5];
     int repair = PyObject_IsTrue(args[6]);
     Context cx = {args[7], args[8], args[9], args[10], args[11], args[12]};
-    PyObject *starts = args[13], *result = NULL;
+    PyObject *starts = args[13], *result = NULL, *held = NULL;
     if (split < 0 || repair < 0 || PyErr_Occurred())
         return NULL;
     if (!PyList_Check(items) || !PyDict_Check(cx.rejected) || !PyDict_Check(cx.firsts)
@@ -779,6 +779,9 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_TypeError, "scan(): the items must be bytes");
             goto done;
         }
+        /* Held while read: the URL look-up runs Python code, which may drop the list's. */
+        Py_INCREF(item);
+        Py_XSETREF(held, item);
         if (pos == 0 && starts != Py_None) {
             PyObject *at = PyLong_FromSsize_t(base);
             if (at == NULL)
@@ -833,6 +836,7 @@ stop:
     if (last_seq != NULL)
         result = Py_BuildValue("(nnnnN)", i, pos, end, base, last_seq);
 done:
+    Py_XDECREF(held);
     Py_XDECREF(cx.t);
     return result;
 }
