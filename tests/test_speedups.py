@@ -269,3 +269,16 @@ def test_a_url_look_up_that_drops_the_block_does_not_leave_the_scan_on_freed_byt
     speedups.scan(items, True, 0, 0, 0, None, False, got, rejected, {}, {}, streamer,
                   SETTINGS.statuses, None)
     assert [(r[2], r[4]) for r in got] == [(f"c{n}", n) for n in range(4)] and not rejected
+
+
+@needs_speedups
+def test_a_scan_from_before_its_items_is_refused():
+    """``i`` and ``pos`` index the list and the block in C: negative ones would read before
+    them (memchr from before the bytes, the list's slot -1), so they are refused."""
+    args = (None, False, [], {}, {}, {}, str, frozenset(), None)
+    with pytest.raises(ValueError, match="negative"):
+        speedups.scan([b'{"a":1}\n{"b":2}'], True, 0, -5, 0, *args)
+    with pytest.raises(ValueError, match="negative"):
+        speedups.scan([b'{"a":1}'], True, -1, 0, 0, *args)
+    with pytest.raises(TypeError):
+        speedups.scan([b'{"a":1}'], True, "0", 0, 0, *args)
