@@ -326,9 +326,14 @@ scan_number(const unsigned char *p, const unsigned char *e, int *kind, long long
     return p;
 }
 
+/* JSON's blanks (the exporter writes none: one test for the next byte). */
 #define SKIP_WS(p, e) \
-    if ((p) < (e) && *(p) <= ' ') \
-        while ((p) < (e) && (*(p) == ' ' || *(p) == '\t' || *(p) == '\n' || *(p) == '\r')) (p)++
+    do { \
+        if ((p) < (e) && *(p) <= ' ') \
+            while ((p) < (e) && (*(p) == ' ' || *(p) == '\t' || *(p) == '\n' \
+                                 || *(p) == '\r')) \
+                (p)++; \
+    } while (0)
 
 /* Which field a key (plain ASCII) names; -1 for none. */
 static inline int
@@ -764,7 +769,7 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int split = PyObject_IsTrue(args[1]);
     int repair = split < 0 ? -1 : PyObject_IsTrue(args[6]);
     Context cx = {args[7], args[8], args[9], args[10], args[11], args[12]};
-    PyObject *starts = args[13], *result = NULL, *held = NULL;
+    PyObject *starts = args[13], *result = NULL;
     if (repair < 0)
         return NULL;
     if (!PyList_Check(items) || !PyDict_Check(cx.rejected) || !PyDict_Check(cx.firsts)
@@ -781,15 +786,16 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     long long seq = 0;
     Py_ssize_t end = 0;
     Field fields[F_COUNT];
+    PyObject *held = NULL; /* the item being read: _streamer runs Python code meanwhile */
     for (; i < PyList_GET_SIZE(items); i++, pos = 0) {
         PyObject *item = PyList_GET_ITEM(items, i);
         if (!PyBytes_Check(item)) {
             PyErr_SetString(PyExc_TypeError, "scan(): the items must be bytes");
             goto done;
         }
-        /* Held while read: the URL look-up runs Python code, which may drop the list's. */
         Py_INCREF(item);
-        Py_XSETREF(held, item);
+        Py_XDECREF(held);
+        held = item;
         if (pos == 0 && starts != Py_None) {
             PyObject *at = PyLong_FromSsize_t(base);
             if (at == NULL)

@@ -2,7 +2,9 @@
 
 This is the per-line hot path of both the live service and replay. Live traffic repeats
 timestamps (to the second), time zone suffixes and URLs heavily, so each of those is parsed once
-and then looked up.
+and then looked up. Where the optional C accelerator (``_speedups.c``) is built, it decides the
+lines of the common shape many at a time and leaves every other line to the Python path here,
+which stays the reference (``RecordParser.decoder``).
 """
 
 from __future__ import annotations
@@ -213,9 +215,9 @@ class RecordParser:
                     ) -> Tuple[List[Record], List[Tuple[int, Parsed]]]:
         """Classify many lines: the records in order (plain tuples laid out as Record), each
         gap or heartbeat with the number of records before it, and the rejections counted
-        into ``rejected`` by reason. The lines
-        are decoded a piece at a time (one decoder call for PIECE lines); the outcome is
-        exactly that of ``parse`` for each line."""
+        into ``rejected`` by reason. The lines are decided by the accelerator, or decoded a
+        piece at a time (one decoder call for PIECE lines); the outcome is exactly that of
+        ``parse`` for each line."""
         if self.decoder == "c":
             return self._parse_c(lines if type(lines) is list else list(lines), False, rejected)
         self.first_rejected = {}
@@ -250,7 +252,9 @@ class RecordParser:
         records: List[Record] = []
         events: List[Tuple[int, Parsed]] = []
         self.first_rejected = firsts = {}
-        starts = self.block_starts = [] if split else None
+        starts = None
+        if split:
+            starts = self.block_starts = []
         scan = _speedups.scan
         repair, urls, streamer, statuses = (self.repair_utf8, self._urls, self._streamer,
                                             self._statuses)

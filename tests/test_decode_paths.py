@@ -257,7 +257,7 @@ def bulk(lines, repair, decoder, piece, cuts=None, firsts=None, blanks=()):
     return records, events, rejected, parser.last_seq
 
 
-@settings(max_examples=1000, deadline=None, database=None,
+@settings(max_examples=600, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data(), base=lines_strategy, repair=st.booleans(),
        piece=st.sampled_from([1, 2, 3, 7, 32]), decoder=st.sampled_from(DECODERS),

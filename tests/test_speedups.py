@@ -20,12 +20,19 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import Exporter
+from twisted.internet import reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 
 from sfive_ngxlua import records
 from sfive_ngxlua.records import RecordParser, default_decoder
+from sfive_ngxlua.service import build
 from sfive_ngxlua.settings import Settings
+from sfive_ngxlua.sinks import CallableSink
+from sfive_ngxlua.stats import Stats
 
 speedups = records._speedups
 needs_speedups = pytest.mark.skipif(
@@ -282,3 +289,39 @@ def test_a_scan_from_before_its_items_is_refused():
         speedups.scan([b'{"a":1}'], True, -1, 0, 0, *args)
     with pytest.raises(TypeError):
         speedups.scan([b'{"a":1}'], True, "0", 0, 0, *args)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_service_logs_its_decoder_at_start():
+    """One line at start says which decoder the service's parser uses (real exporter, real
+    reactor for the networking, a task.Clock for the timers)."""
+    exporter = Exporter().listen()
+    clock = task.Clock()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    stats = Stats()
+    service = build(Settings(streamers=(("av", "hls", "high"),), hostname="h",
+                             url=exporter.url()), reactor,
+                    sink=CallableSink(lambda dataset: None, stats), clock=clock, stats=stats)
+    try:
+        service.startService()
+        said = [e for e in events if e.get("log_format", "").startswith("lines decoded by")]
+        decoder = service.pipeline.parser.decoder
+        assert [(e["decoder"], formatEvent(e)) for e in said] == [
+            (decoder, f"lines decoded by {records.DECODER_NAMES[decoder]} ({decoder})")]
+        assert decoder == ("c" if speedups is not None else default_decoder())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        yield service.stopService()
+        yield exporter.stop()
+
+
+@pytest.mark.parametrize("options", ["sfive_ngxlua.replay:ReplayOptions",
+                                     "sfive_ngxlua.check:CheckOptions",
+                                     "sfive_ngxlua.settings:Options"])
+def test_version_says_which_decoder(options, capsys):
+    module, name = options.split(":")
+    cls = getattr(__import__(module, fromlist=[name]), name)
+    with pytest.raises(SystemExit):
+        cls().parseOptions(["--version"])
+    assert capsys.readouterr().out.rstrip().endswith(f"lines decoded by {default_decoder()})")
