@@ -335,36 +335,11 @@ scan_number(const unsigned char *p, const unsigned char *e, int *kind, long long
                 (p)++; \
     } while (0)
 
-/* Which field a key (plain ASCII) names; -1 for none. */
-static inline int
-field_of(const unsigned char *k, Py_ssize_t n)
-{
-    switch (n) {
-    case 2:
-        return memcmp(k, "ua", 2) == 0 ? F_UA : -1;
-    case 3:
-        if (memcmp(k, "url", 3) == 0)
-            return F_URL;
-        return memcmp(k, "seq", 3) == 0 ? F_SEQ : -1;
-    case 4:
-        return memcmp(k, "time", 4) == 0 ? F_TIME : -1;
-    case 6:
-        if (memcmp(k, "client", 6) == 0)
-            return F_CLIENT;
-        return memcmp(k, "status", 6) == 0 ? F_STATUS : -1;
-    case 10:
-        return memcmp(k, "bytes-sent", 10) == 0 ? F_SENT : -1;
-    case 13:
-        return memcmp(k, "url-truncated", 13) == 0 ? F_TRUNCATED : -1;
-    }
-    return -1;
-}
-
 static const Py_ssize_t key_length[F_COUNT] = {3, 3, 6, 2, 4, 6, 10, 13};
 
 /* The field a key names if it is spelled plainly (its name, then its closing quote), -1 if
- * not: the quick look at the exporter's own keys before any scan. (The line ends in "}", so a
- * key that matches is followed by at least one more byte.) */
+ * not (any other key, also one that spells a name with an escape). (The line ends in "}", so
+ * a key that matches is followed by at least one more byte.) */
 #define IS(name) (e - k > (Py_ssize_t)sizeof(name) && memcmp(k, name "\"", sizeof(name)) == 0)
 static inline int
 known_key(const unsigned char *k, const unsigned char *e)
@@ -409,11 +384,11 @@ scan_line(const unsigned char *p, const unsigned char *e, int repair, Field *fie
             p = key + key_length[index] + 1;
         }
         else {
+            /* Not a field's name spelled plainly: another key, or one with an escape, which
+             * could spell any name. */
             end = scan_string(key, e, repair, &flags);
             if (end == NULL || flags & S_ESC)
-                return 0; /* an escape in a key could spell any field's name */
-            if (!flags)
-                index = field_of(key, end - key);
+                return 0;
             p = end + 1;
         }
         SKIP_WS(p, e);
