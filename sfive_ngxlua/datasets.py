@@ -5,7 +5,7 @@ ranked, as columns. The sinks that send bytes (standard output, the hub's) encod
 the whole client list with one template, so that a dataset of many clients costs no dict and
 no encoder call per client; ``as_dict()`` makes the version-1 dict for the sinks that hand
 datasets on (a callable, an embedding application's own sink) and for ``datasets()``. A
-prepared dataset and its dict encode to the same bytes (``tests/test_datasets_fast.py``).
+prepared dataset and its dict encode to the same bytes (``tests/test_datasets_prepared.py``).
 """
 
 from __future__ import annotations
