@@ -54,8 +54,10 @@ files or byte ranges interleave by (nginx's flush period), so that what came bef
 ends behind its body's first record."""
 HEAD_RECORDS = 100_000
 """A head of more records than this is not handed back: the leader replays the unit itself."""
-UNIT_MIN = 8 << 20
+UNIT_MIN = 2 << 20
+"""Plain files are not cut into byte ranges smaller than this."""
 UNIT_MAX = 128 << 20
+"""Nor into ranges larger than this (a worker's spool file and a unit's share of the end)."""
 FIRST_SCAN = 8 << 20
 """How far the leader reads into the input for its first record (the replay's first interval);
 none there: the replay runs in one process."""
@@ -119,11 +121,14 @@ class JobFailed(Exception):
 
 def units(files: List[str], jobs: int, unit_bytes: Optional[int] = None) -> List[Unit]:
     """The files cut into units: ``.gz`` and ``-`` whole, plain files in byte ranges of about
-    ``unit_bytes`` (default: a few per job, within UNIT_MIN and UNIT_MAX)."""
+    ``unit_bytes``. By default as few as can be, in a multiple of ``jobs`` (each job's share
+    the same; each unit costs the leader a merge, and every unit but the first a head),
+    within UNIT_MIN and UNIT_MAX."""
     sizes = {f: os.path.getsize(f) for f in files if f != "-" and not f.endswith(".gz")}
     if unit_bytes is None:
         total = sum(sizes.values())
-        unit_bytes = min(UNIT_MAX, max(UNIT_MIN, total // (2 * jobs) + 1))
+        n = jobs * max(1, -(-total // (jobs * UNIT_MAX)))
+        unit_bytes = max(UNIT_MIN, -(-total // n))
     out: List[Unit] = []
     for name in files:
         size = sizes.get(name)
