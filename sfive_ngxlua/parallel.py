@@ -296,12 +296,12 @@ class _Head:
         if self.until is None:
             self.until = records[0][0] + self.seconds
         until = self.until
-        for i, record in enumerate(records):
-            if record[0] >= until:
-                return i
-        self.n += len(records)
-        self.full = self.n > self.limit
-        return None
+        at = next((i for i, record in enumerate(records) if record[0] >= until), None)
+        self.n += len(records) if at is None else at
+        if self.n > self.limit:
+            self.full = True
+            return None
+        return at
 
 
 class _Count:
@@ -661,7 +661,7 @@ class Jobs:
         self.pool = ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_init,
                                         initargs=(self.settings, self.spool_dir,
                                                   self.plan.first_time, self.window))
-        self.pool.submit(int).result()  # the workers are forked now, not at the first unit
+        self.pool.submit(int)  # (a fork context forks every worker at the first submit)
 
     def run(self) -> None:
         for _ in self.steps():

@@ -143,6 +143,28 @@ def test_far_future_and_early_records_at_the_cuts(tmp_path):
     assert one.count(b"\n") > 17000  # the empty intervals up to the far-future record
 
 
+@pytest.mark.parametrize("head_records, head_seconds, merged", [
+    (5, 2.0, False),  # every worker gives up on its head: the leader replays each unit
+    (100_000, 1e9, True),  # every unit is all head: the leader adds its records in order
+])
+def test_heads_too_long_and_units_all_head(tmp_path, monkeypatch, head_records, head_seconds,
+                                           merged):
+    """(The workers are forked: they see the limits patched here.)"""
+    monkeypatch.setattr(parallel, "HEAD_RECORDS", head_records)
+    monkeypatch.setattr(parallel, "HEAD_SECONDS", head_seconds)
+    big = tmp_path / "access.log"
+    big.write_bytes(b"".join(traffic(seed=16, clients=2)))
+    window = (T0 + 100, T0 + 500)
+    (one, one_err), (many, many_err) = one_and_many([big], unit_bytes=20_000, window=window)
+    assert many == one and many_err == one_err
+    leader = spread([big], unit_bytes=20_000, window=window)
+    n = len(parallel.units([str(big)], 2, 20_000))
+    if merged:
+        assert (leader.merged, leader.in_order) == (1, 0)  # the first unit, and heads
+    else:  # (a unit that begins with a late record has a head of one record)
+        assert leader.in_order > n * 3 // 4
+
+
 @pytest.mark.parametrize("overlap", [3, 9, 10, 11, 12, 13, 15, 19, 21, 25, 40])
 def test_files_that_overlap_in_time(tmp_path, overlap):
     """Each file starts ``overlap`` seconds before the one before it ends (two servers' logs
