@@ -330,6 +330,7 @@ def _init(settings: Settings, spool_dir: str, t0: int, window: Optional[Window])
     (the handlers and wake-up descriptor of a running reactor, inherited, are not theirs)."""
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by ``Jobs.start``
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
@@ -661,7 +662,14 @@ class Jobs:
         self.pool = ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_init,
                                         initargs=(self.settings, self.spool_dir,
                                                   self.plan.first_time, self.window))
-        self.pool.submit(int)  # (a fork context forks every worker at the first submit)
+        # a fork context forks every worker at the first submit; Ctrl-C waits until it is
+        # done (else it may strike in an at-fork hook, which ignores it, or a worker before
+        # it ignores it)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.pool.submit(int)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def run(self) -> None:
         for _ in self.steps():
@@ -674,14 +682,15 @@ class Jobs:
         leader = self.leader
         ahead: Deque[Tuple[Unit, Any]] = deque()
         pending = iter(self.plan.units)
+        unit = self.plan.units[0]  # the one the leader waits for
         try:
             while True:
                 while len(ahead) < 2 * self.jobs:  # bounded: at most two results per job wait
-                    unit = next(pending, None)
-                    if unit is None:
+                    more = next(pending, None)
+                    if more is None:
                         break
-                    ahead.append((unit, None if unit.name == "-" else
-                                  self.pool.submit(work, unit)))
+                    ahead.append((more, None if more.name == "-" else
+                                  self.pool.submit(work, more)))
                 if not ahead:
                     break
                 unit, future = ahead.popleft()
@@ -690,11 +699,7 @@ class Jobs:
                 else:
                     if not future.done():
                         yield future
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool:
-                        raise JobFailed(f"a worker process died while replaying {unit.name}"
-                                        ) from None
+                    result = future.result()
                     steps = leader.take(unit, result)
                 replayed = False
                 for n in steps:  # replayed here, in order
@@ -708,6 +713,9 @@ class Jobs:
                 yield None
             leader.finish()
             yield None
+        except BrokenProcessPool:
+            self.stop()
+            raise JobFailed(f"a worker process died while replaying {unit.name}") from None
         except BaseException:
             self.stop()
             raise

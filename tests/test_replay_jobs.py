@@ -143,6 +143,47 @@ def test_far_future_and_early_records_at_the_cuts(tmp_path):
     assert one.count(b"\n") > 17000  # the empty intervals up to the far-future record
 
 
+LINE = 200
+"""Every line of ``at_the_cuts`` has this many bytes, so that the cuts fall where it says."""
+
+
+def at_the_cuts(per_unit, units=12, per_second=10):
+    """(lines, unit_bytes): lines of LINE bytes in time order, cut (``parallel.units``) every
+    ``per_unit`` lines, with the previous unit's last line 2 s ahead, the next unit's first
+    two 1 and 3 s behind, and its third 25 s behind (late) at every cut."""
+    n = per_unit * units
+    times = [T0 + i // per_second for i in range(n)]
+    for cut in range(per_unit, n, per_unit):
+        times[cut - 1] += 2
+        times[cut] -= 1
+        times[cut + 1] -= 3
+        times[cut + 2] -= 25
+    out = []
+    for i, t in enumerate(times):
+        raw = line(iso(t), url="/live/hls/C1-high/s.ts" if i % 3 else "/live/dash/C1-low/s.m4s",
+                   client=f"10.0.0.{i % 3}", ua="u", sent=100 + i, seq=i)
+        raw = raw.replace(b'"ua":"u"', b'"ua":"' + b"u" * (1 + LINE - len(raw)) + b'"')
+        assert len(raw) == LINE
+        out.append(raw)
+    # units() cuts at multiples of unit_bytes and then reads on to the end of that line
+    return out, (per_unit - 1) * LINE
+
+
+@pytest.mark.parametrize("window", [None, (T0 + 20, T0 + 150)])
+def test_out_of_order_records_at_every_cut(tmp_path, window):
+    lines, unit_bytes = at_the_cuts(per_unit=150)
+    big = tmp_path / "access.log"
+    big.write_bytes(b"".join(lines))
+    cuts = [u.start for u in parallel.units([str(big)], 2, unit_bytes)]
+    assert cuts == [i * 150 * LINE for i in range(12)]
+    (one, one_err), (many, many_err) = one_and_many([big], unit_bytes=unit_bytes,
+                                                    window=window)
+    assert many == one and many_err == one_err
+    assert ", 0 late" not in one_err
+    leader = spread([big], unit_bytes=unit_bytes, window=window)
+    assert (leader.merged, leader.in_order) == (12, 0)
+
+
 @pytest.mark.parametrize("head_records, head_seconds, merged", [
     (5, 2.0, False),  # every worker gives up on its head: the leader replays each unit
     (100_000, 1e9, True),  # every unit is all head: the leader adds its records in order
@@ -451,20 +492,31 @@ def test_to_the_hub_many_files_with_a_window_from_the_main_process_only(tmp_path
     assert senders == {pid} and len(children) >= 2
 
 
+@pytest.mark.parametrize("cuts", ["at random", "out of order"])
 @pytest_twisted.inlineCallbacks
-def test_to_the_hub_one_large_file_cut_with_a_dataset_too_large(tmp_path, capsys):
-    """Byte ranges of one file to the hub, in this process's reactor; one interval's datasets
-    are too large for a datagram (trimmed, as one process trims them)."""
+def test_to_the_hub_one_large_file_cut_in_byte_ranges(tmp_path, capsys, monkeypatch, cuts):
+    """Byte ranges of one file to the hub, in this process's reactor, with a window: with
+    records out of order at every cut; or at random cuts, with one interval's datasets too
+    large for a datagram (trimmed, as one process trims them)."""
     from twisted.internet import reactor, task
     from twisted.internet.defer import ensureDeferred
 
     from sfive_ngxlua.replay import _to_hub
 
-    lines = traffic(seconds=200, seed=15)
-    crowd = [line(iso(T0 + 100), client=f"10.{i >> 8}.{i & 255}.9", ua=f"player/{i}", seq=0)
-             for i in range(6000)]
+    taken = []
+    take = parallel.Leader.take
+    monkeypatch.setattr(parallel.Leader, "take", lambda self, unit, result: (
+        taken.append(result.body), take(self, unit, result))[1])
+
+    if cuts == "out of order":
+        lines, unit_bytes = at_the_cuts(per_unit=150)
+    else:
+        lines, unit_bytes = traffic(seconds=200, seed=15), 40_000
+        crowd = [line(iso(T0 + 100), client=f"10.{i >> 8}.{i & 255}.9", ua=f"player/{i}",
+                      seq=0) for i in range(6000)]
+        lines = lines[:1200] + crowd + lines[1200:]
     big = tmp_path / "access.log"
-    big.write_bytes(b"".join(lines[:1200] + crowd + lines[1200:]))
+    big.write_bytes(b"".join(lines))
     got = []
     for jobs in (1, 2):
         hub = DatagramHub(str(tmp_path / f"hub{jobs}.sock"))
@@ -474,7 +526,7 @@ def test_to_the_hub_one_large_file_cut_with_a_dataset_too_large(tmp_path, capsys
         try:
             yield ensureDeferred(_to_hub(
                 reactor, settings(max_clients=50000, socket=hub.path, queue_limit=5),
-                [str(big)], False, status, (T0 + 20, T0 + 180), jobs, 40_000))
+                [str(big)], False, status, (T0 + 20, T0 + 150), jobs, unit_bytes))
         finally:
             reading.stop()
             hub.take()
@@ -482,6 +534,9 @@ def test_to_the_hub_one_large_file_cut_with_a_dataset_too_large(tmp_path, capsys
         assert status == [0]
         got.append((hub.datagrams, capsys.readouterr().err))
     assert got[1] == got[0]
-    trimmed = [d for d in map(json.loads, got[0][0])
-               if len(d["data"]["clients"]) < d["data"]["client-count"]]
-    assert trimmed and all(d["data"]["client-count"] > 6000 for d in trimmed)
+    assert len(got[0][0]) == 2 * 13 and "outside --from/--until" in got[0][1]
+    assert len(taken) == len(parallel.units([str(big)], 2, unit_bytes)) and any(taken)
+    if cuts == "at random":
+        trimmed = [d for d in map(json.loads, got[0][0])
+                   if len(d["data"]["clients"]) < d["data"]["client-count"]]
+        assert trimmed and all(d["data"]["client-count"] > 6000 for d in trimmed)
