@@ -1,29 +1,30 @@
 """sfive-ngxlua-replay --jobs N: how it scales, and that the datasets stay byte for byte.
 
     python bench/replay_jobs.py [--lines 1000000] [--jobs 1,2] [--repeat 3] [--files 1]
-                                [--callgrind] [--window] [--only-callgrind]
+                                [--window] [--callgrind | --only-callgrind]
 
 Generates the input (bench/gen.py: one file, or --files rotated ones), then runs the replay
 (the installed command, as an operator does) with each --jobs in turn (alternating, --repeat
 rounds), and prints per N the median wall time, the CPU time of all its processes (user +
 system, from the kernel's rusage of the children), the speed-up on wall time against
---jobs 1, and whether the output is byte for byte that of --jobs 1 (it fails if not).
+--jobs 1, the peak RSS of the main process and of the largest worker (VmHWM, read every
+20 ms), and whether the output is byte for byte that of --jobs 1 (it fails if not).
 ``--window`` replays with --from/--until (the input's second to second-to-last minute).
 
 On a shared machine the wall time moves with the others' load; the CPU time says what the work
 costs. So it also runs each N in this process (``sfive_ngxlua.parallel``, --repeat times,
 medians) and splits the main process's CPU time into its parts (before the fork: planning,
-forking; then per unit in order: adding heads, merging, encoding the leader's own datasets,
-copying the workers', taking on their models; the end) from the workers', with each process's
-peak RSS; and it projects the wall time on N idle cores: ``before + (after + workers) / N``
-(every process busy until the end) and, as a bound, ``before + after + workers / N`` (the main
-process's in-order share never overlapping the workers').
+forking; then in order: adding heads' records, merging, encoding its own datasets, copying the
+workers', taking on their models, replaying units itself; the end) from the workers'; and it
+projects the wall time on N idle cores: ``before + (after + workers) / N`` (every process busy
+until the end) and, as a bound, ``before + after + workers / N`` (the main process's share
+never overlapping the workers').
 
-``--callgrind`` counts instructions per process instead of seconds (stable under load):
-valgrind's callgrind on the installed command, once per N, dumping the main process's counts
-before each fork (so that a forked worker counts only its own work); it prints the main
-process's count before the fork and after, each worker's, the sum, and the same projections
-from the counts. (Minutes per run: use --lines 200000 or so.)
+``--callgrind`` counts instructions per process too (stable under load): valgrind's callgrind
+on the installed command, once per N, dumping the main process's counts before each fork (so
+that a forked worker counts only its own work); it prints the main process's count before the
+fork and after, each worker's, the sum, and the projections from the counts (the bound:
+``before + after + the largest worker's``). Minutes per run.
 """
 
 from __future__ import annotations
@@ -65,17 +66,47 @@ def args_for(jobs: int, window: Optional[Tuple[str, str]]) -> List[str]:
     return [*model_args(window), "-q", "--jobs", str(jobs)]
 
 
+def _hwm(pid: int) -> float:
+    """A process's peak RSS so far (MiB; 0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def _children(pid: int) -> List[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
 def once(files: List[str], jobs: int, window: Optional[Tuple[str, str]]
-         ) -> Tuple[float, float, str]:
-    """(wall s, CPU s of the process and its workers, sha256 of stdout) of one replay."""
+         ) -> Tuple[float, float, str, float, float]:
+    """(wall s, CPU s of the process and its workers, sha256 of stdout, peak RSS MiB of the
+    main process and of the largest worker) of one replay (RSS read every 20 ms)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    done = subprocess.run([REPLAY, *args_for(jobs, window), *files], capture_output=True,
-                          check=True)
-    wall = time.monotonic() - started
+    digest = hashlib.sha256()
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen([REPLAY, *args_for(jobs, window), *files], stdout=out)
+        rss_main = rss_workers = 0.0
+        while proc.poll() is None:
+            rss_main = max(rss_main, _hwm(proc.pid))
+            for child in _children(proc.pid):
+                rss_workers = max(rss_workers, _hwm(child))
+            time.sleep(0.02)
+        wall = time.monotonic() - started
+        if proc.returncode:
+            raise SystemExit(f"--jobs {jobs} failed")
+        out.seek(0)
+        for data in iter(lambda: out.read(1 << 20), b""):
+            digest.update(data)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, hashlib.sha256(done.stdout).hexdigest()
+    return wall, cpu, digest.hexdigest(), rss_main, rss_workers
 
 
 _inner_work: Any = None
@@ -183,8 +214,7 @@ def split(files: List[str], jobs: int, window: Optional[Tuple[str, str]]) -> Dic
     workers = (children.ru_utime - children0.ru_utime) + (children.ru_stime - children0.ru_stime)
     before = parts["plan"] + parts["fork"]
     return {"main": main, "before": before, "after": main - before, "parts": parts,
-            "workers": workers, "rss_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "rss_workers": rss, "units": len(plan.units),
+            "workers": workers, "rss_workers": rss, "units": len(plan.units),
             "merged": spread.leader.merged, "in_order": spread.leader.in_order}
 
 
@@ -263,21 +293,24 @@ def main(argv: Optional[List[str]] = None) -> int:
 def timed_runs(files: List[str], jobs: List[int], repeat: int,
                window: Optional[Tuple[str, str]]) -> bool:
     print(f"{repeat} alternating rounds of the command, medians:")
-    runs: Dict[int, List[Tuple[float, float, str]]] = {j: [] for j in jobs}
+    runs: Dict[int, List[Tuple[float, float, str, float, float]]] = {j: [] for j in jobs}
     for _ in range(repeat):
         for j in jobs:
             runs[j].append(once(files, j, window))
     base = statistics.median(r[0] for r in runs[jobs[0]])
     digest = runs[jobs[0]][0][2]
-    print("| --jobs | wall s | CPU s (all processes) | speed-up (wall) | same bytes |")
-    print("|---:|---:|---:|---:|:--|")
+    print("| --jobs | wall s | CPU s (all processes) | speed-up (wall) | peak RSS MiB main, "
+          "largest worker | same bytes |")
+    print("|---:|---:|---:|---:|---:|:--|")
     ok = True
     for j in jobs:
         wall = statistics.median(r[0] for r in runs[j])
         cpu = statistics.median(r[1] for r in runs[j])
         same = all(r[2] == digest for r in runs[j])
         ok = ok and same
-        print(f"| {j} | {wall:.2f} | {cpu:.2f} | {base / wall:.2f}x | "
+        rss = f"{max(r[3] for r in runs[j]):.0f}, " + (
+            f"{max(r[4] for r in runs[j]):.0f}" if j > 1 else "-")
+        print(f"| {j} | {wall:.2f} | {cpu:.2f} | {base / wall:.2f}x | {rss} | "
               f"{'yes' if same else 'NO'} |")
     spread = [j for j in jobs if j > 1]
     if not spread:
@@ -296,8 +329,7 @@ def timed_runs(files: List[str], jobs: List[int], repeat: int,
     cpu1 = statistics.median(one)
     print(f"--jobs 1: {cpu1:.2f} s")
     print("| --jobs | units (merged, in order) | main before the fork + after | "
-          "after, by part | workers | projected on idle cores (bound) | peak RSS main, "
-          "workers |")
+          "after, by part | workers | projected on idle cores (bound) | peak RSS workers |")
     print("|---:|---:|---:|:--|---:|---:|---:|")
     for j in spread:
         got = sorted((split(files, j, window) for _ in range(repeat)), key=lambda g: g["main"]
@@ -310,7 +342,7 @@ def timed_runs(files: List[str], jobs: List[int], repeat: int,
         rss = ", ".join(f"{v:.0f}" for v in sorted(got["rss_workers"].values()))
         print(f"| {j} | {got['units']} ({got['merged']}, {got['in_order']}) | "
               f"{got['before']:.2f} + {got['after']:.2f} | {parts} | {got['workers']:.2f} | "
-              f"{cpu1 / busy:.2f}x ({cpu1 / bound:.2f}x) | {got['rss_main']:.0f}, {rss} |")
+              f"{cpu1 / busy:.2f}x ({cpu1 / bound:.2f}x) | {rss} |")
     return ok
 
 
