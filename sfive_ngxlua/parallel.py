@@ -539,7 +539,9 @@ class Leader:
             yield from self.replay_unit(unit)
             return
         replay = self.replay
-        if result.boundary_k is not None or not result.body:
+        if result.index == 0:  # the input's start, from scratch: nothing came before
+            merged: Optional[Tuple[List[Interval], Dict[str, Any]]] = [], {}
+        else:
             replay.pipeline.add_records(result.head)
             if not result.body:  # the whole unit was head: counted in order
                 add_stats(self.stats, result.stats)
@@ -547,7 +549,7 @@ class Leader:
             # what one process closes on reading the body's first record (which goes into a
             # later interval, so closing first changes nothing)
             replay.emit(self.model.close_due(result.first_time))
-        merged = self._merge(result)
+            merged = self._merge(result)
         if merged is None:
             os.unlink(result.spool)  # type: ignore[arg-type]
             yield from self.replay_unit(unit, len(result.head))
@@ -567,8 +569,7 @@ class Leader:
         """The body's boundary intervals with this model's: the closed ones as Intervals, the
         still open ones (as snapshot data); None if the body's assumption does not hold here
         or a merge would not be exact."""
-        if result.boundary_k is None:  # the input's first unit: nothing came before
-            return [], {}
+        assert result.boundary_k is not None
         model = self.model
         if model.reported != result.reported or any(
                 k > result.boundary_k for k in model.open_intervals):
