@@ -1,7 +1,7 @@
 """sfive-ngxlua-replay --jobs N: how it scales, and that the datasets stay byte for byte.
 
     python bench/replay_jobs.py [--lines 1000000] [--jobs 1,2] [--repeat 3] [--files 1]
-                                [--window] [--callgrind | --only-callgrind]
+                                [--window] [--callgrind | --only-callgrind | --pair]
 
 Generates the input (bench/gen.py: one file, or --files rotated ones), then runs the replay
 (the installed command, as an operator does) with each --jobs in turn (alternating, --repeat
@@ -25,6 +25,10 @@ on the installed command, once per N, dumping the main process's counts before e
 that a forked worker counts only its own work); it prints the main process's count before the
 fork and after, each worker's, the sum, and the projections from the counts (the bound:
 ``before + after + the largest worker's``). Minutes per run.
+
+``--pair`` measures the machine instead: the CPU seconds of one ``--jobs 1`` replay alone and
+of each of two run at once (on a VM's shared vCPUs the same work costs more CPU time when both
+are busy, whatever the code).
 """
 
 from __future__ import annotations
@@ -259,6 +263,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--window", action="store_true", help="replay with --from/--until")
     p.add_argument("--callgrind", action="store_true", help="instructions per process too")
     p.add_argument("--only-callgrind", action="store_true", help="instructions only")
+    p.add_argument("--pair", action="store_true",
+                   help="instead: one --jobs 1 replay alone against two at once (CPU s)")
     a = p.parse_args(argv)
     jobs = [int(j) for j in a.jobs.split(",")]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
@@ -282,12 +288,42 @@ def main(argv: Optional[List[str]] = None) -> int:
         limits = "" if window is None else f", --from {window[0]} --until {window[1]}"
         print(f"{a.lines:,} lines ({size / 1e6:.0f} MB) in {a.files} file(s){limits}; "
               f"{cores} cores; load average before: {os.getloadavg()[0]:.2f}")
-        if not a.only_callgrind:
+        if a.pair:
+            pair(files, a.repeat, window)
+        elif not a.only_callgrind:
             ok = timed_runs(files, jobs, a.repeat, window)
-        if a.callgrind or a.only_callgrind:
+        if (a.callgrind or a.only_callgrind) and not a.pair:
             ok = instructions(files, jobs, window, tmp) and ok
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0 if ok else 1
+
+
+def pair(files: List[str], repeat: int, window: Optional[Tuple[str, str]]) -> None:
+    """The machine's own cost of two busy processes: CPU seconds of one ``--jobs 1`` replay
+    alone, then of each of two run at once (the same work, whatever the code)."""
+    print(f"--pair: {repeat} rounds of one --jobs 1 replay alone, then two at once:")
+    print("| round | load | alone: CPU s (wall s) | two at once: CPU s each (wall s) |")
+    print("|---:|---:|---:|---:|")
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([REPLAY, *args_for(1, window), *files],
+                                stdout=subprocess.DEVNULL)
+
+    def cpu(procs: List[subprocess.Popen]) -> List[float]:
+        out = []
+        for proc in procs:
+            _, _, usage = os.wait4(proc.pid, 0)
+            out.append(usage.ru_utime + usage.ru_stime)
+        return out
+
+    for r in range(repeat):
+        t = time.monotonic()
+        alone = cpu([start()])[0]
+        t1 = time.monotonic()
+        two = cpu([start(), start()])
+        t2 = time.monotonic()
+        print(f"| {r + 1} | {os.getloadavg()[0]:.2f} | {alone:.2f} ({t1 - t:.2f}) | "
+              f"{two[0]:.2f}, {two[1]:.2f} ({t2 - t1:.2f}) |")
 
 
 def timed_runs(files: List[str], jobs: List[int], repeat: int,
