@@ -194,6 +194,8 @@ class NginxServer:
     wrapper: tuple[str, ...] = ()
     port: int = 0
     process: Optional[subprocess.Popen] = None
+    #: graceful stops that took longer than their timeout and needed TERM (tests assert none)
+    forced_stops: int = 0
 
     @property
     def conf_path(self) -> Path:
@@ -320,25 +322,30 @@ http {{
             time.sleep(0.02)
         raise NginxError(f"nginx did not reload:\n{self.error_log()}")
 
-    def quit(self, timeout: float = 10.0) -> None:
-        """`nginx -s quit`: a graceful stop (QUIT), waiting for the master to exit."""
-        self.stop(graceful=True, timeout=timeout)
+    def quit(self, timeout: float = 10.0) -> float:
+        """`nginx -s quit`: a graceful stop (QUIT), waiting for the master to exit; returns
+        the seconds it took."""
+        return self.stop(graceful=True, timeout=timeout)
 
-    def stop(self, graceful: bool = False, timeout: float = 10.0) -> None:
-        """Stop nginx (QUIT if graceful, else TERM) and wait for it; KILL as a last resort.
+    def stop(self, graceful: bool = False, timeout: float = 10.0) -> float:
+        """Stop nginx (QUIT if graceful, else TERM) and wait for it; KILL as a last resort;
+        returns the seconds the stop took (0 if nginx was not running).
         A graceful stop that takes longer than ``timeout`` goes on with TERM, as Debian's
         nginx.service does (``--retry QUIT/5``): a slow graceful quit is nginx's, not a
-        failure of the stop."""
+        failure of the stop; it is counted in ``forced_stops`` (a test that needs nginx to
+        stop gracefully asserts it stayed 0)."""
         if self.process is None or self.process.poll() is not None:
-            return
+            return 0.0
+        began = time.monotonic()
         self.process.send_signal(signal.SIGQUIT if graceful else signal.SIGTERM)
         try:
             self.process.wait(timeout)
-            return
+            return time.monotonic() - began
         except subprocess.TimeoutExpired:
             if not graceful:
                 self._kill()
                 raise NginxError(f"nginx did not stop within {timeout}s") from None
+        self.forced_stops += 1
         print(f"[nginx] a graceful stop took more than {timeout:g}s: TERM, as Debian's unit does")
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -346,6 +353,7 @@ http {{
         except subprocess.TimeoutExpired:
             self._kill()
             raise NginxError(f"nginx did not stop within {timeout}s of TERM either") from None
+        return time.monotonic() - began
 
     def _kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -29,7 +29,8 @@
 -- everything up to S, and every record whose time is before T (epoch seconds) has been delivered
 -- at or before S; O is the oldest record the ring still holds and OT about its time (both only
 -- once the ring holds a record). When the worker exits (reload, quit), a stream first drains
--- what the other workers still log.
+-- what the other workers still log (drain_max at most); a subscriber that has not taken the
+-- stream's end drain_max + DRAIN_GRACE into the exit is cut, so that the worker can go.
 --
 -- Works with lua-nginx-module >= 0.10.6 (Debian bookworm's libnginx-mod-http-lua 0.10.23) and
 -- OpenResty. Needs no Lua library besides the module itself.
@@ -66,6 +67,15 @@ local CACHE_STRING_MAX = 1024  -- longer user agents and URLs are cut and escape
 -- buffering (a worker's cached clock lags the real one by its event-loop iteration, a timer
 -- fires late on a busy worker): heartbeats promise T = now - flush_interval - this.
 local CLOCK_SLACK = 0.3
+
+-- At a worker's exit a stream ends itself within drain_max, but only between two writes: a
+-- write waits (ngx.flush(true)) for a subscriber that does not read (stopped, hung, or behind
+-- with its socket buffers full) for send_timeout (60 s), and nginx then waits as long again to
+-- send the response's end, and the worker with it (91 s measured). So a guard beside each
+-- stream cuts the connection when the stream has not ended DRAIN_GRACE after drain_max; it
+-- looks whether the worker is exiting every GUARD_POLL seconds.
+local DRAIN_GRACE = 0.5
+local GUARD_POLL = 0.25
 
 local config = {
     dict = "sfive",          -- name of the lua_shared_dict holding the ring
@@ -824,12 +834,29 @@ function M.serve()
     local pending_since
     local exiting = ngx.worker.exiting
     local now = ngx.now
+    local drain_start               -- when this stream saw its worker exiting (either thread)
+    local guard = ngx.thread.spawn(function()
+        while not exiting() do
+            ngx.sleep(GUARD_POLL)
+        end
+        drain_start = drain_start or now()
+        local limit = config.drain_max + DRAIN_GRACE
+        local wait = drain_start + limit - now()
+        if wait > 0 then
+            ngx.sleep(wait)
+        end
+        ngx.log(ngx.WARN, "sfive: the subscriber did not take the stream's end within ",
+                limit, " s of the worker's exit (drain_max + ", DRAIN_GRACE, "): closing its ",
+                "connection so that the worker can exit; it resumes after the last record it ",
+                "got (a reload keeps the ring, a stop does not)")
+        return ngx.exit(444)
+    end)
     local hb_interval = config.heartbeat_interval
     local hb_slack = CLOCK_SLACK + config.flush_interval
     local next_hb = 0               -- when the next heartbeat is due (v2): at once
     local hb_time = 0               -- the last heartbeat's T (never goes back)
     local last_batch                -- the batch holding the last record delivered
-    local drain_start, quiet_since, drain_newest
+    local quiet_since, drain_newest
     while true do
         newest = dict:get(SEQ_KEY) or newest
         local oldest = oldest_held(dict, newest, ring)
@@ -887,10 +914,11 @@ function M.serve()
         end
         local t = now()
         local finished = false
-        if drain_start == nil and exiting() then
-            drain_start, quiet_since, drain_newest = t, t, newest
+        if quiet_since == nil and (drain_start or exiting()) then
+            drain_start = drain_start or t
+            quiet_since, drain_newest = t, newest
         end
-        if drain_start ~= nil then
+        if quiet_since ~= nil then
             -- the worker is exiting: go on until the ring has been quiet for a moment
             if newest ~= drain_newest or waiting or cursor <= newest then
                 drain_newest, quiet_since = newest, t
@@ -940,10 +968,12 @@ function M.serve()
             end
             nout = 0
             if not ok then
-                return
+                -- timed out (send_timeout) or gone: close now, not after another send_timeout
+                return ngx.exit(444)
             end
         end
         if finished then
+            ngx.thread.kill(guard)
             return
         end
         if sent < batch_max then

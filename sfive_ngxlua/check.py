@@ -84,7 +84,9 @@ class CheckOptions(Options):
 
     def opt_version(self) -> None:
         """print the version and exit"""
-        print(f"sfive-ngxlua-check {__version__}")
+        from .records import default_decoder
+
+        print(f"sfive-ngxlua-check {__version__} (lines decoded by {default_decoder()})")
         sys.exit(0)
 
     def postOptions(self) -> None:

@@ -2,13 +2,13 @@
 
 The fetcher never stops the reactor: an answer other than 200, a refused or failed connection,
 headers that do not come within the connect timeout, a body that goes idle for longer than the
-idle timeout, or the stream's end all lead to a new attempt after an exponential backoff with
-jitter (reset after every good connection: protocol 2's headers, or a first exporter line; a
-200 without the header whose body ends holding no exporter line is "not an exporter"). So does
-an error nobody expected (its traceback is logged once and counted: lifecycle.Lifecycle); its
-states are ``connecting``, ``streaming``, ``backoff`` and ``retrying``. It resumes after the
-last exporter sequence number it read (``?after=N``), so records still in the exporter's ring
-are not lost to a reconnect.
+idle timeout (judged by what arrived: ``IDLE_RECHECK``), or the stream's end all lead to a new
+attempt after an exponential backoff with jitter (reset after every good connection: protocol
+2's headers, or a first exporter line; a 200 without the header whose body ends holding no
+exporter line is "not an exporter"). So does an error nobody expected (its traceback is logged
+once and counted: lifecycle.Lifecycle); its states are ``connecting``, ``streaming``,
+``backoff`` and ``retrying``. It resumes after the last exporter sequence number it read
+(``?after=N``), so records still in the exporter's ring are not lost to a reconnect.
 
 Protocol v2 (nginx/README.md, "Protocol 2"): it asks ``v=2`` and, once it knows the
 exporter's ring, sends ``ring=ID``. An exporter that answers ``X-Sfive-Protocol: 2`` names its
@@ -57,6 +57,11 @@ USER_AGENT = f"sfive-ngxlua/{__version__}".encode("ascii")
 PROTOCOL = 2
 """The exporter stream protocol this fetcher asks for."""
 _RING_ID = re.compile(r"[0-9a-fA-F]{1,64}\Z")
+IDLE_RECHECK = 0.1
+"""Seconds between the idle watchdog finding the stream silent and its second look, the one
+that cuts: the reactor runs its timers before its I/O, so after a stall (a long pause, a slow
+disk, a loaded machine) the watchdog fires before the bytes that came meanwhile are read; the
+second look comes after they are."""
 
 
 def _header(response: Any, name: bytes) -> Optional[str]:
@@ -364,13 +369,18 @@ class LogFetchService(Service):
         if beat.oldest_time is not None:
             self.stats.ring_history = max(0.0, beat.time - beat.oldest_time)
 
-    def _check_idle(self) -> None:
+    def _check_idle(self, again: bool = False) -> None:
+        """Idle is judged by what has arrived: data since the last look re-arms; silence for
+        ``idle_timeout`` is looked at ``again`` (``IDLE_RECHECK``) before it cuts."""
         self._watchdog = None
         try:
             idle = self.clock.seconds() - self._last_data
             if idle < self.idle_timeout:
                 self._watchdog = self.clock.callLater(self.idle_timeout - idle,
                                                       self._check_idle)
+                return
+            if not again:
+                self._watchdog = self.clock.callLater(IDLE_RECHECK, self._check_idle, True)
                 return
             self.log.warn("exporter sent nothing for {idle:.0f}s; reconnecting", idle=idle)
             # not left to the body's connectionLost (it may never come, or have no transport

@@ -17,7 +17,10 @@ A file is known by its device, inode and first line (its "head"), never by its p
 - while the service was down: the saved files are found again by identity, and the log's files
   that came after them (the ones in between when it was rotated more than once, or the copy of a
   file saved before it had a complete line, whose truncation nothing else can tell) are read from
-  their start, oldest first: the position names the log's other files, done with (``seen``).
+  their start, oldest first: the position names the log's other files, done with (``seen``);
+- compressed after its rotation (``compress`` without ``delaycompress``): gzip, bzip2 and xz
+  are read through their decompressors (``_Packed``: the saved file's rest from its offset, a
+  file that came after from its start); one that cannot be read is an announced loss, named.
 
 A file's first lines are checked when it is opened (or once it has them): a log that is not in
 the sfive format (nginx's ``combined``, say) is one error naming nginx/sfive-log.conf, counted
@@ -36,11 +39,15 @@ on from the first line not yet folded into the model).
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import lzma
 import math
 import os
 import stat
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+import zlib
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
@@ -67,8 +74,17 @@ ROTATED_SLACK = 1.0
 POLL_WITH_INOTIFY = 1.0
 POLL_WITHOUT_INOTIFY = 0.25
 WAITING, BACKLOG, FOLLOWING = "waiting-for-file", "reading-backlog", "following"
-COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x04\x22\x4d\x18")
-"""Magic numbers of gzip, bzip2, xz, zstd and lz4: a rotated log compressed is not read."""
+PACKED: Dict[bytes, Tuple[str, Optional[Callable[[IO[bytes]], IO[bytes]]]]] = {
+    b"\x1f\x8b": ("gzip", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")),
+    b"BZh": ("bzip2", bz2.BZ2File),
+    b"\xfd7zXZ\x00": ("xz", lzma.LZMAFile),
+    b"\x28\xb5\x2f\xfd": ("zstd", None),
+    b"\x04\x22\x4d\x18": ("lz4", None),
+}
+"""Magic numbers of the compressions logrotate may use, with a reader where the standard library
+has one: a rotated log compressed is read through it (``_Packed``); zstd and lz4 are not."""
+UNPACK_ERRORS = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError)
+"""What a decompressor raises on a file that is corrupt or cut short."""
 FORMAT_LINES = 8
 FORMAT_BYTES = 64 << 10
 """A file's format is checked on its first FORMAT_LINES lines, read from its first FORMAT_BYTES
@@ -85,8 +101,27 @@ def _first_line(data: bytes) -> bytes:
     return data[: nl + 1] if nl >= 0 else data
 
 
+def _int(value: Any) -> int:
+    """A saved count, 0 where it is malformed."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _packing(head: bytes) -> Optional[str]:
+    """The compression a file's first bytes name (gzip, bzip2, xz, zstd, lz4), or None."""
+    for magic, (kind, _) in PACKED.items():
+        if head.startswith(magic):
+            return kind
+    return None
+
+
 class _File:
-    """One open log file: identity, read position, end of the last complete line, own splitter."""
+    """One open log file: identity, read position, end of the last complete line, own splitter.
+    Its bytes are read through ``pread`` (a compressed rotation, ``_Packed``, decompresses)."""
+
+    packed = False
 
     def __init__(self, name: str, fd: int, st: os.stat_result, now: float,
                  max_line: int) -> None:
@@ -104,9 +139,36 @@ class _File:
         self.sfive: Optional[bool] = None
         """Whether its first lines are in the sfive format (None: not checked yet)."""
 
+    def pread(self, n: int, offset: int) -> bytes:
+        return os.pread(self.fd, n, offset)
+
+    def fits(self, offset: int) -> bool:
+        """Whether a saved offset lies within the file."""
+        return 0 <= offset <= os.fstat(self.fd).st_size
+
+    def rewritten(self) -> bool:
+        """Shrunk below the read offset, or begins otherwise (copytruncate, a rewrite)."""
+        return os.fstat(self.fd).st_size < self.offset or not self.head_matches()
+
+    def unread(self) -> bool:
+        """Whether it holds bytes not read yet."""
+        return os.fstat(self.fd).st_size != self.offset
+
+    def catch_up(self, budget: int) -> int:
+        """Bytes passed over on the way to ``offset`` (a compressed file only)."""
+        return 0
+
+    def behind(self) -> bool:
+        return False
+
+    def finished(self, now: float, quiet: float) -> bool:
+        """A rotated file is let go once quiet for longer than ``quiet`` (nginx's workers may
+        write it until they have reopened their logs)."""
+        return now - self.last_growth > quiet
+
     def learn_head(self) -> None:
         """Remember the first line (up to HEAD bytes) once the file has it."""
-        data = os.pread(self.fd, HEAD, 0)
+        data = self.pread(HEAD, 0)
         nl = data.find(b"\n")
         if nl >= 0:
             self.head = data[: nl + 1]
@@ -115,7 +177,7 @@ class _File:
 
     def head_matches(self) -> bool:
         """Whether the file still begins as it did (False: truncated or rewritten in place)."""
-        return self.head is None or os.pread(self.fd, len(self.head), 0) == self.head
+        return self.head is None or self.pread(len(self.head), 0) == self.head
 
     def ident(self) -> dict:
         head = self.head or b""
@@ -126,6 +188,120 @@ class _File:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class _Packed(_File):
+    """A rotated log compressed after its rotation (logrotate's ``compress``: gzip, bzip2 or
+    xz), read once to its end from its start or from a saved offset (in its uncompressed
+    bytes), reached a budget at a time (``catch_up``); it never grows. Its first FORMAT_BYTES
+    are kept apart for the head and format checks."""
+
+    packed = True
+
+    def __init__(self, name: str, fd: int, st: os.stat_result, now: float, max_line: int,
+                 kind: str, opener: Callable[[IO[bytes]], IO[bytes]]) -> None:
+        super().__init__(name, fd, st, now, max_line)
+        self.kind = kind
+        self._opener = opener
+        self._raw: Optional[IO[bytes]] = None
+        self._stream: Optional[IO[bytes]] = None
+        self._pos = 0
+        self._first: Optional[bytes] = None
+        self._error: Optional[BaseException] = None
+        self.eof = False
+
+    def _unpacked(self) -> Tuple[IO[bytes], IO[bytes]]:
+        """A decompressor from the file's start (one at a time: a dup shares the offset)."""
+        raw = os.fdopen(os.dup(self.fd), "rb")
+        try:
+            raw.seek(0)
+            return raw, self._opener(raw)
+        except BaseException:
+            raw.close()
+            raise
+
+    def _restart(self) -> None:
+        self._close_stream()
+        self._raw, self._stream = self._unpacked()
+        self._pos, self.eof, self._error = 0, False, None
+
+    def _skip(self, n: int) -> int:
+        done = 0
+        while done < n and not self.eof:
+            done += len(self._some(min(CHUNK, n - done)))
+        return done
+
+    def _some(self, n: int) -> bytes:
+        """At most ``n`` bytes from one step of the decompressor (b"": its end), so that what
+        precedes a cut or a corrupt block is read before the error is."""
+        assert self._stream is not None
+        data = self._stream.read1(n)  # type: ignore[attr-defined]
+        self._pos += len(data)
+        self.eof = not data
+        return data
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """Its first bytes (up to FORMAT_BYTES): the head and format checks' reads."""
+        if offset != 0:
+            raise ValueError("a compressed file is read in order (catch_up, read_on)")
+        if self._first is None:
+            raw, stream = self._unpacked()
+            try:
+                self._first = stream.read(FORMAT_BYTES)
+            finally:
+                stream.close()
+                raw.close()
+        return self._first[:n]
+
+    def read_on(self, n: int) -> bytes:
+        """Up to ``n`` bytes at ``offset`` (where ``catch_up`` brought the decompressor); an
+        error after some bytes is raised by the next call, after they are read."""
+        assert self._pos == self.offset
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        parts: List[bytes] = []
+        got = 0
+        try:
+            while got < n and not self.eof:
+                data = self._some(n - got)
+                parts.append(data)
+                got += len(data)
+        except UNPACK_ERRORS as e:
+            if not parts:
+                raise
+            self._error = e
+        return b"".join(parts)
+
+    def fits(self, offset: int) -> bool:
+        return offset >= 0  # known once decompressed that far (``catch_up``)
+
+    def rewritten(self) -> bool:
+        return False
+
+    def unread(self) -> bool:
+        return not self.eof
+
+    def catch_up(self, budget: int) -> int:
+        if self._stream is None or self._pos > self.offset:  # (a feed raised after a read)
+            self._restart()
+        return self._skip(max(0, min(budget, self.offset - self._pos)))
+
+    def behind(self) -> bool:
+        return self._pos != self.offset
+
+    def finished(self, now: float, quiet: float) -> bool:
+        return self.eof and not self.behind()
+
+    def _close_stream(self) -> None:
+        for part in (self._stream, self._raw):
+            if part is not None:
+                part.close()
+        self._stream = self._raw = None
+
+    def close(self) -> None:
+        self._close_stream()
+        super().close()
 
 
 class FileFollowService(Service):
@@ -176,20 +352,38 @@ class FileFollowService(Service):
     # --- the source's contract: watermark, position, resume ----------------------------------
 
     def watermark(self, now: float) -> float:
-        """Event time up to which every line is in the model: while caught up with every open
-        file, the clock minus the flush period (nginx writes a line at most that long after its
-        request); while reading a backlog, the last line's time minus the flush period (workers
-        interleave out of order by up to that much); -inf before the first look at the file.
-        It stands still while no file is open, or one is not in the sfive format (coverage:
-        nothing is vouched for then)."""
+        """Event time up to which every line is in the model, minus the flush period (nginx
+        writes a line at most that long after its request; workers interleave out of order by
+        up to that much). Caught up: ``now`` if every open file is read to its end when asked
+        (``_all_read``), else the time the last read to the end *began*: what was written
+        before then is in, what came after waits for its read (an inotify event or a poll not
+        handled yet, as after a stall of the reactor, whose timers run before its I/O). Reading
+        a backlog: the last line's time. -inf before the first look at the file. It stands
+        still while no file is open, or one is not in the sfive format (coverage: nothing is
+        vouched for then)."""
         if not self._vouches():
             return self._watermark
         if self._caught_up:
-            base = now if self._notify is not None else self._caught_up_at
+            base = now if self._all_read() else self._caught_up_at
         else:
             base = self._last_time
         self._watermark = max(self._watermark, base - self.flush_period)
         return self._watermark
+
+    def _all_read(self) -> bool:
+        """Whether, now, every open file ends where it was read to and the path names the file
+        read last: nothing written so far waits for a read (an fstat per open file, a stat)."""
+        cur = self.current
+        if cur is None:
+            return False
+        try:
+            for f in self._files():
+                if f.unread():
+                    return False
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (cur.dev, cur.ino)
 
     def _vouches(self) -> bool:
         """A readable file in the sfive format is open (a quiet one too)."""
@@ -390,7 +584,7 @@ class FileFollowService(Service):
         now = self.clock.seconds()
         self._follow_path(now)
         for f in list(self.rotated):  # truncated too (copytruncate, then renamed before a look)
-            if os.fstat(f.fd).st_size < f.offset or not f.head_matches():
+            if f.rewritten():
                 self._truncated(f, now)
         budget = BUDGET
         for f in self._files():
@@ -445,6 +639,8 @@ class FileFollowService(Service):
             self.log.info("following {path} from its start", path=self.path)
 
     def _open(self, name: str, now: float) -> Optional[_File]:
+        """The file ``name`` opened; a rotated one compressed (not the path) through its
+        decompressor (None if the standard library has none: zstd, lz4)."""
         try:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -454,7 +650,25 @@ class FileFollowService(Service):
                             "service's user must be able to read the log)", why=e.strerror)
             return None
         self._warned.discard("open")
-        return _File(name, fd, os.fstat(fd), now, self.max_line)
+        try:
+            st = os.fstat(fd)
+            kind = None if name == self.path else _packing(os.pread(fd, 8, 0))
+        except OSError:
+            os.close(fd)
+            return None
+        if kind is None:
+            return _File(name, fd, st, now, self.max_line)
+        opener = next(o for k, o in PACKED.values() if k == kind)
+        if opener is None:
+            os.close(fd)
+            return None
+        f = _Packed(name, fd, st, now, self.max_line, kind, opener)
+        try:
+            f.pread(FORMAT_BYTES, 0)  # its first bytes, kept: the head checks never fail later
+        except UNPACK_ERRORS:
+            f.close()
+            return None
+        return f
 
     def _open_at_end(self, now: float) -> None:
         """A start without a saved position: from the end of the file's last complete line (the
@@ -509,15 +723,19 @@ class FileFollowService(Service):
 
     def _came(self, seen: list, now: float) -> None:
         """The log's files that came after the saved position, read from their start, oldest
-        (by mtime) first, before the file at the path: the files in between when it was rotated
-        more than once while the service was down, or the copy when a file saved without a
-        complete line (no head to tell a truncation by) was copytruncated. A file is old if it
-        was ``seen`` then with the same first line; a file beginning as the file at the path or
-        one being read does (logrotate's ``copy``) is not read twice."""
-        old = {}
+        (by first line, then mtime) first, before the file at the path: the files in between
+        when it was rotated more than once while the service was down, or the copy when a file
+        saved without a complete line (no head to tell a truncation by) was copytruncated. A
+        file is old if it was ``seen`` then with the same first line; a file beginning as the
+        file at the path or one being read does (logrotate's ``copy``) is not read twice, nor
+        a compressed one beginning as a file seen then (read before, compressed since). One
+        compressed in a way the follower cannot read (zstd, lz4, or corrupt) is an announced
+        loss, logged by name."""
+        old, done = {}, set()
         for e in seen:
             if isinstance(e, dict):
                 old[(e.get("dev"), e.get("ino"))] = e
+                done.add((_int(e.get("head_len")), e.get("head")))
         followed = {(f.dev, f.ino) for f in self._files()}
         heads = {f.head for f in self._files() if f.head}
         try:
@@ -527,27 +745,40 @@ class FileFollowService(Service):
                 heads.add(here)
         except OSError:
             pass
-        came = []
+        came, unread = [], []
         for name, st in self._siblings():
             key = (st.st_dev, st.st_ino)
             if key in followed:
                 continue
             head = self._head_of(name, st)
-            if head is None or head.startswith(COMPRESSED) or head in heads:
+            if head is None or head in heads:
                 continue
             e = old.get(key)
             if e is not None:
-                try:
-                    head_len = int(e.get("head_len") or 0)
-                except (TypeError, ValueError):
-                    head_len = 0
+                head_len = _int(e.get("head_len"))
                 if st.st_size == 0 or (head_len and _digest(head[:head_len]) == e.get("head")):
                     continue  # done with before the stop (or nothing in it)
-            came.append((st.st_mtime_ns, name, key))
+            kind = _packing(head)
+            if kind is not None:
+                head = self._unpacked_head(name, now)
+                if head is None:
+                    unread.append((name, kind))
+                    continue
+                if head in heads or any(n and _digest(head[:n]) == h for n, h in done):
+                    continue  # read before the stop, compressed since
+            t = self.pipeline.time_of(head.rstrip(b"\n")) if head.endswith(b"\n") else None
+            came.append((st.st_mtime_ns / 1e9 if t is None else t, st.st_mtime_ns, name, key))
+        for name, kind in unread:
+            self.stats.file_rotations += 1
+            self.pipeline.lose(None, now)
+            self.log.warn("{name} came while the service was down, but it cannot be read ({kind}; "
+                          "the follower reads gzip, bzip2 and xz): the lines in it that were not "
+                          "read before are lost (decompress it and run sfive-ngxlua-replay "
+                          "--from/--until over it)", name=name, kind=kind)
         if not came:
             return
         truncated = self.current is not None  # the saved file is still at the path: copies
-        for _mtime, name, key in sorted(came):
+        for _t, _mtime, name, key in sorted(came):
             f = self._open(name, now)
             if f is None:
                 continue
@@ -568,6 +799,18 @@ class FileFollowService(Service):
                           "lines nginx wrote between the copy and the truncation are lost",
                           path=self.path)
 
+    def _unpacked_head(self, name: str, now: float) -> Optional[bytes]:
+        """The first line of a compressed file, decompressed; None if it cannot be read."""
+        f = self._open(name, now)
+        if f is None:
+            return None
+        try:
+            return _first_line(f.pread(HEAD, 0))
+        except UNPACK_ERRORS:
+            return None
+        finally:
+            f.close()
+
     def _reopen_one(self, ident: dict, now: float) -> Optional[_File]:
         """One saved file, opened at its saved offset (or at its start, or its copy's offset
         after a copytruncate while the service was down); None, counted and logged, if it is
@@ -575,23 +818,33 @@ class FileFollowService(Service):
         offset = int(ident.get("offset") or 0)
         f = self._find(ident, now)
         if f is None:  # copytruncate while the service was down: the copy has the rest
+            key = (ident.get("dev"), ident.get("ino"))
             f = self._find_copy(int(ident.get("head_len") or 0), ident.get("head"), offset - 1,
-                                now, (ident.get("dev"), ident.get("ino")))
+                                now, key)
             if f is None:
                 self.stats.file_rotations += 1
                 self.pipeline.lose(None, now)
                 self.log.warn(
-                    "the file followed before (inode {ino}, at offset {offset}) is gone: the "
-                    "lines it got after that are lost (sfive-ngxlua-replay --from/--until over "
-                    "the rotated logs fills the hole)", ino=ident.get("ino"), offset=offset)
+                    "the file followed before (inode {ino}, at offset {offset}) is gone from "
+                    "{dir} (deleted, compressed with {unread}, or moved elsewhere: logrotate's "
+                    "olddir): the lines it got after that are lost (sfive-ngxlua-replay "
+                    "--from/--until over the rotated logs fills the hole)", ino=key[1],
+                    offset=offset, dir=os.path.dirname(self.path),
+                    unread=" or ".join(k for k, o in PACKED.values() if o is None))
                 return None
+            if f.packed and not self._at_path(key):
+                self.log.info("{name} is the file followed before (inode {ino}), compressed "
+                              "after its rotation while the service was down: reading it on "
+                              "from offset {offset}", name=f.name, ino=key[1], offset=offset)
+                f.offset = f.line_end = offset
+                return f
             self.stats.file_truncations += 1
             self.pipeline.lose(None, now)
             self.log.warn("{path} was truncated in place (copytruncate?) while the service was "
                           "down: reading the rest from its copy {name}; lines nginx wrote "
                           "between the copy and the truncation are lost", path=self.path,
                           name=f.name)
-        if not 0 <= offset <= os.fstat(f.fd).st_size:
+        if not f.fits(offset):
             self.stats.file_truncations += 1
             self.log.warn("{name} does not reach the saved offset {offset}: reading it from its "
                           "start", name=f.name, offset=offset)
@@ -617,7 +870,7 @@ class FileFollowService(Service):
                 if f is not None:
                     f.close()
                 continue
-            if _digest(os.pread(f.fd, head_len, 0)) != ident.get("head"):
+            if _digest(f.pread(head_len, 0)) != ident.get("head"):
                 f.close()
                 continue
             f.learn_head()
@@ -637,33 +890,78 @@ class FileFollowService(Service):
         return names
 
     def _read(self, f: _File, now: float, budget: int) -> int:
-        """Feed what ``f`` gained (at most about ``budget`` bytes); return the bytes read."""
+        """Feed what ``f`` gained (at most about ``budget`` bytes); return the bytes read (or,
+        in a compressed file, passed over on the way to a saved offset)."""
+        if isinstance(f, _Packed):
+            return self._read_packed(f, now, budget)
         if f.sfive is None:
             self._check_format(f)
         got = 0
         while got < budget:
             try:
-                data = os.pread(f.fd, CHUNK, f.offset)
+                data = f.pread(CHUNK, f.offset)
             except OSError as e:
                 self._warn_once("read", "error reading {name}: {why}", name=f.name, why=e.strerror)
                 break
             if not data:
                 break
             got += len(data)
-            lines = self._feed(f, data)
-            start = f.offset
-            f.offset += len(data)
-            nl = data.rfind(b"\n")
-            if nl >= 0:
-                f.line_end = start + nl + 1
-            f.last_growth = now
-            if f.head is None:
-                f.learn_head()
-            if lines:
-                self._note_time(lines, now)
+            self._take(f, data, now)
             if len(data) < CHUNK:
                 break
         return got
+
+    def _take(self, f: _File, data: bytes, now: float) -> None:
+        """``data``, read at ``f.offset``, into the pipeline; the file's offsets past it."""
+        lines = self._feed(f, data)
+        start = f.offset
+        f.offset += len(data)
+        nl = data.rfind(b"\n")
+        if nl >= 0:
+            f.line_end = start + nl + 1
+        f.last_growth = now
+        if f.head is None:
+            f.learn_head()
+        if lines:
+            self._note_time(lines, now)
+
+    def _read_packed(self, f: _Packed, now: float, budget: int) -> int:
+        """A compressed rotation: decompressed (and passed over) up to its saved offset a
+        budget at a time, then read to its end; one that cannot be (corrupt, cut short) is let
+        go as an announced loss (``_unreadable``)."""
+        if f.sfive is None:
+            self._check_format(f)
+        try:
+            got = f.catch_up(budget)
+        except UNPACK_ERRORS as e:
+            self._unreadable(f, now, str(e) or type(e).__name__)
+            return 0
+        if f.behind():
+            if not f.eof:
+                return max(got, budget)  # on, on the next turn of the reactor
+            self._unreadable(f, now, f"it ends before the saved offset {f.offset}")
+            return got
+        while got < budget and not f.eof:
+            try:
+                data = f.read_on(CHUNK)
+            except UNPACK_ERRORS as e:
+                self._unreadable(f, now, str(e) or type(e).__name__)
+                break
+            got += len(data)
+            self._take(f, data, now)
+        return got
+
+    def _unreadable(self, f: _File, now: float, why: str) -> None:
+        """A compressed rotation that cannot be read on (corrupt, cut short): let go, the rest of
+        its lines an announced loss, logged."""
+        if f in self.rotated:
+            self.rotated.remove(f)
+        f.close()
+        self.stats.file_truncations += 1
+        self.pipeline.lose(None, now)
+        self.log.warn("{name} cannot be read on from offset {offset} ({why}): the lines in it "
+                      "after that are lost (sfive-ngxlua-replay --from/--until over a good "
+                      "copy fills the hole)", name=f.name, offset=f.line_end, why=why)
 
     def _check_format(self, f: _File) -> None:
         """Once a file has its first complete lines: are they in the sfive format? If not, one
@@ -671,7 +969,7 @@ class FileFollowService(Service):
         on all the same, its lines rejected and counted, so that nginx writing the right
         format after a fix and a reload is counted from its first line on."""
         try:
-            data = os.pread(f.fd, FORMAT_BYTES, 0)
+            data = f.pread(FORMAT_BYTES, 0)
         except OSError:
             return  # the read says it
         lines = data.split(b"\n")[:-1][:FORMAT_LINES]
@@ -733,7 +1031,7 @@ class FileFollowService(Service):
     def _retire_quiet(self, now: float) -> None:
         quiet = self.flush_period + ROTATED_SLACK
         for f in list(self.rotated):
-            if now - f.last_growth <= quiet:
+            if not f.finished(now, quiet):
                 continue
             self.rotated.remove(f)
             dropped = f.splitter.reset()
@@ -783,16 +1081,28 @@ class FileFollowService(Service):
                 st = os.stat(name)
             except OSError:
                 continue
-            if st.st_size <= past or (st.st_dev, st.st_ino) == not_ino:
+            if (st.st_dev, st.st_ino) == not_ino:
                 continue
+            if st.st_size <= past:  # too short, unless compressed
+                first = self._head_of(name, st)
+                if first is None or _packing(first) is None:
+                    continue
             f = self._open(name, now)
             if f is None:
                 continue
-            if _digest(os.pread(f.fd, head_len, 0)) == head:
+            if _digest(f.pread(head_len, 0)) == head:
                 f.learn_head()
                 return f
             f.close()
         return None
+
+    def _at_path(self, key: Tuple[Any, Any]) -> bool:
+        """Whether the path names the file with this device and inode."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == key
 
     def _warn_once(self, key: str, text: str, info: bool = False, **kw: Any) -> None:
         if key in self._warned:

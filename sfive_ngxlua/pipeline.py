@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -196,7 +197,8 @@ class Pipeline:
         for reason in reasons:
             self._sample_at[reason] = self.stats.lines + 1
             i = firsts[reason]
-            url = rejected_url(self.parser, _line_at(lines, i) if blocks else lines[i])
+            line = _line_at(lines, self.parser.block_starts, i) if blocks else lines[i]
+            url = rejected_url(self.parser, line)
             if url is not None:
                 self.stats.sample_rejection(reason, url)
 
@@ -305,16 +307,8 @@ def _cut(blocks: List[bytes]) -> List[bytes]:
     return [line for block in blocks for line in block.split(b"\n") if line]
 
 
-def _line_at(blocks: List[bytes], i: int) -> bytes:
-    """Line ``i`` of blocks (as ``_cut`` numbers them), cutting only the block it is in."""
-    for block in blocks:
-        if b"\n\n" in block or block[:1] == b"\n" or block[-1:] == b"\n":
-            lines = [line for line in block.split(b"\n") if line]
-            n = len(lines)
-        else:
-            lines = None
-            n = block.count(b"\n") + 1 if block else 0
-        if i < n:
-            return (lines if lines is not None else block.split(b"\n"))[i]
-        i -= n
-    raise IndexError(i)
+def _line_at(blocks: List[bytes], starts: List[int], i: int) -> bytes:
+    """Line ``i`` of blocks (as ``_cut`` numbers them), each block's first line numbered in
+    ``starts`` (``RecordParser.block_starts``): only the block it is in is cut."""
+    at = bisect.bisect_right(starts, i) - 1
+    return [line for line in blocks[at].split(b"\n") if line][i - starts[at]]

@@ -2,7 +2,9 @@
 
 This is the per-line hot path of both the live service and replay. Live traffic repeats
 timestamps (to the second), time zone suffixes and URLs heavily, so each of those is parsed once
-and then looked up.
+and then looked up. Where the optional C accelerator (``_speedups.c``) is built, it decides the
+lines of the common shape many at a time and leaves every other line to the Python path here,
+which stays the reference (``RecordParser.decoder``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import calendar
 import codecs
 import json
+import os
 import re
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -50,6 +53,28 @@ try:  # an optional extra: about half the decoding cost where installed
     import orjson
 except ImportError:  # pragma: no cover - depends on the installation
     orjson = None
+
+try:  # the optional C accelerator (setup.py builds it where there is a compiler)
+    from . import _speedups
+except ImportError:  # pragma: no cover - depends on the build
+    _speedups = None
+
+PURE_ENV = "SFIVE_NGXLUA_PURE"
+"""Set (to anything but "" or "0"), parsers do not use the C accelerator: the pure-Python
+path, for tests and benchmarks."""
+
+
+DECODER_NAMES = {"c": "the C accelerator", "orjson": "orjson", "json": "the standard library"}
+"""What decides many lines at a time, by ``RecordParser.decoder``, for the logs and --version."""
+
+
+def default_decoder() -> str:
+    """What a parser decodes lines with unless told: "c" (the accelerator, unless it is not
+    built or $SFIVE_NGXLUA_PURE is set), else "orjson" where installed, else "json" (the
+    standard library's)."""
+    if _speedups is not None and os.environ.get(PURE_ENV, "") in ("", "0"):
+        return "c"
+    return "orjson" if orjson is not None else "json"
 
 PIECE = 32
 """Lines decoded together: one decoder call for each piece. Small, because a piece holding an
@@ -146,7 +171,8 @@ def _reject(rejected: Dict[str, int], firsts: Dict[str, int], reason: str, at: i
 class RecordParser:
     """Turns lines into records under one Settings; remembers the last exporter sequence number."""
 
-    def __init__(self, settings: Settings, repair_utf8: bool = False) -> None:
+    def __init__(self, settings: Settings, repair_utf8: bool = False,
+                 decoder: Optional[str] = None) -> None:
         self._statuses = settings.statuses
         self._match = compile_nameformat(settings.nameformat).match
         self._streamers = {key: key for key in settings.streamers}
@@ -157,9 +183,19 @@ class RecordParser:
         self.first_rejected: Dict[str, int] = {}
         """Per rejection reason, the number of its first line in the last ``parse_lines`` or
         ``parse_blocks`` (of the lines, blocks cut into lines without the empty ones)."""
-        self.fast_decoder = orjson is not None
-        """Decode pieces with orjson first where it is installed (the standard library's
-        decoder decides whatever orjson refuses or may read otherwise)."""
+        self.block_starts: List[int] = []
+        """Of the last ``parse_blocks``, the number of each block's first line: where a line
+        is found without cutting the blocks before it (``pipeline._line_at``)."""
+        if decoder is None:
+            decoder = default_decoder()
+        elif {"c": _speedups, "orjson": orjson, "json": json}.get(decoder) is None:
+            raise ValueError(f"decoder {decoder!r} is not available here")
+        self.decoder = decoder
+        """How many lines at a time are decided: "c", the accelerator (``_parse_c``), or
+        "orjson" or "json", the decoder that decodes pieces of lines for ``_classify`` (with
+        orjson, the standard library's decides whatever orjson refuses or may read otherwise).
+        One line (``parse``), and every line the accelerator leaves, goes through the standard
+        library's decoder and ``_classify``: the reference."""
         self.repair_utf8 = repair_utf8
         """nginx's access log (``escape=json``) passes invalid UTF-8 through, where the exporter
         writes U+FFFD for each invalid byte: with this set, the parser does the same instead of
@@ -179,9 +215,11 @@ class RecordParser:
                     ) -> Tuple[List[Record], List[Tuple[int, Parsed]]]:
         """Classify many lines: the records in order (plain tuples laid out as Record), each
         gap or heartbeat with the number of records before it, and the rejections counted
-        into ``rejected`` by reason. The lines
-        are decoded a piece at a time (one decoder call for PIECE lines); the outcome is
-        exactly that of ``parse`` for each line."""
+        into ``rejected`` by reason. The lines are decided by the accelerator, or decoded a
+        piece at a time (one decoder call for PIECE lines); the outcome is exactly that of
+        ``parse`` for each line."""
+        if self.decoder == "c":
+            return self._parse_c(lines if type(lines) is list else list(lines), False, rejected)
         self.first_rejected = {}
         return self._classify(self._decode_lines(lines), rejected, lines)
 
@@ -190,15 +228,48 @@ class RecordParser:
         """``parse_lines`` of blocks of lines joined by "\\n" (``LineSplitter.feed_blocks``),
         without cutting them into lines where they have the plain shape: each block is
         checked and decoded whole (a block that is not plain, or fails, is cut into lines)."""
+        if self.decoder == "c":
+            return self._parse_c(blocks if type(blocks) is list else list(blocks), True,
+                                 rejected)
         objs: list = []
-        fast = self.fast_decoder
+        fast = self.decoder == "orjson"
+        self.block_starts = starts = []
         for block in blocks:
             got = self._decode_block(block, fast)
             if got is None:
                 got = self._decode_lines([line for line in block.split(b"\n") if line])
+            starts.append(len(objs))
             objs += got
         self.first_rejected = {}
         return self._classify(objs, rejected, _Lines(blocks) if fast else None)
+
+    def _parse_c(self, items: list, split: bool, rejected: Dict[str, int]
+                 ) -> Tuple[List[Record], List[Tuple[int, Parsed]]]:
+        """``parse_blocks`` (``split``) or ``parse_lines`` by the accelerator: one call decides
+        the lines of the common shape (records, and the rejections of lines valid but for their
+        status, url-truncated or streamer) and stops at the first other line, which ``_again``
+        classifies here; the next call goes on after it."""
+        records: List[Record] = []
+        events: List[Tuple[int, Parsed]] = []
+        self.first_rejected = firsts = {}
+        starts = None
+        if split:
+            starts = self.block_starts = []
+        scan = _speedups.scan
+        repair, urls, streamer, statuses = (self.repair_utf8, self._urls, self._streamer,
+                                            self._statuses)
+        i, pos, end, at, last_seq = scan(items, split, 0, 0, 0, self.last_seq, repair, records,
+                                         rejected, firsts, urls, streamer, statuses, starts)
+        n = len(items)
+        while i < n:
+            self.last_seq = last_seq
+            last_seq = self._again(items[i][pos:end] if split else items[i], records, events,
+                                   rejected, at)
+            i, pos, end, at, last_seq = scan(items, split, i, end + 1, at + 1, last_seq,
+                                             repair, records, rejected, firsts, urls,
+                                             streamer, statuses, starts)
+        self.last_seq = last_seq
+        return records, events
 
     def _decode_block(self, block: bytes, fast: bool) -> Optional[list]:
         """The values of a block's lines in one decoder call, if each line begins with its only
@@ -220,7 +291,7 @@ class RecordParser:
             return None
 
     def _decode_lines(self, lines: Sequence[bytes]) -> list:
-        decode = self._decode_fast if self.fast_decoder else self._decode_piece
+        decode = self._decode_fast if self.decoder == "orjson" else self._decode_piece
         if len(lines) <= PIECE:
             return decode(lines)
         objs: list = []

@@ -26,6 +26,7 @@ from .model import Interval, IntervalModel, StateMismatch
 from .outbox import DirectOutbox, DurableOutbox, Outbox, Positioned, deliver
 from .pipeline import Pipeline
 from .queues import MemoryQueue, Queue
+from .records import DECODER_NAMES
 from .report import ReportService, at_stop
 from .settings import Options, Settings
 from .sinks import CallableSink, HubDatagramSink, HubStreamSink, StdoutSink
@@ -301,6 +302,9 @@ class Importer(MultiService):
         self.report.check()
 
     def startService(self) -> None:
+        decoder = self.pipeline.parser.decoder
+        log.info("lines decoded by {decoder_name} ({decoder})", decoder=decoder,
+                 decoder_name=DECODER_NAMES[decoder])
         super().startService()
         pending, self.pending = self.pending, []
         for dataset in pending:

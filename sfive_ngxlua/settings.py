@@ -366,9 +366,10 @@ class Options(ModelOptions, HubOptions):
         from twisted import version as twisted_version
 
         from . import __version__
+        from .records import default_decoder
 
         print(f"sfive-ngxlua {__version__} (Twisted {twisted_version.short()}, "
-              f"Python {sys.version.split()[0]})")
+              f"Python {sys.version.split()[0]}, lines decoded by {default_decoder()})")
         sys.exit(0)
 
     def postOptions(self) -> None:

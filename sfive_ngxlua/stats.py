@@ -134,27 +134,3 @@ class Stats:
         figures.bytes = sent
         figures.bytes_total += sent
         figures.history.append((start, clients, sent))
-
-    def summary(self) -> dict:
-        """The figures as keyword data for one structured log event."""
-        return {
-            "lines": self.lines,
-            "accepted": self.accepted,
-            "rejected": dict(self.rejected),
-            "rejected_total": sum(self.rejected.values()),
-            "late": self.late,
-            "before_start": self.before_start,
-            "lost": self.lost,
-            "sent": self.datasets_sent,
-            "queued": self.queued,
-            "dropped": self.datasets_dropped,
-            "trimmed": self.datasets_trimmed,
-            "reconnects": self.exporter_reconnects,
-            "hub_reconnects": self.hub_reconnects,
-            "held": self.held,
-            "held_early": self.held_early,
-            "lag": "-" if self.watermark_lag is None else f"{self.watermark_lag:.1f}s",
-            "history": "-" if self.ring_history is None else f"{self.ring_history:.0f}s",
-            "clients": sum(f.clients for f in self.streams.values()),
-            "bytes": sum(f.bytes for f in self.streams.values()),
-        }

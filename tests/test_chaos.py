@@ -62,7 +62,7 @@ from helpers.chain import (
 from support import wait_for
 from test_access_log_e2e import nginx_logging
 from test_follow import Follower, append, entry, ips
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from lab.nginx import MEDIA_FILES
 
@@ -171,9 +171,12 @@ class Run:
                 return "the service is down already"
             yield self.service.stop(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
         elif kind == "reload":
-            self.nginx.reload()
+            yield threads.deferToThread(self.nginx.reload)
         elif kind == "nginx-restart":
-            self.nginx.stop(graceful=True)
+            # not on the reactor: blocked, it would hold a viewer's or the proxy's connection
+            # made but its request not yet sent, and nginx waits for such a connection at a
+            # graceful stop up to client_header_timeout (60 s; seed 2563 needed TERM)
+            yield threads.deferToThread(self.nginx.stop, graceful=True)
             self.nginx.start()
             self.proxy.retarget(self.nginx.port)
             self.viewers.base = self.nginx.url("")
@@ -388,6 +391,7 @@ def chaos(run: Run, rng: random.Random, kinds: dict, truth):
     run.t0 = time.time()
     yield run.play(faults)
     yield settle(run, truth)
+    assert run.nginx.forced_stops == 0, "a graceful stop of nginx took so long it needed TERM"
     log = run.service.log()
     assert "Traceback" not in log, log[log.index("Traceback") - 2000:][:6000]
     return faults

@@ -5,9 +5,10 @@ it; installs it with apt-get; runs the service through its init script (no
 systemd here) with this test as the hub (a real unix datagram socket) and a
 small HTTP server as the exporter; runs the systemd unit's command as its
 user against a private nginx that includes the installed exporter files;
-then purges the package. It changes the host (the package, /etc/default,
-/dev/log while it runs): run it as root on a throwaway Debian machine or
-container, as CI does.
+then purges the package. The package is per architecture: it ships the C
+accelerator, which the running service (confined too) must have loaded. It
+changes the host (the package, /etc/default, /dev/log while it runs): run it
+as root on a throwaway Debian machine or container, as CI does.
 
 Select it with ``pytest -m debian``; the build's output goes to a log file
 whose path is printed, with a line per build step.
@@ -51,6 +52,7 @@ CLEAN_ENV = {
     "DEBIAN_FRONTEND": "noninteractive",
 }
 
+DECODED_BY_C = "lines decoded by the C accelerator (c)"  # the service's line at its start
 HOSTNAME = "debtest-host"
 TAG = "debian-test"
 CLIENT = "192.0.2.7"
@@ -146,6 +148,31 @@ def the(directory: Path, pattern: str) -> Path:
     return found
 
 
+def host_arch() -> str:
+    return run(["dpkg", "--print-architecture"]).stdout.strip()
+
+
+def deb_file(built: Path) -> Path:
+    """The package's .deb: per architecture, since it ships the C accelerator."""
+    return the(built, f"{PKG}_*_{host_arch()}.deb")
+
+
+def accelerator(python: str = "/usr/bin/python3") -> str:
+    """Where the package installs the C accelerator (sfive_ngxlua._speedups) for ``python``."""
+    suffix = run([python, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"])
+    assert suffix.returncode == 0 and suffix.stdout.startswith(".cpython-"), suffix
+    return f"/usr/lib/python3/dist-packages/sfive_ngxlua/_speedups{suffix.stdout.strip()}"
+
+
+def check_accelerator_loaded(pid: int) -> None:
+    """The running service has the installed accelerator mapped (not the pure-Python path
+    alone); under the confined unit, despite MemoryDenyWriteExecute= and the syscall filter."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert f" {accelerator()}\n" in maps, (
+        f"the service (pid {pid}) has not loaded {accelerator()}:\n"
+        + "".join(line + "\n" for line in maps.splitlines() if ".so" in line))
+
+
 def test_lintian_clean(built: Path, say) -> None:
     assert shutil.which("lintian"), "lintian is not installed (apt-get install lintian)"
     changes = the(built, f"{PKG}_*.changes")
@@ -160,7 +187,7 @@ def test_lintian_clean(built: Path, say) -> None:
 
 
 def test_deb_contents(built: Path) -> None:
-    listing = run(["dpkg-deb", "-c", str(the(built, f"{PKG}_*_all.deb"))]).stdout
+    listing = run(["dpkg-deb", "-c", str(deb_file(built))]).stdout
     for path in (
         "./etc/init.d/sfive-ngxlua",
         "./etc/default/sfive-ngxlua",
@@ -178,6 +205,14 @@ def test_deb_contents(built: Path) -> None:
         "./usr/share/sfive-ngxlua/nginx/sfive-location.conf",
     ):
         assert f" {path}\n" in listing, f"{path} missing from the package"
+    # The C accelerator, built for every python3 Debian supports; so the package is for one
+    # architecture and one range of python3 (dh_python3's), and needs what it links to.
+    for python in run(["py3versions", "-s"]).stdout.split():
+        assert f" .{accelerator(python)}\n" in listing, f"no accelerator for {python}"
+    fields = run(["dpkg-deb", "-f", str(deb_file(built)), "Architecture", "Depends"]).stdout
+    assert f"Architecture: {host_arch()}\n" in fields, fields
+    assert re.search(r"python3 \(<< 3\.\d+\), python3 \(>= 3\.\d+~\)", fields), fields
+    assert re.search(r"\blibc6 \(>= [\d.]+\)", fields), fields  # ${shlibs:Depends}
     # compressed by dh_compress once it is over 4 kB (policy 12.3)
     assert re.search(r" \./usr/share/doc/sfive-ngxlua/README\.Debian(\.gz)?\n", listing)
     assert "dropin.cache" not in listing
@@ -376,7 +411,7 @@ def expected_bytes(exporter: Exporter, start: datetime, duration: timedelta) -> 
 
 def test_install_run_purge(built: Path, exporter: Exporter, hub: socket.socket,
                            syslog: SyslogCapture, say) -> None:
-    deb = the(built, f"{PKG}_*_all.deb")
+    deb = deb_file(built)
     if installed():
         say("purging an earlier installation")
         assert run(["apt-get", "purge", "-y", PKG]).returncode == 0
@@ -405,6 +440,12 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
     assert Path(f"/etc/systemd/system/multi-user.target.wants/{PKG}.service").is_symlink()
 
     check_replay()
+    # Debian's python3 imports the accelerator from the installed files (cwd /: not a tree's)
+    # and the parsers decode with it.
+    imported = run(["/usr/bin/python3", "-c", "from sfive_ngxlua import _speedups, records; "
+                    "print(_speedups.__file__, records.default_decoder())"], cwd="/")
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert imported.stdout.split() == [accelerator(), "c"]
 
     if shutil.which("systemd-analyze"):
         # It checks Documentation=man:... with man(1), when that is installed.
@@ -447,6 +488,7 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
             pytest.fail(f"no datasets with data within 30 s; got {datasets!r}\n"
                         f"exporter connections: {exporter.connections}\n{syslog.text()}")
     say(f"{len(datasets)} datasets received")
+    check_accelerator_loaded(pid)
     assert len(ours) == len(datasets), "datasets for an unconfigured stream"
     for dataset in ours:
         assert dataset["version"] == 1
@@ -464,6 +506,7 @@ def exercise(exporter: Exporter, hub: socket.socket, syslog: SyslogCapture, say)
     assert last["data"]["clients"] == [{"ip": CLIENT, "user-agent": UA, "bytes-sent": want}]
     if syslog.sock is not None:
         assert any("sfive-ngxlua" in line for line in syslog.lines), syslog.text()
+        assert any(DECODED_BY_C in line for line in syslog.lines), syslog.text()
 
     say(f"{INIT} restart")
     restarted = init("restart")
@@ -498,6 +541,9 @@ def check_start_up_errors(user: pwd.struct_passwd, say) -> None:
     version = run(["twistd3", PKG, "--version"], timeout=60)
     assert version.returncode == 0 and version.stdout.startswith(
         "sfive-ngxlua 1.0.0 (Twisted 22."), version.stdout + version.stderr
+    for command in (["twistd3", PKG], [f"{PKG}-replay"], [f"{PKG}-check"]):
+        version = run([*command, "--version"], timeout=60)
+        assert version.stdout.endswith("lines decoded by c)\n"), version.stdout + version.stderr
     nginx_conf = run(["sfive-ngxlua-nginx-conf"], timeout=60)
     assert nginx_conf.returncode == 0, nginx_conf.stderr
     assert "files are in /usr/share/sfive-ngxlua/nginx/" in nginx_conf.stdout, nginx_conf.stdout
@@ -825,7 +871,7 @@ def test_confined_unit_does_its_whole_job(built: Path, syslog: SyslogCapture, sa
     ExecStart runs under tests/helpers/confine.py, which applies what can be had without
     systemd (its docstring lists what it cannot: PrivateUsers=, ProtectProc=, the cgroup
     BPF IP and device filters, and a few seccomp-based ones)."""
-    deb = the(built, f"{PKG}_*_all.deb")
+    deb = deb_file(built)
     if installed():
         assert run(["apt-get", "purge", "-y", PKG]).returncode == 0
     say(f"apt-get install -y ./{deb.name} (confined unit)")
@@ -1003,6 +1049,7 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
         try:
             check_confined(service.pid, user)
             exercise_unit_command(service, hub, nginx)
+            check_accelerator_loaded(service.pid)
             check_metrics(metrics)
             say(f"state files while running: {check_state_modes(user)}")
             begin, end, sent = open_interval_requests(nginx)
@@ -1011,6 +1058,7 @@ def exercise_confined(hub: socket.socket, syslog: SyslogCapture, say) -> None:
         assert "Traceback" not in output, output
         if syslog.sock is not None and service.proc is not None:
             assert any("stop on SIGHUP" in line for line in syslog.lines), syslog.text()
+            assert any(DECODED_BY_C in line for line in syslog.lines), syslog.text()
         before_restart = drain(hub)
         say(f"after the stop: state directory 0700, files 0600: {check_state_modes(user)}")
         # Second run: it starts again under the same confinement and reports the interval the
@@ -1055,7 +1103,7 @@ def test_deb_ships_the_access_log_source(built: Path) -> None:
     """The access-log pieces: the log format next to the exporter's snippets, the logrotate
     example (rename and create as www-data:sfive-ngxlua, never copytruncate), the --file
     variant in the default file."""
-    deb = the(built, f"{PKG}_*_all.deb")
+    deb = deb_file(built)
     listing = run(["dpkg-deb", "-c", str(deb)]).stdout
     for path in ("./usr/share/sfive-ngxlua/nginx/sfive-log.conf",
                  "./usr/share/doc/sfive-ngxlua/examples/sfive-log.logrotate"):
@@ -1076,7 +1124,7 @@ def test_state_dir_through_init_restarts_and_purge(built: Path, exporter: Export
     """The installed service with the shipped --state-dir, started by the init script (twistd
     forks into the background after opening the state): the directory is the service user's,
     0700, its files 0600; a restart goes on from the saved state; purge removes it."""
-    deb = the(built, f"{PKG}_*_all.deb")
+    deb = deb_file(built)
     if installed():
         assert run(["apt-get", "purge", "-y", PKG]).returncode == 0
     result = run(["apt-get", "install", "-y", f"./{deb.name}"], cwd=built, timeout=240)

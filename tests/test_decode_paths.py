@@ -1,10 +1,13 @@
 """The piece-at-a-time decoding (one decoder call for many lines) against one line at a time.
 
-``RecordParser.parse_lines`` decodes lines a piece at a time, by orjson where it is installed
-and by the standard library's decoder otherwise, and falls back to one line at a time where a
-piece fails; ``parse`` decodes one line alone. On arbitrary and hostile lines, every decoder
-the parser may pick and every piece size must give the same records, rejection reasons, gaps,
-heartbeats and sequence numbers as ``parse`` of each line, with and without UTF-8 repair.
+``RecordParser.parse_lines`` and ``parse_blocks`` decide many lines in one call: by the C
+accelerator (``sfive_ngxlua._speedups``) where it is built, which leaves every line it cannot
+decide to the Python full path; else a piece at a time, by orjson where it is installed and by
+the standard library's decoder otherwise, falling back to one line at a time where a piece
+fails. ``parse`` decodes one line alone: the reference. On arbitrary and hostile lines, every
+decoder the parser may pick and every piece size must give the same records, rejection
+reasons, gaps, heartbeats and sequence numbers as ``parse`` of each line, with and without
+UTF-8 repair.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +26,8 @@ from sfive_ngxlua.settings import Settings
 SETTINGS = Settings(streamers=(("av", "hls", "high"), ("av", "dash", "low")), hostname="h",
                     nameformat="/[^/]+/(?P<format>hls|dash)/(?P<content>.+)-(?P<quality>[^-]+)/.*")
 
-DECODERS = ["stdlib"] + (["orjson"] if records_module.orjson is not None else [])
+DECODERS = ["json"] + (["orjson"] if records_module.orjson is not None else []) + (
+    ["c"] if records_module._speedups is not None else [])
 
 texts = st.one_of(
     st.sampled_from(["1.2.3.4", "ua", "Mozilla/5.0 (X11)", "/live/hls/av-high/1.ts",
@@ -64,6 +69,116 @@ def record_lines(draw) -> bytes:
     return ("{" + body + "}").encode("utf-8", "surrogatepass")
 
 
+TIMES = [
+    "2026-11-28T10:00:00.003+01:00", "2026-11-28T09:00:01Z", "2026-11-28T09:00:05,5Z",
+    "2026-11-28T10:00:00+0100", "2026-11-28T04:30:00-05:30", "2024-02-29T23:59:59.123456789Z",
+    "2023-02-29T00:00:00Z", "2026-11-28T09:00:01.1234567890Z", "0000-01-01T00:00:00Z",
+    "0001-01-01T00:00:00+00:01", "9999-12-31T23:59:59-23:59", "2026-11-28T24:00:00Z",
+    "2026-11-28T10:00:60Z", "2026-11-28T10:00:00+24:00", "2026-11-28T10:00:00+01:60",
+    "2026-11-28T10:00:00z", "2026-11-28 10:00:00Z", "20261128T100000Z", "2026-W48-5T10:00:00Z",
+    "\uff12\uff10\uff12\uff16-11-28T10:00:00Z", "2026-11-28T10:00:00", "2026-11-28T10:00:00Z ",
+    "2026-11-28T10:00:00.Z", "2026-13-01T00:00:00Z", "2026-11-31T00:00:00Z",
+    "1969-12-31T23:59:59-00:01", "2026-11-28T10:00:00+01", "2026-11-28T10:00:00+01:00:00",
+    "2026-11-28T24:30:00Z",
+]
+"""Times of every kind: the common forms (the accelerator's), leap days, offsets, fractions,
+the ends of the years, invalid dates and ISO 8601's rarer spellings (the Python path's)."""
+RAW_NUMBERS = [b"-0", b"0", b"01", b"-01", b"1.", b"1.0", b"1e5", b"1E+2", b"2.5E-3", b"-",
+               b"1e", b"1e+", b".5", b"123456789012345678", b"999999999999999999",
+               b"1234567890123456789", b"9" * 30, b"9007199254740991", b"9007199254740992",
+               b"true", b"false", b"null", b"NaN", b"-Infinity", b"Infinity", b"[]", b"{}",
+               b"[200]", b'{"a":1}', b"tru", b"nul", b"+1", b"0x10"]
+"""Number spellings and literals where the exporter writes an integer."""
+INSERTS = [b"\xff", b"\xc3", b"\xe2\x82", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf",
+           b"\xf0\x9f\x98", b"\xe0\x80\x80", b"\xf8\x88\x80\x80\x80", b"\x80", b"\xc3\xa9",
+           b"\xf0\x9f\x98\x80", b"\\ud800", b"\\udc00", b"\\ud83d\\ude00", b"\\ude00\\ud83d",
+           b"\\ud800\\u0041", b"\\ud800x", b"\\x", b"\\u12", b"\\U0041", b"\\u00zz", b"\\u00E9",
+           b"\x01", b"\x7f", b"\t", b"\\/", b"\\b", b"\\f", b'\\"', b"\\\\", b"\\", b'"']
+"""Raw bytes and escapes inserted into strings: invalid UTF-8 of every kind, surrogate escapes
+(pairs, lone, reversed), bad escapes, control characters, quotes."""
+SHORT = {'"': b'\\"', "\\": b"\\\\", "/": b"\\/", "\b": b"\\b", "\f": b"\\f", "\n": b"\\n",
+         "\r": b"\\r", "\t": b"\\t"}
+
+
+def _string(draw, text: str, hostile: bool = True) -> bytes:
+    """``text`` as a JSON string: mostly as the exporter writes it, now and then with its
+    characters as short or \\u escapes (astral ones as surrogate pairs) and something hostile
+    inside (``INSERTS``)."""
+    escapes = _once_in(draw, 4)
+    out = []
+    for ch in text:
+        cp = ord(ch)
+        how = draw(st.integers(0, 3)) if escapes else 3
+        if how == 0 and ch in SHORT:
+            out.append(SHORT[ch])
+        elif how == 1 or ch in '"\\' or cp < 0x20 or 0xD800 <= cp < 0xE000:
+            units = [cp] if cp < 0x10000 else [0xD800 + (cp - 0x10000 >> 10),
+                                               0xDC00 + (cp - 0x10000 & 0x3FF)]
+            hex_ = "%04X" if draw(st.booleans()) else "%04x"
+            out.append(b"".join(b"\\u" + (hex_ % u).encode() for u in units))
+        else:
+            out.append(ch.encode("utf-8"))
+    if hostile and _once_in(draw, 40):
+        out.insert(draw(st.integers(0, len(out))), draw(st.sampled_from(INSERTS)))
+    return b'"' + b"".join(out) + b'"'
+
+
+def _once_in(draw, odds: int) -> bool:
+    """True about once in ``odds`` draws (Hypothesis favours the ends of a range, and
+    shrinks towards its start: 1 is neither)."""
+    return draw(st.integers(0, odds - 1)) == 1
+
+
+def _rarely(draw, strategy, common, odds: int = 25):
+    """A draw of ``strategy`` about once in ``odds``, else of ``common``."""
+    return draw(strategy if _once_in(draw, odds) else common)
+
+
+@st.composite
+def raw_record_lines(draw) -> bytes:
+    """Exporter and access-log lines spelled every way JSON allows, and some ways it does not:
+    escapes (in keys too), \\u surrogates, raw invalid UTF-8, number spellings and literals,
+    blanks between tokens, a CR or a blank at the end, duplicate and reordered keys. Mostly one
+    such thing at a time, so that most lines are of the common shape."""
+    raw = st.sampled_from(RAW_NUMBERS)
+    urls = st.sampled_from(["/live/hls/av-high/1.ts", "/live/dash/av-low/2.m4s",
+                            "/live/hls/zz-high/1.ts", "/x", "/live/hls/av-high/" + "x" * 300])
+    fields = {
+        "seq": _rarely(draw, raw, st.integers(-3, 50)),
+        "time": _rarely(draw, raw, st.sampled_from(TIMES if _once_in(draw, 3) else TIMES[:6]),
+                        30),
+        "client": _rarely(draw, raw, texts),
+        "ua": _rarely(draw, raw, texts),
+        "url": _rarely(draw, st.one_of(raw, texts), urls),
+        "status": _rarely(draw, st.one_of(raw, st.sampled_from([-200, 0, 1023, 1024, 2**40])),
+                          st.sampled_from([200, 206, 404])),
+        "bytes-sent": _rarely(draw, raw, st.integers(-2, 10**7)),
+    }
+    pairs = [(k, v) for k, v in fields.items() if not _once_in(draw, 30)]
+    if _once_in(draw, 7):
+        pairs.append(("url-truncated", draw(st.sampled_from([b"true", b"null", b"0", "x"]))))
+    for _ in range(_rarely(draw, st.integers(1, 2), st.just(0), 4)):
+        key = draw(keys)
+        pairs.append((key, fields.get(key, draw(raw))))
+    if _once_in(draw, 4):
+        pairs = draw(st.permutations(pairs))
+    blanks = _rarely(draw, st.just(st.sampled_from([b"", b"", b" ", b"\t", b"\r", b" \t"])),
+                     st.just(st.just(b"")), 6)
+    odd_keys = _once_in(draw, 10)
+
+    def value(v) -> bytes:
+        if type(v) is bytes:
+            return v
+        return _string(draw, v) if type(v) is str else str(v).encode()
+
+    body = b",".join(draw(blanks) + (_string(draw, k) if odd_keys else json.dumps(k).encode())
+                     + draw(blanks) + b":" + draw(blanks) + value(v) + draw(blanks)
+                     for k, v in pairs)
+    line = draw(blanks) + b"{" + body + b"}" + draw(blanks)
+    return line + _rarely(draw, st.sampled_from([b"\r", b" ", b"\r\r", b"\x0b", b"\x0c"]),
+                          st.just(b""))
+
+
 control_lines = st.one_of(
     st.builds(lambda seq, lost: json.dumps({"seq": seq, "lost": lost}).encode(),
               st.integers(0, 99), st.one_of(st.integers(-1, 9), st.just(10**21), st.just(2.0))),
@@ -100,50 +215,60 @@ def _mutate(data: st.DataObject, line: bytes) -> bytes:
     return line
 
 
-lines_strategy = st.lists(st.one_of(record_lines(), control_lines, hostile,
+lines_strategy = st.lists(st.one_of(record_lines(), raw_record_lines(), control_lines, hostile,
                                     st.binary(min_size=1, max_size=20)), max_size=40)
 
 
 def reference(lines, repair):
     """``parse`` of each line, with the sequence number after each."""
-    parser = RecordParser(SETTINGS)
+    parser = RecordParser(SETTINGS, decoder="json")
     parser.repair_utf8 = repair
-    parser.fast_decoder = False
     out = []
     for line in lines:
         out.append((parser.parse(line), parser.last_seq))
     return out, parser.last_seq
 
 
-def bulk(lines, repair, decoder, piece, cuts=None, firsts=None):
+def bulk(lines, repair, decoder, piece, cuts=None, firsts=None, blanks=()):
     """``parse_lines`` of the lines, or with ``cuts`` ``parse_blocks`` of the lines joined
-    into blocks at those line numbers (each reason's first line into ``firsts``)."""
-    parser = RecordParser(SETTINGS)
+    into blocks at those line numbers (each reason's first line into ``firsts``), with empty
+    lines (which are no lines) where ``blanks`` says."""
+    parser = RecordParser(SETTINGS, decoder=decoder)
     parser.repair_utf8 = repair
-    parser.fast_decoder = decoder == "orjson"
     rejected = Counter()
     if cuts is None:
         records, events = parser.parse_lines(lines, rejected)
     else:
         bounds = [0, *sorted({c % (len(lines) + 1) for c in cuts}), len(lines)]
-        blocks = [b"\n".join(lines[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+        pieces = [lines[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        for n, at in enumerate(blanks):
+            if pieces:
+                piece_lines = pieces[n % len(pieces)]
+                piece_lines.insert(at % (len(piece_lines) + 1), b"")
+        blocks = [b"\n".join(piece_lines) for piece_lines in pieces]
         records, events = parser.parse_blocks(blocks, rejected)
+        starts, n = [], 0
+        for piece_lines in pieces:
+            starts.append(n)
+            n += sum(1 for line in piece_lines if line)
+        assert parser.block_starts == starts, "each block's first line number"
     if firsts is not None:
         firsts.update(parser.first_rejected)
     return records, events, rejected, parser.last_seq
 
 
-@settings(max_examples=400, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data(), base=lines_strategy, repair=st.booleans(),
        piece=st.sampled_from([1, 2, 3, 7, 32]), decoder=st.sampled_from(DECODERS),
-       cuts=st.one_of(st.none(), st.lists(st.integers(0, 50), max_size=4)))
+       cuts=st.one_of(st.none(), st.lists(st.integers(0, 50), max_size=4)),
+       blanks=st.lists(st.integers(0, 50), max_size=3))
 @example(data=None, base=[b'{"a":1},{"b":2}', b'{"x":[{}', b'{}]}'], repair=False, piece=32,
-         decoder=DECODERS[-1], cuts=None)
+         decoder=DECODERS[-1], cuts=None, blanks=[])
 @example(data=None, base=[b'{"a":1},{"b":2}', b'{"x":[{}', b'{}]}'], repair=False, piece=32,
-         decoder=DECODERS[-1], cuts=[])
+         decoder=DECODERS[-1], cuts=[], blanks=[0, 3])
 def test_every_decoder_and_piece_size_agrees_with_one_line_at_a_time(
-        data, base, repair, piece, decoder, cuts):
+        data, base, repair, piece, decoder, cuts, blanks):
     lines = [line.replace(b"\n", b"") or b"{}" for line in
              (base if data is None else [_mutate(data, line) for line in base])]
     old = records_module.PIECE
@@ -151,7 +276,7 @@ def test_every_decoder_and_piece_size_agrees_with_one_line_at_a_time(
     firsts = {}
     try:
         got_records, got_events, got_rejected, got_seq = bulk(lines, repair, decoder, piece,
-                                                              cuts, firsts)
+                                                              cuts, firsts, blanks)
     finally:
         records_module.PIECE = old
     want, want_seq = reference(lines, repair)
@@ -173,6 +298,85 @@ def test_every_decoder_and_piece_size_agrees_with_one_line_at_a_time(
         if type(r) is str:
             want_firsts.setdefault(r, i)
     assert firsts == want_firsts, "each reason's first line (the rejection samples')"
+
+
+def _agree(lines, repair, alone=True):
+    """Every decoder's blocks and lines of ``lines`` against ``parse`` of each line (and, with
+    ``alone``, of each line by itself: the sequence number after each line)."""
+    if alone:
+        for line in lines:
+            _agree([line], repair, False)
+    want, want_seq = reference(lines, repair)
+    want_records = [r for r, _ in want if type(r) is Record]
+    want_rejected = Counter(r for r, _ in want if type(r) is str)
+    for decoder in DECODERS:
+        for cuts in (None, [], [len(lines) // 2]):
+            firsts = {}
+            records, _, rejected, seq = bulk(lines, repair, decoder, 32, cuts, firsts)
+            assert (records, rejected, seq) == (want_records, want_rejected, want_seq), \
+                (decoder, cuts, repair)
+            assert firsts == {r: i for i, (r, _) in reversed(list(enumerate(want)))
+                              if type(r) is str}
+
+
+GOOD_LINE = (b'{"seq":%d,"time":"2026-11-28T10:00:00.003+01:00","client":"10.0.0.1",'
+             b'"ua":"Mozilla/5.0 (X11)","url":"/live/hls/av-high/1.ts","status":200,'
+             b'"bytes-sent":1234}')
+
+
+@pytest.mark.parametrize("repair", [False, True])
+@pytest.mark.parametrize("where", ["client", "ua", "url", "time", "key", "other"])
+def test_every_hostile_string_piece_in_every_place(where, repair):
+    """Each of ``INSERTS`` (invalid UTF-8 of every kind, surrogate and bad escapes, control
+    characters, quotes) at the start, middle and end of a string in each place of a good line:
+    the same records, rejections and sequence numbers from every decoder as line by line."""
+    lines = []
+    for n, insert in enumerate(INSERTS):
+        for at in (0, 3, None):
+            line = GOOD_LINE % n
+            if where in ("client", "ua", "url", "time"):
+                start = line.index(b'"%s":"' % where.encode()) + len(where) + 4
+            elif where == "key":
+                start = line.index(b'"status"') + 1
+            else:
+                line = line[:-1] + b',"x":"abcdef"}'
+                start = line.index(b'"x":"') + 5
+            end = line.index(b'"', start)
+            cut = end if at is None else start + at
+            lines.append(line[:cut] + insert + line[cut:])
+    _agree(lines, repair)
+
+
+@pytest.mark.parametrize("repair", [False, True])
+@pytest.mark.parametrize("field", ["seq", "status", "bytes-sent", "client", "url", "x"])
+def test_every_number_spelling_in_every_field(field, repair):
+    """Each of ``RAW_NUMBERS`` (JSON's number spellings, what it refuses, literals, nesting) as
+    the value of each field of a good line, and the times of ``TIMES``."""
+    lines = []
+    for n, raw in enumerate(RAW_NUMBERS):
+        obj = json.loads(GOOD_LINE % n)
+        obj[field] = "@"
+        lines.append(json.dumps(obj, separators=(",", ":")).encode().replace(b'"@"', raw))
+    for when in TIMES:
+        obj = json.loads(GOOD_LINE % 1)
+        obj["time"] = when
+        lines.append(json.dumps(obj, separators=(",", ":"), ensure_ascii=repair).encode())
+    _agree(lines, repair)
+
+
+@pytest.mark.parametrize("repair", [False, True])
+def test_a_good_line_with_something_before_or_after_it(repair):
+    """What json reads as more than the line's object, or as blanks around it."""
+    lines = []
+    for n, (before, after) in enumerate([
+            (b"", b""), (b"", b"}"), (b"", b" }"), (b"", b',{"a":1}'), (b"", b"{}"),
+            (b"", b" "), (b"", b"\r"), (b"", b"\t\r\n"), (b"", b"\x0b"), (b"", b"\x85"),
+            (b"", b"\xc2\x85"), (b"", b"\xc2\xa0"), (b"", b"\xe3\x80\x80"), (b"", b"x"),
+            (b"", b"\x00"), (b" ", b""), (b"\t", b""), (b"\r", b""), (b"\xef\xbb\xbf", b""),
+            (b"{", b"}"), (b"[", b"]"), (b"", b"]"), (b"x", b"")]):
+        lines.append(before + GOOD_LINE % n + after)
+    lines += [(GOOD_LINE % 99)[:n] for n in range(1, len(GOOD_LINE % 99))]
+    _agree(lines, repair)
 
 
 def test_heartbeat_history_and_truncated_urls_on_every_decoder_path():

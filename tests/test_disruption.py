@@ -32,7 +32,7 @@ from helpers.chain import (
     start_of,
 )
 from support import wait_for
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from lab.nginx import MEDIA_FILES
 
@@ -151,7 +151,8 @@ def test_nginx_stopped_and_started_twice_a_new_ring_each_time(chain):
     for restart in (1, 2):
         yield c.more()
         yield c.viewers.stop()  # nginx goes away: viewers pause, the service must keep all
-        c.nginx.stop(graceful=True)
+        yield threads.deferToThread(c.nginx.stop, graceful=True)  # the reactor goes on
+        assert c.nginx.forced_stops == 0, "the graceful stop needed TERM"
         c.nginx.start()
         c.proxy.retarget(c.nginx.port)
         c.viewers = Viewers(c.nginx.url(""))

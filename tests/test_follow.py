@@ -1,5 +1,6 @@
-"""The access-log follower on a temporary directory with a fake clock (polling, no inotify):
-appends cut anywhere, rotations while behind, copytruncate, deletion, absence, resume."""
+"""The access-log follower on a temporary directory with a fake clock (polling, no inotify, but
+for the tests that say so): appends cut anywhere, rotations while behind, copytruncate,
+deletion, absence, resume, the watermark."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import os
 import random
 import shutil
+import subprocess
 
 import pytest
 import pytest_twisted
@@ -20,6 +22,8 @@ from sfive_ngxlua.model import IntervalModel
 from sfive_ngxlua.pipeline import Pipeline
 from sfive_ngxlua.settings import Settings
 from sfive_ngxlua.stats import Stats
+
+pytest_plugins = ("helpers.fixtures",)
 
 URL = "/live/hls/foo-high/1.ts"
 
@@ -49,6 +53,15 @@ class Follower:
             return lines
 
         self.pipeline.feed_split = record
+        self.losses: list = []
+        """Every loss the follower announced (Pipeline.lose), as (since, until)."""
+        lose = self.pipeline.lose
+
+        def announce(since, until):
+            self.losses.append((since, until))
+            lose(since, until)
+
+        self.pipeline.lose = announce
         self.service = FileFollowService(self.settings, None, self.pipeline, self.stats,
                                          clock=self.clock, inotify=False,
                                          on_watermark=on_watermark)
@@ -347,6 +360,70 @@ def test_watermark_while_caught_up_and_while_reading_a_backlog(log, monkeypatch)
     assert g.service.watermark(g.clock.seconds()) == g.clock.seconds() - 1.0
 
 
+def test_bytes_not_read_yet_hold_the_watermark_at_the_start_of_the_last_read(log):
+    """Asked between two looks (a stalled reactor: the next poll or inotify event not handled
+    yet), the watermark goes only as far as what was read: ``now`` if nothing waits, else the
+    time the last read to the end began; the same for a rotation or a truncation not seen."""
+    log.write_bytes(b"")
+    f = Follower(log, flush=1.0)
+    read_at = f.clock.seconds()
+    append(log, entry(0))
+    assert f.service.watermark(read_at + 5) == read_at - 1.0, "a line waits for its read"
+    f.tick()
+    now = f.clock.seconds()
+    assert f.clients() == ips([0]) and f.service.watermark(now) == now - 1.0
+    os.rename(log, f"{log}.1")
+    log.write_bytes(b"")  # renamed and created, between two looks
+    assert f.service.watermark(now + 5) == now - 1.0, "the path names a file not read yet"
+    f.tick()
+    now = f.clock.seconds()
+    assert f.service.watermark(now) == now - 1.0
+    append(f"{log}.1", entry(1))  # a worker's last buffer reaches the renamed file
+    assert f.service.watermark(now + 5) == now - 1.0
+    f.tick()
+    now = f.clock.seconds()
+    assert f.clients() == ips([0, 1]) and f.service.watermark(now + 5) == now + 4.0, \
+        "a quiet log holds nothing back"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stall_longer_than_the_grace_holds_the_interval_until_the_file_is_read(
+        tmp_path, monkeypatch):
+    """The reactor runs its timers before its I/O: after a stall, the reporter's tick comes
+    before the inotify event of a line written meanwhile. The interval waits for that read and
+    counts the line in its own interval (inotify on the real reactor, the timers on a
+    task.Clock; the poll is an hour here, so only inotify reads)."""
+    from helpers.faults import T0, Running, settings
+
+    from sfive_ngxlua.datasets import start_time
+
+    monkeypatch.setattr(follow, "POLL_WITH_INOTIFY", 3600.0)
+    log = tmp_path / "sfive.log"
+    log.write_bytes(b"")
+    run = Running(settings(file=str(log), flush_period=1.0)).start()
+    try:
+        assert run.fetch._notify is not None, "inotify is what this test is about"
+        run.clock.advance(0)  # the first look
+        run.clock.advance(9)
+        append(log, line(iso(T0 + 9), url=URL, sent=700))
+        run.clock.advance(3.5)  # the stall: past the interval's end plus grace plus flush
+        assert run.datasets == [], "reported before the line in the file was read"
+        assert run.stats.held == 1
+
+        def read() -> bool:
+            run.clock.advance(0)  # the follower's look, asked for by the inotify event
+            return run.stats.lines == 1
+
+        await wait_for(read, timeout=10, what="the inotify event and its read")
+        first = [d for d in run.datasets if d["streamer-id"] == {
+            "content-id": "foo", "format": "hls", "quality": "high"}]
+        assert [d["start-time"] for d in first] == [start_time(T0)]
+        assert first[0]["data"]["bytes-sent"] == 700
+        assert run.stats.late == 0 and run.stats.intervals_covered == 1
+    finally:
+        await run.stop()
+
+
 def test_a_future_time_does_not_move_the_watermark(log, monkeypatch):
     monkeypatch.setattr(follow, "BUDGET", 1)
     log.write_bytes(b"")
@@ -624,18 +701,137 @@ def test_a_copytruncate_while_down_of_a_file_saved_without_a_line_reads_the_copy
     assert g.service.position()["rotated"] == []
 
 
-def test_a_compressed_rotated_file_is_not_read(log):
-    import gzip
+COMPRESS = {"gzip": ([], ".gz"), "bzip2": ([], ".bz2"), "xz": ([], ".xz"),
+            "zstd": (["--rm", "-q"], ".zst")}
 
+
+def logrotate(log, first: bytes = b"", delaycompress: bool = False, cmd: str = "gzip") -> None:
+    """One rotation as logrotate does it with ``compress`` (``compresscmd cmd``), with or
+    without ``delaycompress``: the numbered files shifted, the log renamed to .1 and created
+    again (holding ``first``: what nginx writes after USR1), then .1 (delayed: .2) compressed
+    by the real ``cmd``, which removes it."""
+    exts = ("", *(ext for _, ext in COMPRESS.values()))
+    for n in range(9, 0, -1):
+        for ext in exts:
+            if os.path.exists(f"{log}.{n}{ext}"):
+                os.rename(f"{log}.{n}{ext}", f"{log}.{n + 1}{ext}")
+    os.rename(log, f"{log}.1")
+    log.write_bytes(first)
+    plain = f"{log}.{2 if delaycompress else 1}"
+    if os.path.exists(plain):
+        subprocess.run([cmd, *COMPRESS[cmd][0], plain], check=True)
+
+
+def test_a_rotation_compressed_while_down_is_read_on_from_the_saved_offset(log):
+    """compress without delaycompress: the saved file is renamed, then gzipped (a new inode,
+    the old one removed) while the service is down; its rest is read from the .gz."""
     position = stopped_after(log, entry(0))
     append(log, entry(1))
-    os.rename(log, f"{log}.1")
-    log.write_bytes(entry(2))
-    with gzip.open(f"{log}.2.gz", "wb") as z:
-        z.write(entry(9))
+    logrotate(log, entry(2))
+    assert not os.path.exists(f"{log}.1") and os.path.exists(f"{log}.1.gz")
     g = Follower(log, position=position)
     g.tick(3)
-    assert g.clients() == ips([1, 2]) and not g.stats.rejected
+    assert g.clients() == ips([1, 2])
+    assert g.losses == [] and g.stats.file_truncations == 0
+    assert g.service.rotated == [], "a compressed file is let go at its end"
+
+
+@pytest.mark.parametrize("cmd", ["gzip", "bzip2", "xz"])
+def test_compressed_rotations_while_down_and_a_stop_in_one_lose_and_repeat_nothing(
+        log, monkeypatch, cmd):
+    """Two rotations while down, each compressed: the saved file's rest (reached a budget at a
+    time), then the file in between from its start, then the new one; a stop in the middle of
+    a compressed file resumes in it."""
+    if shutil.which(cmd) is None:
+        pytest.skip(f"no {cmd} here")
+    monkeypatch.setattr(follow, "CHUNK", 256)
+    monkeypatch.setattr(follow, "BUDGET", 512)
+    position = stopped_after(log, b"".join(entry(n) for n in range(10)))
+    append(log, b"".join(entry(n) for n in range(10, 20)))
+    # held open meanwhile, so that the new log cannot take the saved file's inode number (a
+    # reused number at the path reads as a copytruncate, whose announced loss is not this test's)
+    held = os.open(log, os.O_RDONLY)
+    logrotate(log, b"".join(entry(n) for n in range(20, 30)), cmd=cmd)
+    logrotate(log, entry(30), cmd=cmd)
+    os.close(held)
+    g = Follower(log, position=position, start=False)
+    g.service.startService()
+    for _ in range(20):  # turns of the reactor, a budget each
+        g.service.check()
+        if len(g.clients()) >= 3:
+            break
+    assert 3 <= len(g.clients()) < 10 and not g.service._caught_up
+    middle = g.service.position()
+    g.service.stopService()
+    h = Follower(log, position=middle)
+    for _ in range(50):
+        h.clock.advance(0)
+    h.tick(3)
+    assert h.service._caught_up
+    assert g.clients() + h.clients() == ips(range(10, 31))
+    assert g.losses == h.losses == [] and not h.stats.rejected
+    assert h.service.rotated == []
+
+
+def test_a_file_read_before_the_stop_and_compressed_since_is_not_read_again(log):
+    """delaycompress: sfive.log.1, done with before the stop, becomes sfive.log.2.gz."""
+    log.write_bytes(b"")
+    f = Follower(log)
+    append(log, entry(0))
+    f.tick()
+    logrotate(log, entry(1), delaycompress=True)
+    f.tick()
+    f.tick(3)
+    assert f.service.rotated == []
+    position = f.service.position()
+    f.service.stopService()
+    append(log, entry(2))
+    logrotate(log, entry(3), delaycompress=True)
+    assert os.path.exists(f"{log}.2.gz")
+    g = Follower(log, position=position)
+    g.tick(3)
+    assert g.clients() == ips([2, 3]) and g.losses == []
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="no zstd here")
+def test_a_rotation_compressed_with_zstd_while_down_is_a_loss_said_by_name(log, logs):
+    position = stopped_after(log, entry(0))
+    append(log, entry(1))
+    logrotate(log, entry(2), cmd="zstd")
+    g = Follower(log, position=position)
+    g.tick(3)
+    assert g.clients() == ips([2])
+    assert g.losses, "announced: the intervals are partial or withheld"
+    assert logs.matching(f"{log}.1.zst came while the service was down, but it cannot be read")
+    assert logs.matching("gone from")
+
+
+def test_a_compressed_rotation_cut_short_is_read_to_the_cut_and_the_rest_said_lost(log, logs):
+    position = stopped_after(log, entry(0))
+    append(log, b"".join(entry(n) for n in range(1, 3000)))
+    logrotate(log, entry(3000))
+    gz = f"{log}.1.gz"
+    os.truncate(gz, os.path.getsize(gz) // 2)
+    g = Follower(log, position=position)
+    g.tick(3)
+    read = g.clients()
+    assert read[-1] == ips([3000])[0] and read[:-1] == ips(range(1, len(read)))
+    assert 1 < len(read) < 3000
+    assert g.losses and logs.matching(f"{gz} cannot be read on from offset")
+    assert g.service.rotated == []
+
+
+def test_a_rotation_moved_to_another_directory_while_down_is_a_loss_that_says_olddir(
+        log, logs):
+    position = stopped_after(log, entry(0))
+    append(log, entry(1))
+    (log.parent / "old").mkdir()
+    os.rename(log, log.parent / "old" / "sfive.log.1")
+    log.write_bytes(entry(2))
+    g = Follower(log, position=position)
+    g.tick(3)
+    assert g.clients() == ips([2]) and g.losses
+    assert logs.matching("logrotate's olddir")
 
 
 def test_a_seen_inode_with_another_first_line_is_a_new_file(log):

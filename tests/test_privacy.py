@@ -357,7 +357,4 @@ def test_saved_settings_without_a_mode_are_from_full(tmp_path):
         class Store:
             directory, path = str(tmp_path), str(tmp_path / STATE_FILE)
 
-            def queue_totals(self):
-                return 0, 0
-
         privacy.ClientIP.parse("truncate").check_saved({"duration": 10}, Store())

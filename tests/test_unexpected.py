@@ -14,6 +14,7 @@ import pytest_twisted
 from helpers.faults import T0, Exporter, heartbeat, line, settings
 from support import wait_for
 
+from sfive_ngxlua import fetch
 from sfive_ngxlua.fetch import LogFetchService
 
 pytest_plugins = ("helpers.fixtures",)
@@ -107,6 +108,7 @@ async def test_an_unexpected_error_is_logged_once_counted_and_retried_without_lo
         await wait_for(lambda: run.datasets)
         assert run.datasets[0]["data"]["bytes-sent"] == 1 + 2 + 3 + 4 + 5
         run.clock.advance(30.0)  # the recovered stream has its idle watchdog too
+        run.clock.advance(fetch.IDLE_RECHECK)
         await wait_for(lambda: logs.matching("exporter sent nothing for"))
         await wait_for(lambda: stats.states["fetch"] == "backoff")
     finally:

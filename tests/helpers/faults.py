@@ -41,18 +41,18 @@ def iso(epoch: float, offset: str = "+00:00", ms: Optional[int] = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + fraction + offset
 
 
-def record(t: float, client: str = "10.0.0.1", ua: str = "ua/1", url: str = URL,
-           status: object = 200, sent: object = 100, seq: Optional[int] = None) -> dict:
-    obj = {"time": iso(t), "client": client, "ua": ua, "url": url, "status": status,
-           "bytes-sent": sent}
-    if seq is not None:
-        obj["seq"] = seq
-    return obj
+OURS = {"url": URL, "ua": "ua/1"}
+"""This suite's defaults for support's record fields."""
+
+
+def record(t: float, **kw: object) -> dict:
+    """support.record at the epoch second ``t`` (fields: client, ua, url, status, sent, seq)."""
+    return support.record(iso(t), **{**OURS, **kw})
 
 
 def line(t: float, **kw: object) -> bytes:
-    """One exporter line (JSON object and newline)."""
-    return simplejson.dumps(record(t, **kw)).encode() + b"\n"
+    """support.line (as nginx/sfive.lua writes it) at the epoch second ``t``."""
+    return support.line(iso(t), **{**OURS, **kw})
 
 
 def heartbeat(seq: int, t: float, oldest: Optional[int] = None,
