@@ -652,10 +652,6 @@ class Jobs:
         import multiprocessing  # here: a replay in one process starts without them
         from concurrent.futures import ProcessPoolExecutor
 
-        try:  # what a worker would import on first use, imported once before the fork
-            import dateutil.parser  # noqa: F401  (records: unusual ISO 8601 spellings)
-        except ImportError:  # pragma: no cover - a dependency
-            pass
         self.spool_dir = tempfile.mkdtemp(prefix="sfive-replay-")
         # fork: the workers start at once with the settings and modules already loaded (replay
         # runs no threads before it); forkserver would import everything again in each worker.
