@@ -150,9 +150,15 @@ class Pipeline:
             records = records[start:end]
         if self.addresses is not None:
             records = self._private(records)
+        self._folded = start
+        self.add_records(records)
+
+    def add_records(self, records: List[Record]) -> None:
+        """Records already past --client-ip into the model (``feed`` ends here; a parallel
+        replay's leader adds the records a worker read), replay's intervals closed as they
+        become due."""
         model = self.model
         on_time = self.on_time
-        self._folded = start
         self._adding = True
         model.taken = 0
         if on_time is None:

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections import deque
-from typing import IO, Any, Deque, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 
 def _lazy(name: str) -> None:
@@ -46,8 +46,8 @@ _lazy("http.cookiejar")
 from twisted.python import usage  # noqa: E402
 
 from . import __version__  # noqa: E402
-from .datasets import Dataset, JsonLinesWriter, report, start_time  # noqa: E402
-from .model import IntervalModel  # noqa: E402
+from .datasets import JsonLinesWriter, report, start_time  # noqa: E402
+from .model import Interval, IntervalModel  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
 from .records import Record, RecordParser  # noqa: E402
 from .settings import HubOptions, ModelOptions, Settings, parse_command_line  # noqa: E402
@@ -103,7 +103,7 @@ def _jobs(value: Optional[str]) -> int:
 
 
 def window_of(start: Optional[str], until: Optional[str],
-              settings: Settings) -> Optional[Tuple[Optional[int], Optional[int]]]:
+              settings: Settings) -> Optional[Window]:
     """``--from/--until`` as epoch seconds, checked: on interval boundaries, from before until."""
     if start is None and until is None:
         return None
@@ -127,14 +127,29 @@ def window_of(start: Optional[str], until: Optional[str],
     return lo, hi
 
 
+Window = Tuple[Optional[int], Optional[int]]
+"""``--from/--until`` in epoch seconds (either may be None)."""
+
+WindowCounts = Tuple[int, int, Optional[int], Optional[int], Optional[Tuple[int, int]]]
+"""WindowModel.counts(): before, after, the first record's time, the latest, the uncovered
+start."""
+
+
+def replay_model(settings: Settings, stats: Stats, window: Optional[Window]) -> IntervalModel:
+    """The model of a replay: the service's, or with ``--from/--until`` a WindowModel."""
+    if window is None:
+        return IntervalModel(settings, stats, start=None)
+    return WindowModel(settings, stats, *window)
+
+
 class WindowModel(IntervalModel):
     """The interval model of a replay limited to ``[lo, hi)``: records outside are counted, not
     kept, and an interval counts as covered only if the input reaches ``grace`` past its end
     and began ``grace`` before its start (lines interleave out of order by up to nginx's flush
     period, which grace must cover)."""
 
-    def __init__(self, settings: Settings, stats: Stats, lo: Optional[int],
-                 hi: Optional[int]) -> None:
+    def __init__(self, settings: Settings, stats: Stats, lo: Optional[int] = None,
+                 hi: Optional[int] = None) -> None:
         super().__init__(settings, stats, start=None)
         self.lo = lo
         self.hi = hi
@@ -157,8 +172,7 @@ class WindowModel(IntervalModel):
         while i < n:
             t = records[i][0]
             if self.earliest is None:
-                self.earliest = self.latest = t
-                self._check_start(t)
+                self.begins_at(t)
             if (lo is not None and t < lo) or (hi is not None and t >= hi):
                 if t > self.latest:
                     self.latest = t
@@ -190,9 +204,10 @@ class WindowModel(IntervalModel):
             return math.inf
         return super().due_at
 
-    def _check_start(self, t: int) -> None:
-        """The input begins at ``t``: the window's intervals before ``t + grace`` are not
-        covered (their first lines are in an earlier file)."""
+    def begins_at(self, t: int) -> None:
+        """The input's first record is at ``t``: the window's intervals before ``t + grace``
+        are not covered (their first lines are in an earlier file)."""
+        self.earliest = self.latest = t
         if self.lo is None:
             return
         covered = -(-int(t + self.grace) // self.duration)
@@ -201,16 +216,38 @@ class WindowModel(IntervalModel):
             self.first = covered
             self.reported = covered - 1
 
-    def close_due(self, now: float) -> list:
+    def due(self, now: float) -> int:
+        """Nothing past the window's end (plus grace) becomes due."""
         if self.hi is not None:
             now = min(now, self.hi + self.grace)
-        return super().close_due(now)
+        return super().due(now)
 
     def close_all(self, now: Optional[float] = None) -> list:
         """End of input: the intervals the input covers, nothing beyond."""
         if self.latest is None:
             return []
         return self.close_due(self.latest)
+
+    def counts(self) -> WindowCounts:
+        """What this model counted of the window beside the intervals (a parallel replay's
+        worker hands them back with its model's snapshot)."""
+        return (self.before, self.after, self.earliest, self.latest, self.uncovered_start)
+
+    def resumed(self, settings: Settings, snapshot: Dict[str, Any], counts: WindowCounts
+                ) -> WindowModel:
+        """This window's model with a snapshot's state (``IntervalModel.restore``), this
+        model's counts and ``counts`` (a later part of the input's) added up; where this
+        model has seen no record yet, the other part's first record is the input's."""
+        model = WindowModel.restore(settings, self.stats, snapshot)
+        model.lo, model.hi, model.last_k = self.lo, self.hi, self.last_k
+        before, after, earliest, latest, uncovered = counts
+        model.before, model.after = self.before + before, self.after + after
+        model.latest = latest if self.latest is None else self.latest if latest is None \
+            else max(self.latest, latest)
+        if self.earliest is not None:
+            earliest, uncovered = self.earliest, self.uncovered_start
+        model.earliest, model.uncovered_start = earliest, uncovered
+        return model
 
     def uncovered(self) -> List[str]:
         """What of the window the input did not cover, as phrases for the summary."""
@@ -249,8 +286,11 @@ class Progress:
                           f"{rate:10,.0f} lines/s")
         self.stream.flush()
 
-    def done(self) -> None:
+    def done(self, done: int = 0, stats: Optional[Stats] = None) -> None:
+        """The line's end, after its last state (with ``stats``: where the replay ended)."""
         if self.enabled:
+            if stats is not None:
+                self.update(done, stats, force=True)
             self.stream.write("\n")
 
 
@@ -296,21 +336,26 @@ class Replay:
     """Runs one replay into a sink (anything with ``deliver(dataset)``)."""
 
     def __init__(self, settings: Settings, sink: Any, stats: Optional[Stats] = None,
-                 window: Optional[Tuple[Optional[int], Optional[int]]] = None) -> None:
+                 window: Optional[Window] = None) -> None:
         self.settings = settings
         self.sink = sink
         self.stats = stats if stats is not None else Stats()
-        if window is None:
-            self.model = IntervalModel(settings, self.stats, start=None)
-        else:
-            self.model = WindowModel(settings, self.stats, *window)
+        self.model = replay_model(settings, self.stats, window)
         # access logs: invalid UTF-8 read as the exporter writes it
         self.pipeline = Pipeline(settings, self.stats, self.model, on_time=self._time,
                                  repair_utf8=True)
         self.datasets = 0
 
     def _time(self, now: int) -> None:
-        self.datasets += report(self.model.close_due(now), self.settings, self.sink.deliver)
+        self.emit(self.model.close_due(now))
+
+    def emit(self, intervals: List[Interval]) -> None:
+        """Deliver finished intervals' datasets, in order."""
+        self.datasets += report(intervals, self.settings, self.sink.deliver)
+
+    def adopt(self, model: IntervalModel) -> None:
+        """Go on with ``model`` (a parallel replay's leader takes on a worker's)."""
+        self.model = self.pipeline.model = model
 
     def feed(self, data: bytes) -> None:
         self.pipeline.feed(data)
@@ -318,7 +363,7 @@ class Replay:
     def finish(self) -> None:
         """End of input: everything up to the last record's interval."""
         self.pipeline.feed(b"\n")
-        self.datasets += report(self.model.close_all(), self.settings, self.sink.deliver)
+        self.emit(self.model.close_all())
 
 
 def summary(stats: Stats, datasets: int, model: Optional[IntervalModel] = None) -> str:
@@ -343,43 +388,59 @@ def _total_size(files: List[str]) -> Optional[int]:
 
 def run(settings: Settings, files: List[str], quiet: bool = False,
         out: Optional[IO[bytes]] = None, err: IO[str] = sys.stderr,
-        window: Optional[Tuple[Optional[int], Optional[int]]] = None, jobs: int = 1,
-        unit_bytes: Optional[int] = None) -> int:
+        window: Optional[Window] = None, jobs: int = 1, unit_bytes: Optional[int] = None) -> int:
     """Replay ``files`` to standard output (or ``out``) on ``jobs`` processes; return the exit
     status."""
     inputs, errors = open_inputs(files)
     if errors:
         return _ended(errors, None, 0, err, status=2)
-    if jobs > 1 and window is None:
-        for _name, stream in inputs:
-            if stream is not sys.stdin.buffer:
-                stream.close()
-        return _run_jobs(settings, files, quiet, out, err, jobs, unit_bytes)
+    plan = _plan(settings, files, jobs, window, unit_bytes, inputs)
+    if plan is not None:
+        return _run_jobs(settings, plan, quiet, out, err, jobs, window)
     replay = Replay(settings, JsonLinesWriter(Stats(), out), window=window)
     progress = Progress(err, _total_size(files), not quiet)
+    done = 0
     for done, data in chunks(inputs, errors):
         replay.feed(data)
         progress.update(done, replay.stats)
     replay.finish()
-    progress.done()
+    progress.done(done, replay.stats)
     return _ended(errors, None if quiet else replay.stats, replay.datasets, err, model=replay.model)
 
 
-def _run_jobs(settings: Settings, files: List[str], quiet: bool, out: Optional[IO[bytes]],
-              err: IO[str], jobs: int, unit_bytes: Optional[int]) -> int:
+def _plan(settings: Settings, files: List[str], jobs: int, window: Optional[Window],
+          unit_bytes: Optional[int], inputs: List[Tuple[str, IO[bytes]]]) -> Any:
+    """The parallel replay's plan (sfive_ngxlua.parallel), or None where one process replays:
+    ``--jobs 1``, nothing to spread, or the input's first record not found (the inputs are then
+    read as they are, else closed)."""
+    if jobs < 2:
+        return None
+    from .parallel import plan
+
+    found = plan(settings, files, jobs, window, unit_bytes)
+    if found is not None:
+        for _name, stream in inputs:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+    return found
+
+
+def _run_jobs(settings: Settings, plan: Any, quiet: bool, out: Optional[IO[bytes]],
+              err: IO[str], jobs: int, window: Optional[Window]) -> int:
     """``run`` on several processes (sfive_ngxlua.parallel)."""
-    from .parallel import JobFailed, run_jobs
+    from .parallel import JobFailed, Jobs, StreamOutput
 
     stats = Stats()
-    progress = Progress(err, _total_size(files), not quiet)
+    progress = Progress(err, plan.size, not quiet)
+    spread = Jobs(settings, plan, jobs, StreamOutput(out), stats, window, progress)
     try:
-        leader = run_jobs(settings, files, jobs, out if out is not None else
-                          sys.__stdout__.buffer, progress, stats, unit_bytes)
+        spread.run()
     except JobFailed as e:
         progress.done()
         return _ended([str(e)], None, 0, err)
-    progress.done()
-    return _ended([], None if quiet else stats, leader.datasets, err)
+    progress.done(spread.done, stats)
+    return _ended([], None if quiet else stats, spread.leader.datasets, err,
+                  model=spread.leader.model)
 
 
 def _ended(errors: List[str], stats: Optional[Stats], datasets: int, err: IO[str],
@@ -393,7 +454,8 @@ def _ended(errors: List[str], stats: Optional[Stats], datasets: int, err: IO[str
 
 
 def run_to_hub(settings: Settings, files: List[str], quiet: bool = False,
-               window: Optional[Tuple[Optional[int], Optional[int]]] = None) -> int:
+               window: Optional[Window] = None, jobs: int = 1,
+               unit_bytes: Optional[int] = None) -> int:
     """Replay to the hub through the service's sinks, pausing while the hub's queue is full."""
     from twisted.internet import task
     from twisted.internet.defer import ensureDeferred
@@ -401,7 +463,7 @@ def run_to_hub(settings: Settings, files: List[str], quiet: bool = False,
     status: List[int] = []
     try:
         task.react(lambda reactor: ensureDeferred(_to_hub(reactor, settings, files, quiet,
-                                                          status, window)))
+                                                          status, window, jobs, unit_bytes)))
     except SystemExit as e:
         if e.code not in (0, None):
             return 1
@@ -409,8 +471,11 @@ def run_to_hub(settings: Settings, files: List[str], quiet: bool = False,
 
 
 async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: bool,
-                  status: List[int],
-                  window: Optional[Tuple[Optional[int], Optional[int]]] = None) -> None:
+                  status: List[int], window: Optional[Window] = None, jobs: int = 1,
+                  unit_bytes: Optional[int] = None) -> None:
+    """The hub gets the datasets in order, only from this process; every dataset waits for
+    room in the hub's queue (neither limit may drop one). With several jobs the workers never
+    see the hub: their datasets come back in spool files (parallel.Spool), sent from here."""
     from twisted.internet import task
 
     from .service import make_sink
@@ -421,41 +486,77 @@ async def _to_hub(reactor: Any, settings: Settings, files: List[str], quiet: boo
         status.append(_ended(errors, None, 0, sys.stderr, status=2))
         return
     stats = Stats()
+    pending: Deque[Any] = deque()
+    plan = _plan(settings, files, jobs, window, unit_bytes, inputs)
+    progress = Progress(sys.stderr, _total_size(files) if plan is None else plan.size,
+                        not quiet)
+    spread: Any = None
+    if plan is not None:
+        from .parallel import JobFailed, Jobs, Queued, Spool, when_done
+
+        spread = Jobs(settings, plan, jobs, Queued(pending), stats, window, progress)
+        spread.start()  # the workers are forked before the hub's socket is opened
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", spread.stop)
     sink = make_sink(settings, reactor, stats)
     sink.startService()
-    pending: Deque[Dataset] = deque()
-    replay = Replay(settings, CallableSink(pending.append), stats, window=window)
-    progress = Progress(sys.stderr, _total_size(files), not quiet)
+
+    async def push(data: bytes) -> bool:
+        stalled = 0.0
+        while not sink.queue.takes(len(data)):  # neither limit may drop a dataset
+            await task.deferLater(reactor, 0.01, lambda: None)
+            stalled += 0.01
+            if stalled >= HUB_PATIENCE:
+                errors.append(f"the hub took no dataset for {HUB_PATIENCE:g}s; giving up")
+                return False
+        sink.queue.push(data)
+        sink.flush()
+        return True
 
     async def hand_over() -> bool:
         """Move datasets into the hub's queue without overfilling it; False if the hub stalls."""
         while pending:
-            data = sink.encode(pending.popleft())
-            stalled = 0.0
-            while not sink.queue.takes(len(data)):  # neither limit may drop a dataset
-                await task.deferLater(reactor, 0.01, lambda: None)
-                stalled += 0.01
-                if stalled >= HUB_PATIENCE:
-                    errors.append(f"the hub took no dataset for {HUB_PATIENCE:g}s; giving up")
-                    return False
-            sink.queue.push(data)
-            sink.flush()
+            item = pending.popleft()
+            if spread is not None and type(item) is Spool:
+                for data in item.datasets():
+                    if not await push(sink.wire(data)):
+                        return False
+            elif not await push(sink.encode(item)):
+                return False
         return True
 
-    for done, data in chunks(inputs, errors):
-        replay.feed(data)
-        progress.update(done, stats)
-        if not await hand_over():
-            break
+    failed = False
+    done = 0
+    if spread is None:
+        replay = Replay(settings, CallableSink(pending.append), stats, window=window)
+        for done, data in chunks(inputs, errors):
+            replay.feed(data)
+            progress.update(done, stats)
+            if not await hand_over():
+                break
+        else:
+            replay.finish()
+            await hand_over()
+        datasets, model = replay.datasets, replay.model
     else:
-        replay.finish()
-        await hand_over()
+        try:
+            for wait in spread.steps():
+                if wait is not None:
+                    await when_done(reactor, wait)
+                if not await hand_over():
+                    break
+        except JobFailed as e:
+            errors.append(str(e))
+            failed = True
+        finally:
+            spread.stop()
+            reactor.removeSystemEventTrigger(trigger)
+        datasets, model, done = spread.leader.datasets, spread.leader.model, spread.done
     await sink.stopService()
-    progress.done()
-    if stats.queued:
+    progress.done(done, None if failed else stats)
+    if stats.queued and not failed:
         errors.append(f"{stats.queued} datasets were not delivered to the hub")
-    status.append(_ended(errors, None if quiet else stats, replay.datasets, sys.stderr,
-                         model=replay.model))
+    status.append(_ended(errors, None if quiet or failed else stats, datasets, sys.stderr,
+                         model=model))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -465,7 +566,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     settings = options.settings()
     files = options["files"]
     if settings.socket or settings.hub:
-        sys.exit(run_to_hub(settings, files, options["quiet"], options.window))
+        sys.exit(run_to_hub(settings, files, options["quiet"], options.window, options.jobs))
     try:
         sys.exit(run(settings, files, options["quiet"], window=options.window,
                      jobs=options.jobs))
