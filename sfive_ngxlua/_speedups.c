@@ -729,15 +729,23 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *items = args[0];
-    int split = PyObject_IsTrue(args[1]);
-    Py_ssize_t i = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t pos = PyLong_AsSsize_t(args[3]);
-    Py_ssize_t base = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t i = PyLong_AsSsize_t(args[2]), pos = 0, base = 0;
+    if (!PyErr_Occurred())
+        pos = PyLong_AsSsize_t(args[3]);
+    if (!PyErr_Occurred())
+        base = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (i < 0 || pos < 0) { /* they index the list and the block */
+        PyErr_SetString(PyExc_ValueError, "scan(): negative item or position");
+        return NULL;
+    }
     PyObject *last_seq = args[5];
-    int repair = PyObject_IsTrue(args[6]);
+    int split = PyObject_IsTrue(args[1]);
+    int repair = split < 0 ? -1 : PyObject_IsTrue(args[6]);
     Context cx = {args[7], args[8], args[9], args[10], args[11], args[12]};
     PyObject *starts = args[13], *result = NULL;
-    if (split < 0 || repair < 0 || PyErr_Occurred())
+    if (repair < 0)
         return NULL;
     if (!PyList_Check(items) || !PyDict_Check(cx.rejected) || !PyDict_Check(cx.firsts)
             || !PyDict_Check(cx.urls) || !PyAnySet_Check(cx.statuses)

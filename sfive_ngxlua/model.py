@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from operator import length_hint
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from .records import Record
 from .settings import Settings, StreamerKey
@@ -52,6 +53,14 @@ def fold_hash(key: ClientKey) -> int:
     ip, ua = key
     data = ip.encode("utf-8", "surrogatepass") + b"\0" + ua.encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big", signed=True)
+
+
+def _counted(records: Iterable[Record], done: List[int]) -> Iterator[Record]:
+    """``records``, counting in ``done[0]`` each one the consumer is done with (it asked for
+    the next)."""
+    for record in records:
+        yield record
+        done[0] += 1
 
 
 class StateMismatch(Exception):
@@ -187,6 +196,8 @@ class IntervalModel:
         """How many records the last ``add_records`` that raised took before it raised."""
         self._cur_k: Optional[int] = None
         self._cur_streams: Dict[StreamerKey, Clients] = {}
+        self._cur_bounds: Tuple[int, int] = (0, 0)
+        """The seconds [lo, hi) of the table ``_cur_k`` (none: empty)."""
         self.first: Optional[int] = None
         self.reported: Optional[int] = None
         self._live = False
@@ -221,34 +232,56 @@ class IntervalModel:
         """Count records in order (the one way records come in: ``add`` is this for one).
         Stops after the first record whose time is at or past ``due`` (replay closes the
         intervals due then, before the next record) and returns how many it took. If it raises,
-        ``taken`` is how many it took before the record that raised."""
+        ``taken`` is how many it took before the record that raised.
+
+        Per record: two bound tests for the interval and ``due`` (the division only when the
+        interval changes, the record that makes the next interval due counted alone), one
+        look-up of the streamer's table, and of a known client a get and a set; the counts
+        are the iterator's position, not a sum per record."""
         duration = self.duration
         cap = self._cap
         ua_max = self._ua_max
         tracking = self._tracking
-        cur_k = self._cur_k
+        # a finite ``due`` as an integer (record times are whole seconds): an int compared
+        # with a float of its size costs as much as the rest of the bound tests
+        limit = due if due == math.inf or due == -math.inf else math.ceil(due)
         streams = self._cur_streams
-        accepted = folded = taken = 0
+        lo, hi = self._cur_bounds  # the current table's interval [lo, hi)
+        top = hi if hi < limit else limit  # below: in the current table and not yet due
+        refused = folded = raised = alone = 0
+        broke = False
+        done = None
+        if type(records) is list or type(records) is tuple:
+            n = len(records)
+            it = iter(records)
+        else:  # any other iterable: counted as it goes
+            n, done = 0, [0]
+            it = _counted(records, done)
         try:
-            for time, streamer, client, ua, sent in records:
-                k = time // duration
-                if k != cur_k:
-                    found = self._streams_for(k)
-                    cur_k, streams = self._cur_k, self._cur_streams
-                    if found is None:
-                        taken += 1
-                        if time >= due:
-                            break
+            for time, streamer, client, ua, sent in it:
+                if not lo <= time < top:
+                    if time >= limit:  # the record that makes the next interval due: alone
+                        self.add_records(((time, streamer, client, ua, sent),))
+                        alone = 1
+                        broke = True
+                        break
+                    if self._streams_for(time // duration) is None:
+                        refused += 1
                         continue
-                clients = streams.get(streamer)
-                if clients is None:
+                    streams = self._cur_streams  # a late record's: the oldest open one
+                    lo, hi = self._cur_bounds
+                    top = hi if hi < limit else limit
+                try:
+                    clients = streams[streamer]
+                except KeyError:
                     clients = streams[streamer] = Clients(cap)
                 if len(ua) > ua_max:
                     ua = ua[:ua_max]
-                key = (client, ua)
                 known = clients.bytes
-                if key in known:
-                    known[key] += sent
+                key = (client, ua)
+                old = known.get(key)
+                if old is not None:
+                    known[key] = old + sent
                 elif len(known) < cap:
                     known[key] = sent
                 else:
@@ -257,16 +290,16 @@ class IntervalModel:
                     key = OVERFLOW_CLIENT
                 if tracking:
                     clients.changed.add(key)
-                accepted += 1
-                taken += 1
-                if time >= due:
-                    break
         except Exception:
-            self.taken = taken
+            raised = 1
             raise
         finally:
+            # a list's iterator knows how many it handed out (the one that raised too)
+            taken = (n - length_hint(it) - raised if done is None else done[0] + broke)
+            if raised:
+                self.taken = taken
             stats = self.stats
-            stats.accepted += accepted
+            stats.accepted += taken - refused - alone  # the one alone counted itself
             stats.folded += folded
         return taken
 
@@ -297,6 +330,7 @@ class IntervalModel:
         if streams is None:
             streams = self._open[k] = {}
         self._cur_k, self._cur_streams = k, streams
+        self._cur_bounds = (k * self.duration, (k + 1) * self.duration)
         return streams
 
     @property
@@ -345,6 +379,7 @@ class IntervalModel:
 
     def _close(self, k: int, duration_ms: int) -> Interval:
         self._cur_k = None
+        self._cur_bounds = (0, 0)
         found = self._open.pop(k, None)
         if found is None:
             found = {}

@@ -15,11 +15,11 @@ traceback; the reporter goes on either way. A report whose transaction fails kee
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Protocol, Sequence, cast
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Union, cast
 
 from twisted.logger import Logger
 
-from .datasets import Dataset, datasets
+from .datasets import Dataset, Prepared, as_dict, prepared
 from .model import Interval, IntervalModel
 from .settings import Settings
 from .stats import Stats
@@ -27,7 +27,8 @@ from .store import SqliteQueue, StateStore
 
 
 class Sink(Protocol):
-    """What the outboxes need of a sink."""
+    """What the outboxes need of a sink: ``deliver`` takes dicts; if the sink has a true
+    ``takes_prepared``, ``Prepared`` datasets as well (and gets those: no dict is built)."""
 
     def deliver(self, dataset: Dataset) -> None: ...
 
@@ -35,7 +36,7 @@ class Sink(Protocol):
 class QueueingSink(Sink, Protocol):
     """A hub sink: it sends from a queue that others may fill."""
 
-    def encode(self, dataset: Dataset) -> bytes: ...
+    def encode(self, dataset: Union[Dataset, Prepared]) -> bytes: ...
     def flush(self) -> None: ...
 
 
@@ -67,7 +68,7 @@ class DirectOutbox:
 
     def emit(self, intervals: Sequence[Interval]) -> None:
         for interval in intervals:
-            for dataset in datasets(interval, self.settings):
+            for dataset in prepared(interval, self.settings):
                 deliver(self.sink, dataset, self.stats, self.log)
 
     def at_stop(self, model: IntervalModel, now: float) -> List[Interval]:
@@ -95,7 +96,7 @@ class DurableOutbox:
         self.hub: Optional[QueueingSink] = cast(QueueingSink, sink) if queue is not None else None
 
     def emit(self, intervals: Sequence[Interval]) -> None:
-        batch = [d for interval in intervals for d in datasets(interval, self.settings)]
+        batch = [d for interval in intervals for d in prepared(interval, self.settings)]
         queued = len(self.queue) if self.queue is not None else 0
         try:
             if self.hub is not None:
@@ -111,7 +112,7 @@ class DurableOutbox:
         for dataset in batch:
             deliver(self.sink, dataset, self.stats, self.log)
 
-    def _commit_failed(self, batch: List[Dataset], queued: int) -> None:
+    def _commit_failed(self, batch: List[Prepared], queued: int) -> None:
         """An unexpected error in the report's transaction: the intervals are out of the
         model already, so their datasets are kept as a full disk keeps them (in the queue's
         memory, written by the next checkpoint, which writes the whole model), the error
@@ -141,11 +142,11 @@ class DurableOutbox:
         return []
 
 
-def deliver(sink: Sink, dataset: Dataset, stats: Stats, log: Logger) -> None:
-    """Hand one dataset to the sink; a failing sink costs that dataset (counted), not the
-    loop."""
+def deliver(sink: Sink, dataset: Union[Dataset, Prepared], stats: Stats, log: Logger) -> None:
+    """Hand one dataset to the sink (a prepared one as a dict, unless the sink takes prepared
+    ones); a failing sink costs that dataset (counted), not the loop."""
     try:
-        sink.deliver(dataset)
+        sink.deliver(dataset if getattr(sink, "takes_prepared", False) else as_dict(dataset))
     except Exception:
         stats.drop("sink-error")
         log.failure("the sink failed to take a dataset; dropped it")

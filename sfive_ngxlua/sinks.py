@@ -20,7 +20,7 @@ from errno import (
     ENOBUFS,
     EWOULDBLOCK,
 )
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Union
 
 import simplejson
 from twisted.application.internet import ClientService, backoffPolicy
@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .datasets import Dataset, JsonLinesWriter, encode, fit, shrink
+from .datasets import Dataset, JsonLinesWriter, Prepared, as_dict, encode, fit, listed, shrink
 from .lifecycle import RETRYING, STOPPED, Lifecycle
 from .queues import MemoryQueue, Queue
 from .stats import Stats
@@ -58,14 +58,16 @@ class CallableSink(Service):
     ``service.build`` the callable itself and it makes one with the service's ``Stats``)."""
 
     log = Logger()
+    takes_prepared = True
+    """A ``Prepared`` dataset is made a dict for the callable."""
 
     def __init__(self, deliver: Callable[[Dataset], Any], stats: Optional[Stats] = None) -> None:
         self._deliver = deliver
         self.stats = stats
 
-    def deliver(self, dataset: Dataset) -> None:
+    def deliver(self, dataset: Union[Dataset, Prepared]) -> None:
         try:
-            self._deliver(dataset)
+            self._deliver(as_dict(dataset))
         except Exception:
             self.log.failure("dataset callable failed; dataset dropped")
             if self.stats is not None:
@@ -211,6 +213,8 @@ class _HubSink(Service):
 
     log = Logger()
     connection: Any = None
+    takes_prepared = True
+    """``deliver`` and ``encode`` take ``Prepared`` datasets as well as dicts."""
 
     def __init__(self, reactor: Any, stats: Stats, queue_limit: int, drain: float,
                  clock: Optional[IReactorTime], queue: Optional[Queue] = None) -> None:
@@ -222,7 +226,7 @@ class _HubSink(Service):
         self.lifecycle = Lifecycle("sink", stats, (CONNECTING, CONNECTED, AWAY), self.log)
         self._recovery: Any = None
 
-    def deliver(self, dataset: Dataset) -> None:
+    def deliver(self, dataset: Union[Dataset, Prepared]) -> None:
         self.queue.push(self.encode(dataset))
         self.flush()
 
@@ -264,7 +268,7 @@ class _HubSink(Service):
             self._recovery.cancel()
         self._recovery = None
 
-    def encode(self, dataset: Dataset) -> bytes:
+    def encode(self, dataset: Union[Dataset, Prepared]) -> bytes:
         """What goes into the queue for a dataset: its whole wire form."""
         return encode(dataset)
 
@@ -299,17 +303,17 @@ class HubDatagramSink(_HubSink):
         self.limit = datagram_limit()
         self._retrying: Any = None
 
-    def encode(self, dataset: Dataset) -> bytes:
+    def encode(self, dataset: Union[Dataset, Prepared]) -> bytes:
         """The dataset built to fit one datagram from the start (``datasets.fit``): the largest
         clients while they fit, totals exact; trimmed ones are counted and logged."""
         data, kept = fit(dataset, self.limit)
-        listed = len(dataset["data"]["clients"])
-        if kept < listed:
+        clients = listed(dataset)
+        if kept < clients:
             self.stats.datasets_trimmed += 1
             self.log.warn(
                 "dataset of {clients} clients exceeds the datagram limit: client list trimmed "
                 "to {newsize} bytes ({kept} largest clients kept; totals unchanged)",
-                clients=listed, newsize=len(data), kept=kept,
+                clients=clients, newsize=len(data), kept=kept,
             )
         return data
 

@@ -254,6 +254,43 @@ def test_statuses_are_looked_up_as_the_set_does(statuses, status, known):
     assert (len(got), rejected) == ((1, {}) if known else (0, {"status": 1}))
 
 
+@needs_speedups
+def test_a_url_look_up_that_drops_the_block_does_not_leave_the_scan_on_freed_bytes():
+    """The URL look-up runs Python code (the parser's ``_streamer``) in the middle of a block: the
+    scan must hold the block it reads, not a borrowed reference that code can free (here by
+    emptying the list of items, its only other reference, and taking the freed memory for
+    bytes of the same size)."""
+    parser = RecordParser(SETTINGS, decoder="c")
+    line = (b'{"time":"2026-11-28T10:00:00Z","client":"c%d","ua":"u",'
+            b'"url":"/live/hls/av-high/%d.ts","status":200,"bytes-sent":%d}')
+    block = b"\n".join(line % (n, n, n) for n in range(4))
+    items = [bytes(bytearray(block))]
+    taken = []
+
+    def streamer(url):
+        items.clear()
+        taken.extend(bytes(bytearray(b"x" * len(block))) for _ in range(8))
+        return parser._streamer(url)
+
+    got, rejected = [], {}
+    speedups.scan(items, True, 0, 0, 0, None, False, got, rejected, {}, {}, streamer,
+                  SETTINGS.statuses, None)
+    assert [(r[2], r[4]) for r in got] == [(f"c{n}", n) for n in range(4)] and not rejected
+
+
+@needs_speedups
+def test_a_scan_from_before_its_items_is_refused():
+    """``i`` and ``pos`` index the list and the block in C: negative ones would read before
+    them (memchr from before the bytes, the list's slot -1), so they are refused."""
+    args = (None, False, [], {}, {}, {}, str, frozenset(), None)
+    with pytest.raises(ValueError, match="negative"):
+        speedups.scan([b'{"a":1}\n{"b":2}'], True, 0, -5, 0, *args)
+    with pytest.raises(ValueError, match="negative"):
+        speedups.scan([b'{"a":1}'], True, -1, 0, 0, *args)
+    with pytest.raises(TypeError):
+        speedups.scan([b'{"a":1}'], True, "0", 0, 0, *args)
+
+
 @pytest_twisted.inlineCallbacks
 def test_the_service_logs_its_decoder_at_start():
     """One line at start says which decoder the service's parser uses (real exporter, real
