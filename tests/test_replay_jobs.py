@@ -393,6 +393,8 @@ def test_a_window_with_far_future_records(tmp_path):
     (one, one_err), (many, many_err) = one_and_many([big], unit_bytes=15_000, window=window)
     assert many == one and many_err == one_err
     assert ", 0 late" not in one_err
+    leader = spread([big], unit_bytes=15_000, window=window)
+    assert leader.merged > 1 and leader.in_order > 1  # before the first far-future record, after
 
 
 @pytest.mark.parametrize("overlap", [3, 11, 21, 40])
@@ -409,6 +411,8 @@ def test_a_window_over_files_that_overlap_in_time(tmp_path, overlap):
     window = (T0 + 40, T0 + 150)
     (one, one_err), (many, many_err) = one_and_many(files, unit_bytes=1 << 30, window=window)
     assert many == one and many_err == one_err
+    leader = spread(files, unit_bytes=1 << 30, window=window)
+    assert leader.merged + leader.in_order == 4 and leader.merged >= 1
 
 
 class _Tty(io.StringIO):
